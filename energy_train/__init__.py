@@ -1,0 +1,15 @@
+"""energy-train: Triton kernels and a lean two-phase trainer for energy verifiers of robot
+action chunks, trained beside an OpenVLA-OFT policy."""
+from . import losses, models, ops
+from .losses import (EnergyLoss, correct_actions, explicit_infonce, margin_ranking,
+                     ranking_accuracy, structured_negatives, swap_infonce)
+from .models import EnergyModel, L1RegressionActionHead, MLPResNet, MLPResNetBlock
+from .ops import build_action_index, energy_scores, layer_actions
+
+__version__ = "0.1.0"
+__all__ = [
+    "models", "ops", "losses", "EnergyModel", "L1RegressionActionHead", "MLPResNet",
+    "MLPResNetBlock", "build_action_index", "layer_actions", "energy_scores", "swap_infonce",
+    "explicit_infonce", "margin_ranking", "structured_negatives", "correct_actions",
+    "ranking_accuracy", "EnergyLoss",
+]

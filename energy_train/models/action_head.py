@@ -1,0 +1,47 @@
+"""OpenVLA-OFT's L1-regression action head (prismatic/models/action_heads.py), names intact."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..checks import check_tensor
+from .mlp import MLPResNet
+
+
+class L1RegressionActionHead(nn.Module):
+    """MLPResNet over the Da concatenated action-token rows of each chunk step.
+
+    ``predict_action(h)``: h (B, H*Da, D) -> actions (B, H, Da). The rows are in chunk order
+    (step-major: the Da rows of step 0, then of step 1, ...), as OFT lays them out.
+    """
+
+    def __init__(self, input_dim: int = 4096, hidden_dim: int = 4096, action_dim: int = 7,
+                 num_actions_chunk: int = 8, num_blocks: int = 2, activation: str = "relu"):
+        super().__init__()
+        self.input_dim = input_dim
+        self.hidden_dim = hidden_dim
+        self.action_dim = action_dim
+        self.num_actions_chunk = num_actions_chunk
+        self.model = MLPResNet(num_blocks, input_dim * action_dim, hidden_dim, action_dim, activation)
+
+    @property
+    def activation(self) -> str:
+        return self.model.activation
+
+    def predict_action(self, actions_hidden_states: torch.Tensor) -> torch.Tensor:
+        H, Da, D = self.num_actions_chunk, self.action_dim, self.input_dim
+        h = actions_hidden_states
+        check_tensor("actions_hidden_states", h, ndim=3, shape={1: H * Da, 2: D}, floating=True)
+        return self.model(h.reshape(h.shape[0], H, Da * D))
+
+    forward = predict_action
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    """Drop the ``module.`` prefix that DDP adds (OFT saves its checkpoints from inside DDP)."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def load_oft_state_dict(module: nn.Module, state_dict: dict, strict: bool = True):
+    """Load an OFT (or energy-fork) checkpoint, with or without the DDP ``module.`` prefix."""
+    return module.load_state_dict(strip_module_prefix(state_dict), strict=strict)

@@ -1,0 +1,220 @@
+"""The one place that dispatches between the eager oracles and the Triton kernels.
+
+``backend``: ``"auto"`` picks Triton on CUDA tensors when the op's kernel is available and
+eager otherwise; ``"eager"`` forces the PyTorch path; ``"triton"`` forces the kernel (on a
+CPU tensor only under ``TRITON_INTERPRET=1``; otherwise a clear error).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+from .checks import check_finite, check_same_device, check_tensor
+from .models import EnergyModel, L1RegressionActionHead
+
+BACKENDS = ("auto", "eager", "triton")
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernel(op: str, attr: str):
+    """The Triton launcher ``energy_train.kernels.<op>.<attr>``, or None if it has not landed."""
+    try:
+        module = importlib.import_module(f"energy_train.kernels.{op}")
+    except ImportError:
+        return None
+    return getattr(module, attr, None)
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, attr: str) -> str:
+    """'eager' or 'triton' for ``op`` on ``device``; raises a clear error when impossible."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "eager":
+        return "eager"
+    available = _kernel(op, attr) is not None
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" and available) else "eager"
+    if not available:
+        raise NotImplementedError(
+            f"{op}: the Triton kernel is not available in this install; use backend='eager'")
+    if device.type != "cuda" and not interpreter_on():
+        raise RuntimeError(
+            f"{op}: backend='triton' needs CUDA tensors (got {device}); on the CPU set "
+            "TRITON_INTERPRET=1 to run the kernel under the Triton interpreter")
+    return "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# action index
+# --------------------------------------------------------------------------------------------
+def build_action_index(*, num_tokens: int, mask: torch.Tensor | None = None,
+                       labels: torch.Tensor | None = None, action_token_begin_idx: int | None = None,
+                       start: int | torch.Tensor | None = None, batch_size: int | None = None,
+                       offset: int = 0, device=None, validate: bool = False) -> torch.Tensor:
+    """The (B, num_tokens) int64 positions of the action tokens, in chunk order. Computed once
+    per batch and shared by every layer; no host synchronisation (no ``nonzero``).
+
+    Give exactly one layout:
+      - ``mask`` (B, T) bool, True at the action tokens (exactly ``num_tokens`` per row);
+      - ``labels`` (B, T) with action tokens ``> action_token_begin_idx`` (OFT's convention);
+      - ``start`` (int or (B,) tensor): the action tokens are ``start .. start+num_tokens-1``.
+    ``offset`` is added to every position (OFT gathers from ``hidden[:, num_patches:-1]`` with a
+    mask on ``labels[:, 1:]``; with the full labels that is ``offset = num_patches - 1``).
+    ``validate=True`` checks (with a host sync) that every row holds ``num_tokens`` of them.
+    """
+    given = [x is not None for x in (mask, labels, start)]
+    if sum(given) != 1:
+        raise ValueError("build_action_index: give exactly one of mask=, labels=, start=")
+    if labels is not None:
+        if action_token_begin_idx is None:
+            raise ValueError("build_action_index: labels= needs action_token_begin_idx=")
+        check_tensor("labels", labels, ndim=2, integer=True)
+        mask = labels > action_token_begin_idx
+    if mask is not None:
+        check_tensor("mask", mask, ndim=2, dtype=torch.bool)
+        if num_tokens > mask.shape[1]:
+            raise ValueError(f"num_tokens: expected <= {mask.shape[1]} (mask width), got {num_tokens}")
+        if validate:
+            counts = mask.sum(dim=1)
+            if bool((counts != num_tokens).any()):
+                raise ValueError(f"mask: expected {num_tokens} action tokens per row, got "
+                                 f"{counts.tolist()}")
+        # stable sort of (not action) puts the action positions first, in increasing order
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        return order[:, :num_tokens].to(torch.int64) + offset
+    if isinstance(start, torch.Tensor):
+        check_tensor("start", start, ndim=1, integer=True)
+        base = start.to(torch.int64)[:, None]
+        dev = start.device
+    else:
+        if batch_size is None:
+            raise ValueError("build_action_index: start=<int> needs batch_size=")
+        base = torch.full((batch_size, 1), int(start), dtype=torch.int64, device=device)
+        dev = base.device
+    return base + torch.arange(num_tokens, device=dev, dtype=torch.int64)[None, :] + offset
+
+
+# --------------------------------------------------------------------------------------------
+# layer actions (the negatives)
+# --------------------------------------------------------------------------------------------
+def _as_layers(hidden_states) -> Sequence[torch.Tensor]:
+    if isinstance(hidden_states, torch.Tensor):
+        check_tensor("hidden_states", hidden_states, ndim=4)
+        return hidden_states.unbind(0)
+    if not isinstance(hidden_states, (list, tuple)) or not hidden_states:
+        raise TypeError("hidden_states: expected a non-empty tuple/list of (B, T, D) tensors or "
+                        f"an (L+1, B, T, D) tensor, got {type(hidden_states).__name__}")
+    return hidden_states
+
+
+def select_layers(n_states: int, layers: Iterable[int] | None, include_embeddings: bool) -> list[int]:
+    """Indices into the L+1 hidden states. Default: every layer; entry 0 (the embeddings, which
+    OFT zeroes at the action positions, so its action is constant) only if asked for."""
+    if layers is None:
+        return list(range(0 if include_embeddings else 1, n_states)) or [0]
+    out = []
+    for l in layers:
+        l = int(l)
+        if not -n_states <= l < n_states:
+            raise ValueError(f"layers: index {l} out of range for {n_states} hidden states")
+        out.append(l % n_states)
+    if not out:
+        raise ValueError("layers: expected at least one layer")
+    return out
+
+
+@torch.no_grad()
+def layer_actions(hidden_states, action_index: torch.Tensor | None, head: L1RegressionActionHead,
+                  layers: Iterable[int] | None = None, *, include_embeddings: bool = False,
+                  final_norm: torch.nn.Module | None = None, backend: str = "auto",
+                  validate: bool = False) -> torch.Tensor:
+    """Run the action head on the action-token rows of every selected layer -> (L', B, H, Da).
+
+    hidden_states: L+1 tensors (B, T, D) (the ``output_hidden_states`` convention) or one
+      (L+1, B, T, D) tensor. Rows are gathered straight from each layer by ``action_index``
+      (B, H*Da) (see :func:`build_action_index`); with ``action_index=None`` every layer must
+      already hold just the H*Da action rows in chunk order (T = H*Da, e.g. hook capture).
+    layers: indices into hidden_states; default every layer but the embeddings (entry 0),
+      unless ``include_embeddings``.
+    final_norm: the backbone's final norm, applied "logit-lens" style to every selected layer
+      except the last hidden state (which the backbone has already normalised).
+    Runs under no_grad; output dtype is the head's.
+    """
+    if not isinstance(head, L1RegressionActionHead):
+        raise TypeError(f"head: expected an L1RegressionActionHead, got {type(head).__name__}")
+    states = _as_layers(hidden_states)
+    H, Da, D = head.num_actions_chunk, head.action_dim, head.input_dim
+    B = states[0].shape[0] if states[0].dim() == 3 else None
+    for i, h in enumerate(states):
+        check_tensor(f"hidden_states[{i}]", h, ndim=3, shape={0: B, 2: D}, floating=True)
+    if action_index is None:
+        for i, h in enumerate(states):
+            check_tensor(f"hidden_states[{i}] (action_index=None: rows already gathered)", h,
+                         shape={1: H * Da})
+    else:
+        check_tensor("action_index", action_index, ndim=2, shape={0: B, 1: H * Da}, integer=True)
+        check_same_device(hidden_states=states[0], action_index=action_index)
+        if validate:
+            T = states[0].shape[1]
+            if bool(((action_index < 0) | (action_index >= T)).any()):
+                raise ValueError(f"action_index: positions must lie in [0, {T})")
+    idx = select_layers(len(states), layers, include_embeddings)
+    norm_mask = [final_norm is not None and l != len(states) - 1 for l in idx]
+    if resolve_backend("layer_actions", backend, states[0].device, "layer_actions_triton") == "triton":
+        fn = _kernel("layer_actions", "layer_actions_triton")
+        return fn([states[l] for l in idx], action_index, head, final_norm=final_norm,
+                  norm_mask=norm_mask)
+    return _layer_actions_eager([states[l] for l in idx], action_index, head, final_norm, norm_mask)
+
+
+def _layer_actions_eager(states, action_index, head, final_norm, norm_mask):
+    dtype = head.model.fc1.weight.dtype
+    rows = []
+    for h, use_norm in zip(states, norm_mask):
+        if action_index is not None:
+            h = h.gather(1, action_index[:, :, None].expand(-1, -1, h.shape[-1]))
+        if use_norm:
+            h = final_norm(h)
+        rows.append(h.to(dtype))
+    rows = torch.stack(rows)  # (L', B, H*Da, D): only the action rows, never the full states
+    Lp, B = rows.shape[:2]
+    return head.predict_action(rows.reshape(Lp * B, *rows.shape[2:])).reshape(
+        Lp, B, head.num_actions_chunk, head.action_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# energies of many candidates against a context encoded once
+# --------------------------------------------------------------------------------------------
+def check_energy_inputs(energy_model, context, pad_mask, candidates, validate: bool = False):
+    if not isinstance(energy_model, EnergyModel):
+        raise TypeError(f"energy_model: expected an EnergyModel, got {type(energy_model).__name__}")
+    energy_model.check_inputs(context, pad_mask, candidates)
+    if validate:
+        check_finite("context", context)
+        check_finite("candidates", candidates)
+        if pad_mask is not None and bool(pad_mask.all(dim=1).any()):
+            rows = pad_mask.all(dim=1).nonzero().flatten().tolist()
+            raise ValueError(f"pad_mask: samples {rows} mask every key (True = ignore); "
+                             "their attention output would be zero")
+
+
+def energy_scores(energy_model: EnergyModel, context: torch.Tensor, pad_mask: torch.Tensor | None,
+                  candidates: torch.Tensor, *, backend: str = "auto",
+                  validate: bool = False) -> torch.Tensor:
+    """Energies (B, C) of candidates (B, C, H, Da) against context (B, S, D).
+
+    Each context is encoded once (state encoder + K/V projections), whatever C is.
+    pad_mask (B, S) bool, True = ignore that key. A sample with every key masked attends to
+    nothing (its attention output is zero); ``validate=True`` raises instead, and also checks
+    context and candidates for NaN/inf (these value checks synchronise with the host).
+    """
+    check_energy_inputs(energy_model, context, pad_mask, candidates, validate)
+    if resolve_backend("energy", backend, context.device, "energy_scores_triton") == "triton":
+        return _kernel("energy", "energy_scores_triton")(energy_model, context, pad_mask, candidates)
+    return energy_model.score(context, pad_mask, candidates)

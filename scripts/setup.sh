@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Make the project's virtual environment in $VENV (default .venv) and install the package.
+#  - Where the system python3 already has a CUDA build of torch (a GPU machine, possibly with
+#    no package registry), the venv sees the system packages and uses that torch and triton.
+#  - Elsewhere it installs the CPU build of torch 2.13.0 (a local wheel where one is on disk,
+#    e.g. via PIP_FIND_LINKS), triton and the package with its dev extras.
+set -euo pipefail
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "setup: CUDA torch found in $("$PY" -c 'import torch; print(torch.__version__)'); reusing it"
+  "$PY" -m venv --system-site-packages "$VENV"
+  # The GPU image may have no registry: install the package alone, its deps come from the system.
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
+    || "$VENV/bin/python" -m pip install -q --no-deps -e .
+else
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0" "triton==3.6.0"
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+fi
+"$VENV/bin/python" -c "import energy_train, torch; print('setup: energy_train', energy_train.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
