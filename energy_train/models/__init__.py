@@ -5,3 +5,6 @@ from .mlp import MLPResNet, MLPResNetBlock
 
 __all__ = ["MLPResNetBlock", "MLPResNet", "L1RegressionActionHead", "EnergyModel",
            "PositionalEncoding", "output_transform", "load_oft_state_dict", "strip_module_prefix"]
+from .tiny_vla import ActionRowCapture, CapturedStates, Layout, TinyVLA, TinyVLAOutput  # noqa: E402
+
+__all__ += ["TinyVLA", "TinyVLAOutput", "ActionRowCapture", "CapturedStates", "Layout"]

@@ -1,0 +1,88 @@
+"""Device-side metrics and phase timers: nothing here synchronises inside a step.
+
+A step's metrics are 0-d device tensors; :class:`Meter` keeps them and ``flush()`` stacks
+every value of the interval and reads them back in ONE transfer (the only host sync, once per
+log interval). Phase times use CUDA events on a GPU (resolved at flush time) and
+``time.perf_counter`` on the CPU (where the work is synchronous anyway).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+
+
+class PhaseTimer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._pending: list[tuple[int, str, object, object]] = []
+        self._step = 0
+
+    def set_step(self, step: int) -> None:
+        self._step = step
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((self._step, name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._pending.append((self._step, name, t0, time.perf_counter()))
+
+    def flush(self) -> dict[int, dict[str, float]]:
+        """{step: {"time_<name>": seconds}}; on CUDA waits for the recorded events (one sync)."""
+        out: dict[int, dict[str, float]] = {}
+        if self.cuda and self._pending:
+            self._pending[-1][3].synchronize()
+        for step, name, a, b in self._pending:
+            sec = a.elapsed_time(b) / 1000.0 if self.cuda else b - a
+            d = out.setdefault(step, {})
+            d[f"time_{name}"] = d.get(f"time_{name}", 0.0) + sec
+        self._pending = []
+        return out
+
+
+class Meter:
+    """Collects {name: 0-d tensor or float} per step; ``flush`` reads them back at once."""
+
+    def __init__(self):
+        self._steps: list[tuple[int, dict]] = []
+
+    def add(self, step: int, values: dict) -> None:
+        self._steps.append((step, values))
+
+    def flush(self) -> list[dict]:
+        names, tensors = [], []
+        for i, (_, vals) in enumerate(self._steps):
+            for k, v in vals.items():
+                if isinstance(v, torch.Tensor):
+                    names.append((i, k))
+                    tensors.append(v.detach().float().reshape(()))
+        host = torch.stack(tensors).cpu().tolist() if tensors else []
+        records = [{"step": s, **{k: v for k, v in vals.items() if not isinstance(v, torch.Tensor)}}
+                   for s, vals in self._steps]
+        for (i, k), v in zip(names, host):
+            records[i][k] = v
+        self._steps = []
+        return records
+
+
+LOSS_KEYS = ("l1", "energy_loss")
+
+
+def check_finite_records(records: list[dict]) -> None:
+    """Raise a clear error when a loss read back at the log interval is NaN/inf."""
+    bad = [r["step"] for r in records for k in LOSS_KEYS
+           if k in r and not math.isfinite(r[k])]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite loss at step(s) {sorted(set(bad))[:10]} (read back at the log interval); "
+            "check the data of those steps for NaN/inf (config check_data=true checks it on the "
+            "host) or lower the learning rates")

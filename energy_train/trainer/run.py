@@ -1,0 +1,240 @@
+"""A training run and its directory.
+
+<run>/config.json        the resolved config (written first)
+<run>/metrics.jsonl      one record per step (+ step -1: the probe before training)
+<run>/checkpoints/       step_<N>/{theta,phi}.safetensors, state.pt, meta.json; latest.json
+<run>/curves.png         L1, energy loss, ranking accuracy, per-phase time
+<run>/summary.md|json    the summary table
+<run>/complete.json      written LAST: only a run with this file is complete
+<run>/error.txt          why a run failed (no complete.json then)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig, apply
+from ..data import TaskData, check_batch_finite
+from ..plots import plot_run, series
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .core import Trainer, build_models, resolve_device
+from .metrics import check_finite_records
+
+RESUMABLE = ("steps", "stop_after", "log_every", "ckpt_every", "device", "progress")
+
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    complete: bool
+    summary: dict | None
+    trainer: Trainer
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}"
+    out, i = base, 1
+    while out.exists():
+        out, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return out
+
+
+def prepare_run_dir(cfg: TrainConfig, out, resume: bool, overrides: dict | None) -> tuple[Path, TrainConfig]:
+    """Create (or, for resume, reopen) the run directory; returns it and the config to run."""
+    if resume:
+        if out is None:
+            raise RunError("--resume needs --out DIR (the run to continue)")
+        run_dir = Path(out)
+        if not (run_dir / "config.json").is_file():
+            raise RunError(f"--resume: {str(run_dir)!r} holds no run (no config.json)")
+        saved = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+        changed = {k: v for k, v in (overrides or {}).items() if getattr(saved, k) != v}
+        locked = sorted(set(changed) - set(RESUMABLE))
+        if locked:
+            raise RunError(f"--resume: cannot change {locked} of an existing run (only {RESUMABLE})")
+        cfg = apply(saved, changed, "--resume").validate()
+        for name in ("complete.json", "error.txt"):
+            (run_dir / name).unlink(missing_ok=True)
+    else:
+        run_dir = Path(out) if out is not None else default_run_dir(cfg)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise RunError(f"--out {str(run_dir)!r} already holds files; use --resume to continue "
+                           "that run, or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    return run_dir, cfg
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def chance_level(cfg: TrainConfig) -> float:
+    return 1.0 / (cfg.batch_size if cfg.energy_loss == "swap" else 7)
+
+
+def summarize(cfg: TrainConfig, records: list[dict], wall: float) -> dict:
+    def window(key, last: bool):
+        s, v = series(records, key)
+        v = v[np.isfinite(v)]
+        if not len(v):
+            return None
+        n = max(1, min(len(v) // 10, 50))
+        return float(np.mean(v[-n:] if last else v[:n]))
+
+    def probe(key, last: bool):
+        pts = [r[key] for r in records if key in r]
+        return (pts[-1] if last else pts[0]) if pts else None
+
+    def mean(key):
+        s, v = series(records, key)
+        return float(np.mean(v)) if len(v) else None
+
+    s_t, v_t = series(records, "time_step")
+    return {
+        "strategy": cfg.strategy, "steps": int(max([r["step"] for r in records] + [-1]) + 1),
+        "batch_size": cfg.batch_size, "energy_loss_kind": cfg.energy_loss,
+        "l1_first": window("l1", False), "l1_last": window("l1", True),
+        "energy_first": window("energy_loss", False), "energy_last": window("energy_loss", True),
+        "rank_acc_first": window("rank_acc", False), "rank_acc_last": window("rank_acc", True),
+        "rank_acc_chance": chance_level(cfg),
+        "probe_l1_start": probe("probe_l1", False), "probe_l1_end": probe("probe_l1", True),
+        "probe_rank_acc_start": probe("probe_rank_acc", False),
+        "probe_rank_acc_end": probe("probe_rank_acc", True),
+        "energy_grad_theta_max": (float(np.max(series(records, "energy_grad_theta")[1]))
+                                  if len(series(records, "energy_grad_theta")[1]) else None),
+        "drift_context_mean": mean("drift_context"), "drift_negatives_mean": mean("drift_negatives"),
+        "sec_per_step": float(np.median(v_t)) if len(v_t) else None,
+        "sec_phase1": mean("time_phase1"), "sec_phase2": mean("time_phase2"),
+        "wall_seconds": wall,
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def summary_table(s: dict) -> str:
+    rows = [("strategy", s["strategy"]), ("steps", s["steps"]),
+            ("L1 (train, first -> last 10%)", f"{_fmt(s['l1_first'])} -> {_fmt(s['l1_last'])}"),
+            ("L1 (held-out probe, start -> end)",
+             f"{_fmt(s['probe_l1_start'])} -> {_fmt(s['probe_l1_end'])}"),
+            (f"energy loss ({s['energy_loss_kind']})",
+             f"{_fmt(s['energy_first'])} -> {_fmt(s['energy_last'])}"),
+            ("ranking accuracy (train)",
+             f"{_fmt(s['rank_acc_first'])} -> {_fmt(s['rank_acc_last'])} (chance {_fmt(s['rank_acc_chance'])})"),
+            ("ranking accuracy (probe, start -> end)",
+             f"{_fmt(s['probe_rank_acc_start'])} -> {_fmt(s['probe_rank_acc_end'])}"),
+            ("energy grad into theta (max)", _fmt(s["energy_grad_theta_max"])),
+            ("context / negatives drift per step", f"{_fmt(s['drift_context_mean'])} / "
+                                                    f"{_fmt(s['drift_negatives_mean'])}"),
+            ("seconds per step (median)", _fmt(s["sec_per_step"])),
+            ("phase 1 / phase 2 seconds (mean)", f"{_fmt(s['sec_phase1'])} / {_fmt(s['sec_phase2'])}"),
+            ("wall seconds", _fmt(s["wall_seconds"]))]
+    w = max(len(r[0]) for r in rows)
+    lines = [f"| {'metric'.ljust(w)} | value |", f"|{'-' * (w + 2)}|-------|"]
+    lines += [f"| {k.ljust(w)} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig, out=None, *, resume: bool = False, overrides: dict | None = None,
+          data: TaskData | None = None, echo=print) -> RunResult:
+    """Run (or resume) a training run in its directory. Returns a RunResult; raises on error,
+    leaving error.txt (and never complete.json) in the run directory."""
+    run_dir, cfg = prepare_run_dir(cfg.validate(), out, resume, overrides)
+    try:
+        return _train(cfg, run_dir, resume, data, echo)
+    except BaseException as e:
+        atomic_write_text(run_dir / "error.txt", f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        raise
+
+
+def _train(cfg, run_dir: Path, resume: bool, data, echo) -> RunResult:
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if data is None:
+        data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, num_objects=cfg.num_objects,
+                        image_size=cfg.image_size, chunk=cfg.chunk, device=device)
+    if cfg.check_data and device.type != "cpu":
+        # one check of the whole (device-resident) dataset at start-up: no sync inside steps
+        whole = data._make(data.train, torch.arange(data.size, device=device),
+                           list(range(data.size)), -1)
+        check_batch_finite(whole)
+    model, head, energy = build_models(cfg, device)
+    trainer = Trainer(cfg, model, head, energy, data, device)
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        step, theta, phi, state = load_checkpoint(run_dir, map_location=device)
+        trainer.load(theta, phi, state)
+        kept = [r for r in read_metrics(run_dir) if r["step"] < step]
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        echo(f"resumed {run_dir} at step {step}")
+    elif cfg.probe_every:
+        trainer.meter.add(-1, trainer.probe())  # the probe before training, logged as step -1
+    target = cfg.stop_after or cfg.steps
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not cfg.progress, desc=cfg.strategy,
+               dynamic_ncols=True, leave=False)
+    last = {}
+    while trainer.step < target:
+        trainer.train_step()
+        if trainer.step % cfg.log_every == 0 or trainer.step == target:
+            records = trainer.flush()
+            _append(metrics_path, records)
+            check_finite_records(records)
+            last = {k: v for r in records for k, v in r.items() if k in ("l1", "energy_loss", "rank_acc")}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
+            bar.update(trainer.step - bar.n)
+        if cfg.ckpt_every and trainer.step % cfg.ckpt_every == 0 and trainer.step != target:
+            save_checkpoint(run_dir, trainer.step, *trainer.weights(), trainer.state_dict())
+    bar.close()
+    save_checkpoint(run_dir, trainer.step, *trainer.weights(), trainer.state_dict())
+    if trainer.step < cfg.steps:
+        echo(f"stopped after step {trainer.step} of {cfg.steps} (checkpointed); continue with "
+             f"`energy-train train --resume --out {run_dir}`")
+        return RunResult(run_dir, False, None, trainer)
+    records = read_metrics(run_dir)
+    summary = summarize(cfg, records, time.perf_counter() - t_start)
+    plot_run(records, run_dir / "curves.png", title=f"{cfg.strategy} (seed {cfg.seed})",
+             chance=chance_level(cfg))
+    table = summary_table(summary)
+    atomic_write_text(run_dir / "summary.md", table + "\n")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(run_dir / "complete.json", json.dumps({"steps": trainer.step}))
+    echo(table)
+    echo(f"run directory: {run_dir}")
+    return RunResult(run_dir, True, summary, trainer)
+
+
+def is_complete(run_dir) -> bool:
+    return (Path(run_dir) / "complete.json").is_file()
+
+
+__all__ = ["train", "RunResult", "RunError", "summarize", "summary_table", "read_metrics",
+           "is_complete", "replace"]
