@@ -1,4 +1,12 @@
-"""The ``energy-train`` command line (``python -m energy_train`` is the same)."""
+"""The ``energy-train`` command line (``python -m energy_train`` is the same).
+
+  energy-train train                  the embedded default (tiny VLA, CPU: about two minutes)
+  energy-train train --strategy joint --steps 300 --out runs/j
+  energy-train train --config my.toml --set lr=3e-4 --set energy_loss=explicit
+  energy-train train --resume --out runs/j [--steps 600]
+  energy-train compare                several strategies, same seed/data -> stability report
+  energy-train demo                   the ops once on random tensors
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,18 +35,105 @@ def _demo(args) -> int:
     return 0
 
 
+def _overrides(args) -> dict:
+    """Explicit CLI flags and --set key=value pairs (flags win over --set)."""
+    out = {}
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    for flag in ("strategy", "steps", "batch_size", "device", "seed", "stop_after", "log_every"):
+        v = getattr(args, flag, None)
+        if v is not None:
+            out[flag] = v
+    if getattr(args, "no_progress", False):
+        out["progress"] = False
+    return out
+
+
+def _train(args) -> int:
+    from .config import TrainConfig, apply, check_keys, load_toml, resolve
+    from .trainer import train
+
+    overrides = _overrides(args)
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume continues a run with its saved config; drop --config")
+        check_keys(overrides, "command line")
+        cfg = apply(TrainConfig(), overrides, "command line")  # coerced values for comparison
+        ov = {k: getattr(cfg, k) for k in overrides}
+        res = train(TrainConfig(), args.out, resume=True, overrides=ov)
+    else:
+        if args.config:
+            load_toml(args.config)  # a clear error for a missing/invalid file first
+        cfg = resolve(args.config, overrides)
+        res = train(cfg, args.out)
+    return 0
+
+
+def _compare(args) -> int:
+    from .config import resolve
+    from .trainer.compare import DEFAULT_SPECS, compare
+
+    base = {"steps": 200, "log_every": 50, "probe_every": 1, "progress": False}
+    base.update(_overrides(args))
+    cfg = resolve(args.config, base)
+    specs = [s for s in args.strategies.split(";")] if args.strategies else list(DEFAULT_SPECS)
+    compare(cfg, specs, args.out, k=args.k)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="total optimizer steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--device", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="a TOML file of flat `key = value` config entries")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="set any config key (repeatable), e.g. --set energy_loss=explicit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="energy-train", description=__doc__)
+    p = argparse.ArgumentParser(prog="energy-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run the ops once on random tensors")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train the embedded default (or a configured run)")
+    t.add_argument("--strategy", help="joint | two_phase (default) | shared_forward | "
+                   "alternating | adaptive_weights | cached_negatives")
+    _common(t)
+    t.add_argument("--out", help="run directory (default runs/<time>-<strategy>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its "
+                   "latest checkpoint (bitwise the same as an uninterrupted run)")
+    t.add_argument("--stop-after", dest="stop_after", type=int,
+                   help="stop (checkpointed) after this step; --resume continues")
+    t.add_argument("--log-every", dest="log_every", type=int)
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("compare", help="several strategies on the same seed and data -> a "
+                       "stability report (markdown + PNG)")
+    c.add_argument("--strategies", help="';'-separated specs name[:key=value,...] (default: "
+                   "joint; joint:detach_context=false; two_phase; shared_forward; alternating; "
+                   "adaptive_weights; cached_negatives)")
+    _common(c)
+    c.add_argument("--out", default="runs/compare", help="report directory (default runs/compare)")
+    c.add_argument("--k", type=float, default=4.0, help="spike threshold in EMA sigmas")
+    c.set_defaults(func=_compare)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        print(f"energy-train {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 4
     patch_size: int = 4
+    mlp_ratio: int = 2
     head_hidden: int = 128
     # --- energy model and loss ------------------------------------------------------------------
     energy_hidden: int = 64

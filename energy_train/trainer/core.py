@@ -19,6 +19,7 @@ with phase_theta(k+1) can wrap them later without changing what they compute.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ def build_models(cfg: TrainConfig, device: torch.device):
     torch.manual_seed(cfg.seed)
     model = TinyVLA(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                     image_size=cfg.image_size, patch_size=cfg.patch_size, chunk=cfg.chunk,
-                    action_dim=cfg.action_dim)
+                    action_dim=cfg.action_dim, mlp_ratio=cfg.mlp_ratio)
     head = L1RegressionActionHead(input_dim=cfg.d_model, hidden_dim=cfg.head_hidden,
                                   action_dim=cfg.action_dim, num_actions_chunk=cfg.chunk)
     energy = EnergyModel(cfg.d_model, cfg.action_dim, hidden=cfg.energy_hidden,
@@ -230,8 +231,10 @@ class Trainer:
         metrics = {k: v for k, v in metrics.items() if v is not None}
         metrics["lr"] = self.sched_theta.get_last_lr()[0]
         metrics["energy_lr"] = self.sched_phi.get_last_lr()[0]
-        self.sched_theta.step()
-        self.sched_phi.step()
+        with warnings.catch_warnings():  # a strategy may skip an optimizer in a step (alternating)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched_theta.step()
+            self.sched_phi.step()
         self.step += 1
         if self.cfg.probe_every and self.step % self.cfg.probe_every == 0:
             metrics.update(self.probe())

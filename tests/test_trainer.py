@@ -1,0 +1,180 @@
+"""Trainer invariants (design section 6), on the CPU with tiny models and a few steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from energy_train.models import ActionRowCapture, TinyVLA
+from energy_train.ops import build_action_index, layer_actions
+from energy_train.trainer import STRATEGIES, Trainer, build_models
+from trainer_helpers import deepcopy_theta, grads, make_trainer, same, snapshot, tiny_cfg
+
+# every strategy, plus the leaky diagnostic variant of joint
+VARIANTS = [(s, {}) for s in STRATEGIES] + [("joint", {"detach_context": False})]
+IDS = [s if not kw else "joint-leaky" for s, kw in VARIANTS]
+
+
+def _spy(trainer: Trainer, log: dict):
+    """Wrap the blocks that belong to the energy side and record what they did to theta."""
+    step_phi, phase_phi, energy_backward = trainer.step_phi, trainer.phase_phi, trainer.energy_backward
+
+    def spy_step_phi():
+        theta, phi = snapshot(trainer.theta), snapshot(trainer.phi)
+        out = step_phi()
+        log["step_phi_theta_same"].append(same(theta, snapshot(trainer.theta)))
+        log["phi_changed"].append(not same(phi, snapshot(trainer.phi)))
+        return out
+
+    def spy_phase_phi(batch):
+        theta = snapshot(trainer.theta)
+        out = phase_phi(batch)
+        log["phase_phi_theta_same"].append(same(theta, snapshot(trainer.theta)))
+        return out
+
+    def spy_energy_backward(loss, retain_graph=False):
+        before = grads(trainer.theta)
+        out = energy_backward(loss, retain_graph=retain_graph)
+        after = grads(trainer.theta)
+        log["theta_grad_untouched"].append(all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(before, after)))
+        log["audit"].append(float(out))
+        return out
+
+    trainer.step_phi, trainer.phase_phi, trainer.energy_backward = (
+        spy_step_phi, spy_phase_phi, spy_energy_backward)
+
+
+@pytest.mark.parametrize("strategy,kw", VARIANTS, ids=IDS)
+def test_energy_side_never_moves_theta(strategy, kw):
+    """phase 2 / the phi step leave theta bitwise unchanged; the energy backward leaves theta's
+    grads untouched (no gradient path), except the leaky variant, where the test sees the leak;
+    phi changes after every energy step."""
+    cfg = tiny_cfg(strategy=strategy, alternate_every=1, cache_refresh=2, adaptive_window=2, **kw)
+    t = make_trainer(cfg)
+    log = {k: [] for k in ("step_phi_theta_same", "phi_changed", "phase_phi_theta_same",
+                           "theta_grad_untouched", "audit")}
+    _spy(t, log)
+    theta0 = snapshot(t.theta)
+    metrics = [t.train_step() for _ in range(4)]
+    assert log["step_phi_theta_same"] and all(log["step_phi_theta_same"])
+    assert all(log["phi_changed"])
+    assert all(log["phase_phi_theta_same"])
+    leaky = kw.get("detach_context") is False
+    if leaky:
+        assert not any(log["theta_grad_untouched"]), "the leaky variant must deposit grads in theta"
+        assert min(log["audit"]) > 0
+    else:
+        assert all(log["theta_grad_untouched"])
+        assert log["audit"] == [0.0] * len(log["audit"])
+    audits = [float(m["energy_grad_theta"]) for m in metrics if "energy_grad_theta" in m]
+    assert audits and (min(audits) > 0 if leaky else max(audits) == 0.0)
+    assert not same(theta0, snapshot(t.theta)), "theta should have been trained"
+
+
+def test_two_phase_negatives_come_from_updated_theta():
+    """Phase 2 of step k uses head_{theta_k+1}(forward_{theta_k+1}(batch_k)) (HF-convention
+    recomputation here, hook capture in the trainer)."""
+    t = make_trainer(tiny_cfg(strategy="two_phase"))
+    t.train_step()
+    old_model, old_head = deepcopy_theta(t)  # theta_k
+    t.trace = {}
+    t.train_step()
+    (rec,) = t.trace["phase_phi"]
+    mb = rec["batch"]
+    idx = build_action_index(num_tokens=t.layout.num_action_tokens, start=t.layout.action_start,
+                             batch_size=mb.size)
+
+    def recompute(model, head):
+        with torch.no_grad():
+            out = model(mb.images, mb.proprio, mb.tokens, output_hidden_states=True)
+        negs = layer_actions(out.hidden_states, idx, head, final_norm=model.norm)
+        return negs, out.hidden_states[-1][:, : t.layout.context_len]
+
+    negs_new, ctx_new = recompute(t.model, t.head)
+    assert torch.equal(rec["negatives"], negs_new)
+    assert torch.equal(rec["context"], ctx_new)
+    negs_old, ctx_old = recompute(old_model, old_head)
+    assert not torch.equal(rec["negatives"], negs_old)
+    assert not torch.equal(rec["context"], ctx_old)
+
+
+def test_joint_equals_shared_forward_bitwise():
+    """With the context detached, joint's energy loss sends nothing into theta, so joint and
+    shared_forward compute the same numbers: the coupling is dynamic, not a gradient."""
+    a, b = make_trainer(tiny_cfg(strategy="joint")), make_trainer(tiny_cfg(strategy="shared_forward"))
+    for _ in range(3):
+        a.train_step()
+        b.train_step()
+    assert same(snapshot(a.theta), snapshot(b.theta))
+    assert same(snapshot(a.phi), snapshot(b.phi))
+
+
+def test_overlapping_parameter_sets_are_an_error():
+    cfg = tiny_cfg()
+    t = make_trainer(cfg)
+    model, head, energy = build_models(cfg, torch.device("cpu"))
+    energy.borrowed = head.model.fc1.weight  # a theta parameter inside phi
+    with pytest.raises(ValueError, match="disjoint"):
+        Trainer(cfg, model, head, energy, t.data, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hook_capture_rows_equal_output_hidden_states(seed):
+    torch.manual_seed(seed)
+    m = TinyVLA(d_model=24, n_layers=3, n_heads=2, image_size=8, patch_size=4, chunk=3, action_dim=5)
+    B = 3
+    images, proprio = torch.rand(B, 3, 8, 8), torch.randn(B, 4)
+    tokens = torch.randint(0, 16, (B, 4))
+    cap = ActionRowCapture(m)
+    idx = build_action_index(num_tokens=15, start=m.layout.action_start, batch_size=B)
+    with cap.armed(idx, m.layout.context_len, torch.float32, 24) as c:
+        out = m(images, proprio, tokens, output_hidden_states=True)
+    assert len(out.hidden_states) == 4 and c.action_rows.shape == (4, B, 15, 24)
+    for layer, h in enumerate(out.hidden_states):
+        assert torch.equal(c.action_rows[layer], h[:, m.layout.action_start:m.layout.stop_pos])
+    assert torch.equal(c.context, out.hidden_states[-1][:, : m.layout.context_len])
+    assert torch.equal(out.last_hidden_state, out.hidden_states[-1])
+    assert not c.action_rows.requires_grad
+    # disarmed hooks do nothing; armed twice gives distinct buffers (batch k stays alive)
+    with cap.armed(idx, m.layout.context_len, torch.float32, 24) as c2:
+        m(images, proprio, tokens)
+    assert c2.action_rows.data_ptr() != c.action_rows.data_ptr()
+    assert torch.equal(c2.action_rows, c.action_rows)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """grad_accum=2 x batch 4 gives the gradients of batch 8 (same rows), up to float order."""
+    def grads_of_first_step(**kw):
+        t = make_trainer(tiny_cfg(strategy="two_phase", **kw))
+        seen = {}
+        step_theta = t.step_theta
+        t.step_theta = lambda: (seen.setdefault("g", grads(t.theta)), step_theta())[1]
+        t.phase_theta(t.batch(0))
+        return seen["g"]
+
+    for x, y in zip(grads_of_first_step(batch_size=8), grads_of_first_step(batch_size=4, grad_accum=2)):
+        err = (x - y).abs().max() / x.abs().max().clamp_min(1e-12)
+        assert err < 1e-5, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_inside_a_step_on_cuda():
+    """Every strategy's step runs under torch.cuda.set_sync_debug_mode('error')."""
+    from energy_train.data import TaskData
+
+    for strategy in STRATEGIES:
+        cfg = tiny_cfg(strategy=strategy, device="cuda", check_data=False, cache_refresh=2)
+        dev = torch.device("cuda")
+        data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size,
+                        device=dev)
+        t = Trainer(cfg, *build_models(cfg, dev), data, dev)
+        t.train_step()  # warm-up (lazy allocations)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            t.train_step()
+            t.train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert t.flush()
