@@ -27,9 +27,9 @@ SCHEDULES = ("cosine", "constant")
 class TrainConfig:
     # --- run --------------------------------------------------------------------------------
     strategy: str = "two_phase"
-    steps: int = 600                 # total optimizer steps (the LR schedule's length)
+    steps: int = 700                 # total optimizer steps (the LR schedule's length)
     stop_after: int = 0              # stop (checkpointed, not complete) after this step; 0 = off
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1              # micro-batches per optimizer step
     seed: int = 0
     device: str = "auto"             # auto = cuda if available, else cpu
@@ -37,6 +37,8 @@ class TrainConfig:
     ckpt_every: int = 0              # 0 = a checkpoint at the end (and at stop_after) only
     probe_every: int = 25            # context/negative drift + held-out metrics; 0 = off
     progress: bool = True
+    threads: int = 1                 # CPU intra-op threads (0 = torch's default). One thread is
+                                     # the fastest for the tiny default on a shared 2-core box
     # --- task -------------------------------------------------------------------------------
     dataset_size: int = 1024
     probe_size: int = 32

@@ -28,7 +28,7 @@ from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .core import Trainer, build_models, resolve_device
 from .metrics import check_finite_records
 
-RESUMABLE = ("steps", "stop_after", "log_every", "ckpt_every", "device", "progress")
+RESUMABLE = ("steps", "stop_after", "log_every", "ckpt_every", "device", "progress", "threads")
 
 
 class RunError(RuntimeError):
@@ -64,9 +64,7 @@ def prepare_run_dir(cfg: TrainConfig, out, resume: bool, overrides: dict | None)
         locked = sorted(set(changed) - set(RESUMABLE))
         if locked:
             raise RunError(f"--resume: cannot change {locked} of an existing run (only {RESUMABLE})")
-        cfg = apply(saved, changed, "--resume").validate()
-        for name in ("complete.json", "error.txt"):
-            (run_dir / name).unlink(missing_ok=True)
+        return run_dir, apply(saved, changed, "--resume").validate()  # config.json: after load
     else:
         run_dir = Path(out) if out is not None else default_run_dir(cfg)
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -169,11 +167,18 @@ def train(cfg: TrainConfig, out=None, *, resume: bool = False, overrides: dict |
     """Run (or resume) a training run in its directory. Returns a RunResult; raises on error,
     leaving error.txt (and never complete.json) in the run directory."""
     run_dir, cfg = prepare_run_dir(cfg.validate(), out, resume, overrides)
+    threads = torch.get_num_threads()
+    if cfg.threads > 0 and resolve_device(cfg.device).type == "cpu":
+        torch.set_num_threads(cfg.threads)
     try:
         return _train(cfg, run_dir, resume, data, echo)
     except BaseException as e:
+        if is_complete(run_dir):  # e.g. a failed --resume of a finished run: it stays finished
+            raise
         atomic_write_text(run_dir / "error.txt", f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train(cfg, run_dir: Path, resume: bool, data, echo) -> RunResult:
@@ -193,6 +198,9 @@ def _train(cfg, run_dir: Path, resume: bool, data, echo) -> RunResult:
     if resume:
         step, theta, phi, state = load_checkpoint(run_dir, map_location=device)
         trainer.load(theta, phi, state)
+        for name in ("complete.json", "error.txt"):
+            (run_dir / name).unlink(missing_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
         kept = [r for r in read_metrics(run_dir) if r["step"] < step]
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         echo(f"resumed {run_dir} at step {step}")

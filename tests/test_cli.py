@@ -1,0 +1,108 @@
+"""The command line: a short end-to-end run, compare smoke test, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from energy_train.cli import main
+from trainer_helpers import TINY
+
+LEARN = dict(d_model=32, n_layers=2, n_heads=2, head_hidden=64, energy_hidden=32, energy_heads=2,
+             dataset_size=256, probe_size=16, lr=3e-3, energy_lr=3e-3, warmup_steps=5,
+             log_every=10, probe_every=40)
+
+
+def _sets(d: dict) -> list[str]:
+    return [x for k, v in d.items() for x in ("--set", f"{k}={v}")]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_end_to_end_learns(tmp_path, seed):
+    """L1 falls and the energy ranking accuracy rises well above chance; outputs parse."""
+    out = tmp_path / "run"
+    rc = main(["train", "--steps", "120", "--batch-size", "16", "--seed", str(seed), "--out",
+               str(out), "--no-progress", *_sets(LEARN)])
+    assert rc == 0
+    for name in ("config.json", "metrics.jsonl", "summary.md", "summary.json", "complete.json",
+                 "curves.png", "checkpoints/latest.json"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["seed"] == seed and cfg["strategy"] == "two_phase" and cfg["steps"] == 120
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["step"] >= 0] == list(range(120))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["l1_last"] < 0.85 * s["l1_first"], s
+    assert s["energy_last"] < s["energy_first"], s
+    assert s["rank_acc_last"] >= 2 * s["rank_acc_chance"], s
+    assert s["rank_acc_last"] > s["rank_acc_first"], s
+    assert s["energy_grad_theta_max"] == 0.0
+    assert "| L1 (train" in (out / "summary.md").read_text()
+
+
+def test_compare_smoke(tmp_path):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--steps", "4", "--out", str(out), "--strategies",
+               "joint;joint:detach_context=false;two_phase", *_sets(TINY | {"steps": 4,
+                                                                              "probe_every": 1})])
+    assert rc == 0
+    rows = {r["spec"]: r for r in json.loads((out / "report.json").read_text())}
+    assert rows["joint"]["energy_grad_theta_max"] == 0.0
+    assert rows["two_phase"]["energy_grad_theta_max"] == 0.0
+    assert rows["joint:detach_context=false"]["energy_grad_theta_max"] > 0.0
+    assert rows["two_phase"]["drift_context_mean"] > 0.0
+    report = (out / "report.md").read_text()
+    assert "| `joint:detach_context=false` |" in report
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_strategy_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--strategy", "two_phse", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "strategy" in err and "did you mean 'two_phase'" in err
+    assert not out.exists()
+
+
+def test_misspelled_config_key(tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text('strategy = "joint"\nbatch_sise = 4\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(toml), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'batch_sise'" in err and "did you mean 'batch_size'" in err
+    assert not out.exists()
+    assert main(["train", "--set", "lerning_rate=1", "--out", str(out)]) == 2
+    assert "unknown config key 'lerning_rate'" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.toml"), "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_bad_values(tmp_path, capsys):
+    assert main(["train", "--set", "energy_loss=swapp", "--out", str(tmp_path / "r")]) == 2
+    assert "did you mean 'swap'" in capsys.readouterr().err
+    assert main(["train", "--set", "progress=maybe", "--out", str(tmp_path / "r")]) == 2
+    assert "expected a boolean" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    assert main(["train", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+    assert "holds no run" in capsys.readouterr().err
+
+
+def test_stop_and_resume_via_cli(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--steps", "4", "--out", str(out), "--no-progress", *_sets(TINY)]
+    assert main([*args, "--stop-after", "2"]) == 0
+    assert not (out / "complete.json").exists()
+    assert main(["train", "--resume", "--out", str(out), "--stop-after", "0"]) == 0
+    assert (out / "complete.json").is_file()
+
+
+def test_python_dash_m_is_the_same_cli():
+    r = subprocess.run([sys.executable, "-m", "energy_train", "train", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--resume" in r.stdout and "--strategy" in r.stdout

@@ -1,0 +1,100 @@
+"""Run directories: resume (bitwise), atomic checkpoints, bad input, NaN batches."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from energy_train.data import TaskData
+from energy_train.trainer import CheckpointError, RunError, is_complete, read_metrics, train
+from energy_train.trainer.checkpoint import load_checkpoint
+from trainer_helpers import tiny_cfg
+
+QUIET = dict(echo=lambda *a: None)
+
+
+def _final_weights(run_dir):
+    ckpt = run_dir / "checkpoints" / json.loads((run_dir / "checkpoints" / "latest.json").read_text())["dir"]
+    return load_file(ckpt / "theta.safetensors"), load_file(ckpt / "phi.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["two_phase", "cached_negatives", "adaptive_weights"])
+def test_resume_is_bitwise(tmp_path, strategy):
+    """N steps == N/2 steps, stop, --resume for N/2 steps: theta, phi and every loss."""
+    cfg = tiny_cfg(strategy=strategy, steps=6, cache_refresh=2, adaptive_window=2, probe_every=3)
+    full = train(cfg, tmp_path / "full", **QUIET)
+    half = train(tiny_cfg(strategy=strategy, steps=6, stop_after=3, cache_refresh=2,
+                          adaptive_window=2, probe_every=3), tmp_path / "half", **QUIET)
+    assert not half.complete and not is_complete(tmp_path / "half")
+    resumed = train(cfg, tmp_path / "half", resume=True, overrides={"stop_after": 0}, **QUIET)
+    assert resumed.complete and is_complete(tmp_path / "half")
+    for a, b in zip(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "half")):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "half")
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for key in ("l1", "energy_loss", "rank_acc", "probe_l1"):
+        assert [r.get(key) for r in ma] == [r.get(key) for r in mb], key
+
+
+def test_checkpoint_contents_and_corruption(tmp_path):
+    res = train(tiny_cfg(steps=2), tmp_path / "run", **QUIET)
+    step, theta, phi, state = load_checkpoint(res.run_dir)
+    assert step == 2 and state["step"] == 2 and "opt_theta" in state and "rng" in state
+    assert any(k.startswith("vla.") for k in theta) and any(k.startswith("head.") for k in theta)
+    assert "cross.in_proj_weight" in phi
+    assert not list((res.run_dir / "checkpoints").glob(".tmp*")), "temporary files left behind"
+    ckpt = res.run_dir / "checkpoints" / "step_0000002" / "theta.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(tiny_cfg(steps=4), res.run_dir, resume=True, overrides={"steps": 4}, **QUIET)
+    assert is_complete(res.run_dir)  # the finished run is still the finished run
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(RunError, match="no run"):
+        train(tiny_cfg(), tmp_path / "nothing", resume=True, **QUIET)
+    (tmp_path / "cfgonly").mkdir()
+    (tmp_path / "cfgonly" / "config.json").write_text(json.dumps(tiny_cfg().to_dict()))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(tiny_cfg(), tmp_path / "cfgonly", resume=True, **QUIET)
+    assert not is_complete(tmp_path / "cfgonly")
+
+
+def test_resume_cannot_change_the_recipe(tmp_path):
+    train(tiny_cfg(steps=2), tmp_path / "run", **QUIET)
+    with pytest.raises(RunError, match="cannot change"):
+        train(tiny_cfg(), tmp_path / "run", resume=True, overrides={"lr": 0.5}, **QUIET)
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    train(tiny_cfg(steps=2), tmp_path / "run", **QUIET)
+    with pytest.raises(RunError, match="already holds files"):
+        train(tiny_cfg(steps=2), tmp_path / "run", **QUIET)
+
+
+def _nan_data(cfg, field="images", row=5):
+    data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size)
+    data.train[field][row].view(-1)[3] = float("nan")
+    return data
+
+
+def test_nan_batch_host_check(tmp_path):
+    cfg = tiny_cfg(steps=8)
+    with pytest.raises(ValueError, match=r"images holds NaN/inf in dataset rows \[5\]"):
+        train(cfg, tmp_path / "run", data=_nan_data(cfg), **QUIET)
+    assert not is_complete(tmp_path / "run")
+    assert "NaN" in (tmp_path / "run" / "error.txt").read_text()
+
+
+def test_nan_batch_readback_check(tmp_path):
+    """With the host check off, the non-finite loss is caught when metrics are read back."""
+    cfg = tiny_cfg(steps=8, check_data=False)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step"):
+        train(cfg, tmp_path / "run", data=_nan_data(cfg, "expert"), **QUIET)
+    assert not is_complete(tmp_path / "run")
+    assert (tmp_path / "run" / "error.txt").is_file()
