@@ -116,7 +116,7 @@ class Trainer:
         index = build_action_index(num_tokens=self.layout.num_action_tokens,
                                    start=self.layout.action_start, batch_size=mb.size,
                                    device=self.device)
-        with self.capture.armed(index, self.layout.context_len, self.head.model.fc1.weight.dtype,
+        with self.capture.armed(index, self.layout.context_len, self.model.norm.weight.dtype,
                                 self.model.d_model) as cap, torch.set_grad_enabled(grad):
             out = self.model(mb.images, mb.proprio, mb.tokens)
         return Forward(out.last_hidden_state if grad else None, cap, index,

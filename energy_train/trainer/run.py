@@ -166,6 +166,7 @@ def train(cfg: TrainConfig, out=None, *, resume: bool = False, overrides: dict |
           data: TaskData | None = None, echo=print) -> RunResult:
     """Run (or resume) a training run in its directory. Returns a RunResult; raises on error,
     leaving error.txt (and never complete.json) in the run directory."""
+    resolve_device((overrides or {}).get("device", cfg.device))  # fail before any directory exists
     run_dir, cfg = prepare_run_dir(cfg.validate(), out, resume, overrides)
     threads = torch.get_num_threads()
     if cfg.threads > 0 and resolve_device(cfg.device).type == "cpu":
