@@ -76,7 +76,7 @@ def _compare(args) -> int:
     from .config import resolve
     from .trainer.compare import DEFAULT_SPECS, compare
 
-    base = {"steps": 200, "log_every": 50, "probe_every": 1, "progress": False}
+    base = {"steps": 150, "log_every": 50, "probe_every": 1, "progress": False}
     base.update(_overrides(args))
     cfg = resolve(args.config, base)
     specs = [s for s in args.strategies.split(";")] if args.strategies else list(DEFAULT_SPECS)
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "stability report (markdown + PNG)")
     c.add_argument("--strategies", help="';'-separated specs name[:key=value,...] (default: "
                    "joint; joint:detach_context=false; two_phase; shared_forward; alternating; "
-                   "adaptive_weights; cached_negatives)")
+                   "adaptive_weights; cached_negatives; two_phase:lr=0 (theta frozen))")
     _common(c)
     c.add_argument("--out", default="runs/compare", help="report directory (default runs/compare)")
     c.add_argument("--k", type=float, default=4.0, help="spike threshold in EMA sigmas")

@@ -25,7 +25,8 @@ from .checkpoint import atomic_write_text
 from .run import read_metrics, train
 
 DEFAULT_SPECS = ("joint", "joint:detach_context=false", "two_phase", "shared_forward",
-                 "alternating", "adaptive_weights", "cached_negatives")
+                 "alternating", "adaptive_weights", "cached_negatives",
+                 "two_phase:lr=0")  # lr=0: theta frozen, the "frozen backbone" reference
 WATCH = ("grad_norm_theta", "grad_norm_phi", "energy_grad_theta", "drift_context", "drift_negatives")
 
 
@@ -132,7 +133,8 @@ def render(base: TrainConfig, rows: list[dict], k: float) -> str:
         f"lr phi {base.energy_lr:g}, energy output `{base.energy_output}`. Spikes: loss > EMA + "
         f"{k:g} sigma (EMA factor 0.1, after 20 steps). Drift: relative change per step of the "
         "context / layer-action negatives on a fixed held-out probe batch. |grad_theta E|: the "
-        "gradient norm the energy loss deposits into theta (the gradient-path audit).", "",
+        "gradient norm the energy loss deposits into theta (the gradient-path audit). "
+        "`two_phase:lr=0` freezes theta: the frozen-backbone reference.", "",
         "| strategy | L1 spikes | energy spikes | final L1 | final rank acc (chance) | probe rank acc "
         "| max abs grad_theta E | context drift/step | negatives drift/step | s/step |",
         "|---|---|---|---|---|---|---|---|---|---|"]
