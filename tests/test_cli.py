@@ -106,3 +106,15 @@ def test_python_dash_m_is_the_same_cli():
     r = subprocess.run([sys.executable, "-m", "energy_train", "train", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--resume" in r.stdout and "--strategy" in r.stdout
+
+
+def test_toml_config_fills_the_dataclass_and_flags_win(tmp_path):
+    toml = tmp_path / "c.toml"
+    body = "\n".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
+                     for k, v in TINY.items())
+    toml.write_text(body + '\nstrategy = "alternating"\nalternate_every = 1\nseed = 5\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(toml), "--seed", "6", "--steps", "2", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["strategy"] == "alternating" and cfg["alternate_every"] == 1
+    assert cfg["seed"] == 6 and cfg["steps"] == 2 and cfg["d_model"] == TINY["d_model"]
