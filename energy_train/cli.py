@@ -63,12 +63,12 @@ def _train(args) -> int:
         check_keys(overrides, "command line")
         cfg = apply(TrainConfig(), overrides, "command line")  # coerced values for comparison
         ov = {k: getattr(cfg, k) for k in overrides}
-        res = train(TrainConfig(), args.out, resume=True, overrides=ov)
+        train(TrainConfig(), args.out, resume=True, overrides=ov)
     else:
         if args.config:
             load_toml(args.config)  # a clear error for a missing/invalid file first
         cfg = resolve(args.config, overrides)
-        res = train(cfg, args.out)
+        train(cfg, args.out)
     return 0
 
 

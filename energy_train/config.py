@@ -27,7 +27,7 @@ SCHEDULES = ("cosine", "constant")
 class TrainConfig:
     # --- run --------------------------------------------------------------------------------
     strategy: str = "two_phase"
-    steps: int = 900                 # total optimizer steps (the LR schedule's length)
+    steps: int = 800                 # total optimizer steps (the LR schedule's length)
     stop_after: int = 0              # stop (checkpointed, not complete) after this step; 0 = off
     batch_size: int = 16
     grad_accum: int = 1              # micro-batches per optimizer step

@@ -24,7 +24,7 @@ def _final_weights(run_dir):
 def test_resume_is_bitwise(tmp_path, strategy):
     """N steps == N/2 steps, stop, --resume for N/2 steps: theta, phi and every loss."""
     cfg = tiny_cfg(strategy=strategy, steps=6, cache_refresh=2, adaptive_window=2, probe_every=3)
-    full = train(cfg, tmp_path / "full", **QUIET)
+    assert train(cfg, tmp_path / "full", **QUIET).complete
     half = train(tiny_cfg(strategy=strategy, steps=6, stop_after=3, cache_refresh=2,
                           adaptive_window=2, probe_every=3), tmp_path / "half", **QUIET)
     assert not half.complete and not is_complete(tmp_path / "half")

@@ -14,7 +14,7 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -246,4 +246,4 @@ def is_complete(run_dir) -> bool:
 
 
 __all__ = ["train", "RunResult", "RunError", "summarize", "summary_table", "read_metrics",
-           "is_complete", "replace"]
+           "is_complete"]
