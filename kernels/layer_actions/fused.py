@@ -78,6 +78,15 @@ def _segment_offsets(sources, action_index, B, T_act, Da, device):
     return seg.reshape(-1, Da)
 
 
+def _common_align(sources) -> int:
+    """16 when every gathered offset is a multiple of 16 elements (aligned data pointers and
+    strides), which lets the fc1 kernel vectorise and pipeline its gathered A loads; else 1."""
+    for t, _ in sources:
+        if t.data_ptr() % (16 * t.element_size()) or t.stride(0) % 16 or t.stride(1) % 16:
+            return 1
+    return 16
+
+
 @torch.no_grad()
 def layer_actions_triton(states, action_index, head, final_norm=None, norm_mask=None,
                          input_precision=None):
@@ -109,6 +118,7 @@ def layer_actions_triton(states, action_index, head, final_norm=None, norm_mask=
         seg = _segment_offsets(sources, action_index, B, H * Da, Da, device)
         x = ln_linear(sources[0][0], m.fc1.weight, m.fc1.bias, **_ln_args(m.layer_norm1),
                       normalize=True, activation=act, segment_offsets=seg,
+                      segment_align=_common_align(sources),
                       input_precision=input_precision, out=_alloc((M, hid), wdtype, device))
     else:  # segments must be multiples of 16 elements: gather a compact row buffer instead
         rows = torch.stack([
@@ -142,7 +152,7 @@ def _gemm_cfg(name, dt, *, gather, nseg=1, seg_len=4096, K=4096, N=4096, act=ACT
                   M=2112, N=N, K=K, stride_xm=0 if gather else K, stride_xk=1, stride_wn=K,
                   stride_wk=1, stride_rm=N, stride_rn=1, stride_ym=N, stride_yn=1, eps=1e-5),
         constexprs=dict(GATHER=gather, NSEG=nseg, SEG_LEN=seg_len if gather else K,
-                        NORMALIZE=True, STATS_INLINE=inline, WRITE_STATS=inline, HAS_GAMMA=True,
+                        SEG_ALIGN=16 if gather else 1, NORMALIZE=True, STATS_INLINE=inline, WRITE_STATS=inline, HAS_GAMMA=True,
                         HAS_BETA=True, HAS_BIAS=True, ACT=act, HAS_RES=res, DOT_DTYPE=dt,
                         UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=block[0],
                         BLOCK_N=block[1], BLOCK_K=block[2], GROUP_M=group),
@@ -155,7 +165,7 @@ def _stats_cfg(name, dt, *, gather, nseg=1, seg_len=4096, K=4096):
         args=dict(x_ptr=f"*{dt}", seg_ptr="*i64", mean_ptr="*fp32", rstd_ptr="*fp32", M=2112,
                   K=K, stride_xm=0 if gather else K, stride_xk=1, eps=1e-5),
         constexprs=dict(GATHER=gather, NSEG=nseg, SEG_LEN=seg_len if gather else K,
-                        ROUND_DTYPE=dt, BLOCK_M=16, BLOCK_K=256),
+                        SEG_ALIGN=16 if gather else 1, ROUND_DTYPE=dt, BLOCK_M=16, BLOCK_K=256),
         num_warps=4, num_stages=2)
 
 

@@ -24,7 +24,9 @@ API (host launcher)::
   segments of K/NSEG elements, segment j starting ``segment_offsets[m, j]`` elements past
   ``x``'s first element (stride along a segment: x.stride(-1)). Offsets may reach into other
   tensors of x's dtype (one address space); the caller keeps them alive. K/NSEG must be a
-  multiple of 16.
+  multiple of 16. ``segment_align``: a number every offset is a multiple of (the caller's
+  promise, e.g. 16 for 32-byte aligned bf16 rows); > 1 lets the kernel vectorise and
+  pipeline the gathered loads.
 - ``input_precision`` for fp32 operands: "ieee" or "tf32"; default follows
   ``torch.backends.cuda.matmul.allow_tf32``.
 
@@ -131,7 +133,19 @@ def ln_stats(x, *, K: int | None = None, eps: float = 1e-5, round_dtype=None, ro
     return _launch_stats(x, seg, M, K, nseg, seg_len, sxm, sxk, eps, round_dtype)
 
 
-def _launch_stats(x, seg, M, K, nseg, seg_len, sxm, sxk, eps, round_dtype):
+def _seg_align(x, row_index, segment_offsets, segment_align) -> int:
+    """What every gathered row offset is a multiple of (elements), known on the host."""
+    if segment_offsets is not None:
+        if segment_align < 1:
+            raise ValueError(f"segment_align: expected a positive int, got {segment_align}")
+        return int(segment_align) if x.data_ptr() % (segment_align * x.element_size()) == 0 else 1
+    if row_index is not None:
+        aligned = x.stride(0) % 16 == 0 and x.data_ptr() % (16 * x.element_size()) == 0
+        return 16 if aligned else 1
+    return 1
+
+
+def _launch_stats(x, seg, M, K, nseg, seg_len, sxm, sxk, eps, round_dtype, align=1):
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
@@ -145,7 +159,8 @@ def _launch_stats(x, seg, M, K, nseg, seg_len, sxm, sxk, eps, round_dtype):
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     _ln_stats_fwd_kernel[grid](
         x, dummy_seg, mean, rstd, M, K, sxm, sxk, float(eps),
-        GATHER=seg is not None, NSEG=nseg, SEG_LEN=seg_len, ROUND_DTYPE=TL_DTYPES[round_dtype],
+        GATHER=seg is not None, NSEG=nseg, SEG_LEN=seg_len, SEG_ALIGN=align,
+        ROUND_DTYPE=TL_DTYPES[round_dtype],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=block_k, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return mean, rstd
@@ -156,10 +171,12 @@ def ln_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
               ln_eps: float = 1e-5, normalize: bool = False, activation: str = "none",
               residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
               out_dtype: torch.dtype | None = None, row_index: torch.Tensor | None = None,
-              segment_offsets: torch.Tensor | None = None, input_precision: str | None = None,
-              stats: tuple | None = None, return_stats: bool = False):
+              segment_offsets: torch.Tensor | None = None, segment_align: int = 1,
+              input_precision: str | None = None, stats: tuple | None = None,
+              return_stats: bool = False):
     """y (M, N) = act(LN(x) @ weight^T + bias) [+ residual]; see the module docstring."""
     M, K, seg, nseg, seg_len, sxm, sxk = _a_operand(x, weight, row_index, segment_offsets)
+    align = _seg_align(x, row_index, segment_offsets, segment_align)
     N = weight.shape[0]
     dev = x.device
     _check_runnable("x", x)
@@ -202,7 +219,8 @@ def ln_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
             mean = torch.empty(M, dtype=torch.float32, device=dev)
             rstd = torch.empty(M, dtype=torch.float32, device=dev)
         else:
-            mean, rstd = _launch_stats(x, seg, M, K, nseg, seg_len, sxm, sxk, ln_eps, weight.dtype)
+            mean, rstd = _launch_stats(x, seg, M, K, nseg, seg_len, sxm, sxk, ln_eps, weight.dtype,
+                                       align)
     if M == 0 or N == 0:
         return (out, mean, rstd) if return_stats else out
 
@@ -219,7 +237,8 @@ def ln_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         mean if mean is not None else fdummy, rstd if rstd is not None else fdummy,
         M, N, K, sxm, sxk, weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
         out.stride(0), out.stride(1), float(ln_eps),
-        GATHER=seg is not None, NSEG=nseg, SEG_LEN=seg_len, NORMALIZE=bool(normalize),
+        GATHER=seg is not None, NSEG=nseg, SEG_LEN=seg_len, SEG_ALIGN=align,
+        NORMALIZE=bool(normalize),
         STATS_INLINE=stats_inline, WRITE_STATS=stats_inline,
         HAS_GAMMA=ln_weight is not None, HAS_BETA=ln_bias is not None, HAS_BIAS=bias is not None,
         ACT=ACTIVATIONS[activation], HAS_RES=residual is not None,
