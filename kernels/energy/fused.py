@@ -1,0 +1,235 @@
+"""Triton kernels of the energy model's cross-attention: the C*H candidate queries of a
+sample attend to that sample's S context keys, K/V shared by all candidates (never copied).
+
+Layout (no transposes anywhere): q (Bq, Q, E), k and v (B, S, E) (any strides in the first two
+dims, unit stride in the last), head h owns columns h*dh:(h+1)*dh. ``Bq`` is B, or 1 when all
+samples score one shared candidate pool (stride 0 over the batch: the swap loss).
+A key is valid when it is in range and not padded (pad byte 0). Rows whose keys are all
+padded give a zero output and lse = +inf (so every backward probability is 0).
+
+Forward: one program per (query block, sample, head); online softmax in base 2; the S x Q
+score matrix never leaves registers; lse (log2 domain) saved for the backward.
+Backward (FlashAttention-2 split, deterministic, no atomics):
+  ``_energy_attn_bwd_preprocess_kernel``  delta = rowsum(dO * O)
+  ``_energy_attn_bwd_dq_kernel``          dQ, one program per (query block, head[, sample]);
+                                          with a shared pool it sums over the samples itself
+  ``_energy_attn_bwd_dkdv_kernel``        dK, dV, one program per (key block, sample, head),
+                                          looping over every query block of the sample
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _energy_attn_fwd_kernel(
+    Q, K, V, PAD, O, LSE,
+    stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_pb,
+    stride_ob, stride_om,
+    n_heads, n_q, n_k, head_dim, qk_scale,
+    HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < n_q
+    d_ok = offs_d < head_dim
+    col = h * head_dim + offs_d
+
+    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + col[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, n_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_range = offs_n < n_k
+        valid = in_range
+        if HAS_PAD:
+            pad = tl.load(PAD + b * stride_pb + offs_n, mask=in_range, other=1)
+            valid = valid & (pad == 0)
+        kv_mask = in_range[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kn + col[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + col[None, :],
+                    mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]  # acc is 0 where no key is valid: zero output
+    lse = tl.where(has_key, m_i + tl.log2(l_safe), float("inf"))
+    tl.store(O + b * stride_ob + offs_m[:, None] * stride_om + col[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh * n_q + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _energy_attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_om, stride_dob, stride_dom,
+    n_heads, n_q, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, m] = sum_d dO[b, m, h, d] * O[b, m, h, d] (fp32)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < n_q)[:, None] & (offs_d < head_dim)[None, :]
+    col = h * head_dim + offs_d
+    o = tl.load(O + b * stride_ob + offs_m[:, None] * stride_om + col[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dom + col[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * n_q + offs_m, delta, mask=offs_m < n_q)
+
+
+@triton.jit
+def _energy_attn_bwd_dq_kernel(
+    Q, K, V, PAD, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_pb,
+    stride_dob, stride_dom, stride_dqb, stride_dqm,
+    n_batch, n_heads, n_q, n_k, head_dim, qk_scale, sm_scale,
+    SHARED_Q: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ = scale * sum_keys dS K, dS = P * (dP - delta), dP = dO V^T. With SHARED_Q the grid's
+    second axis is the head only and the program sums dQ over the samples (deterministic)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_1 = tl.program_id(1).to(tl.int64)
+    if SHARED_Q:
+        h = pid_1
+        b_lo = 0
+        b_hi = n_batch
+        qb = 0
+        out_b = 0
+    else:
+        h = pid_1 % n_heads
+        b_lo = pid_1 // n_heads
+        b_hi = b_lo + 1
+        qb = b_lo
+        out_b = b_lo
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < n_q
+    d_ok = offs_d < head_dim
+    col = h * head_dim + offs_d
+    q = tl.load(Q + qb * stride_qb + offs_m[:, None] * stride_qm + col[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for b32 in range(b_lo, b_hi):
+        b = pid_1 * 0 + b32  # int64 (pid_1 is), also under the interpreter where b32 is an int
+        row = (b * n_heads + h) * n_q
+        lse = tl.load(LSE + row + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
+        do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dom + col[None, :],
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            do = do.to(tl.float32)
+        for start_n in range(0, n_k, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_range = offs_n < n_k
+            valid = in_range
+            if HAS_PAD:
+                pad = tl.load(PAD + b * stride_pb + offs_n, mask=in_range, other=1)
+                valid = valid & (pad == 0)
+            kv_mask = in_range[:, None] & d_ok[None, :]
+            k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kn + col[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + col[None, :],
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + out_b * stride_dqb + offs_m[:, None] * stride_dqm + col[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _energy_attn_bwd_dkdv_kernel(
+    Q, K, V, PAD, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_pb,
+    stride_dob, stride_dom, stride_dkb, stride_dkn, stride_dvb, stride_dvn,
+    n_heads, n_q, n_k, head_dim, qk_scale, sm_scale,
+    HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dV = P^T dO, dK = scale * dS^T Q for one key block, summed over all C*H queries of the
+    sample in a fixed order (deterministic). Padded keys get exact zeros."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_range = offs_n < n_k
+    d_ok = offs_d < head_dim
+    col = h * head_dim + offs_d
+    valid = in_range
+    if HAS_PAD:
+        pad = tl.load(PAD + b * stride_pb + offs_n, mask=in_range, other=1)
+        valid = valid & (pad == 0)
+    kv_mask = in_range[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kn + col[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + col[None, :], mask=kv_mask,
+                other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    row = pid_bh * n_q
+    for start_m in range(0, n_q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < n_q
+        qm = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + col[None, :], mask=qm,
+                    other=0.0)
+        do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dom + col[None, :], mask=qm,
+                     other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + row + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (N, M)
+        p_t = tl.where(valid[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + offs_n[:, None] * stride_dkn + col[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + offs_n[:, None] * stride_dvn + col[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
