@@ -1,8 +1,12 @@
-"""Baselines that the benchmarks time and the tests prove equal to the fused ops.
+"""The public code's formulations, kept ONLY for tests (to prove equality) and benchmarks (to
+measure the saving). Nothing in energy_train imports this module.
 
-Energy (issue 5): the public energy fork's literal formulation, which pushes a copy of the
-context through the WHOLE energy model for every (sample, candidate) pair (B*B copies for the
-swap loss, B*(1+M) for explicit negatives): ``EnergyModel.forward`` on the replicated batch.
+- ``public_layer_actions_loop``: OpenVLA-OFT energy fork's negatives - a Python loop of one
+  ``predict_action`` per hidden state, each after a boolean-mask gather (a host sync per layer
+  on CUDA).
+- ``replicated_energy_scores`` / ``replicated_swap_infonce`` / ``replicated_explicit_infonce``:
+  the fork's energies - the context copied once per candidate ((B*C, S, D)) and pushed through
+  the whole model each time.
 """
 from __future__ import annotations
 
@@ -10,28 +14,44 @@ import torch
 import torch.nn.functional as F
 
 
-def energies_replicated(energy_model, context, pad_mask, candidates):
-    """(B, C) energies, context (B, S, D) repeated C times: E(ctx_b, cand_bc) one row each."""
+@torch.no_grad()
+def public_layer_actions_loop(hidden_states, action_mask: torch.Tensor, head) -> torch.Tensor:
+    """hidden_states: L+1 tensors (B, T, D); action_mask (B, T) bool with H*Da Trues per row.
+    -> (L+1, B, H, Da), one predict_action per layer."""
+    B = action_mask.shape[0]
+    out = []
+    for h in hidden_states:
+        rows = h[action_mask].reshape(B, head.num_actions_chunk * head.action_dim, -1)
+        out.append(head.predict_action(rows.to(head.model.fc1.weight.dtype)))
+    return torch.stack(out)
+
+
+def replicated_energy_scores(energy_model, context, pad_mask, candidates) -> torch.Tensor:
+    """(B, C) energies with the context repeated C times: E(ctx_b, cand_bc) for every pair."""
     B, C, H, Da = candidates.shape
-    ctx = context.repeat_interleave(C, dim=0)                      # (B*C, S, D): a real copy
-    pad = None if pad_mask is None else pad_mask.repeat_interleave(C, dim=0)
-    return energy_model(ctx, candidates.reshape(B * C, H, Da), pad).reshape(B, C)
+    S, D = context.shape[1:]
+    ctx = context.unsqueeze(1).expand(B, C, S, D).reshape(B * C, S, D)
+    pm = None if pad_mask is None else pad_mask.unsqueeze(1).expand(B, C, S).reshape(B * C, S)
+    return energy_model(ctx, candidates.reshape(B * C, H, Da), pm).view(B, C)
 
 
-def swap_infonce_replicated(energy_model, context, pad_mask, expert, tau=0.5):
-    """The fork's in-batch swap InfoNCE: every sample against every expert chunk."""
+def replicated_swap_infonce(energy_model, context, pad_mask, expert, tau: float = 0.5):
+    """The fork's energy_inbatch_swap_infonce: (B*B, S, D) copies of the context."""
     B = expert.shape[0]
-    cand = expert.unsqueeze(0).expand(B, *expert.shape)
-    energies = energies_replicated(energy_model, context, pad_mask, cand)
-    target = torch.arange(B, device=expert.device)
-    return F.cross_entropy(-energies.float() / tau if energies.dtype in (torch.float16, torch.bfloat16)
-                           else -energies / tau, target), energies
+    S, D = context.shape[1:]
+    h_rep = context.unsqueeze(1).expand(B, B, S, D).reshape(B * B, S, D)
+    a_rep = expert.unsqueeze(0).expand(B, *expert.shape).reshape(B * B, *expert.shape[1:])
+    pm = None if pad_mask is None else pad_mask.unsqueeze(1).expand(B, B, S).reshape(B * B, S)
+    E = energy_model(h_rep, a_rep, pm).view(B, B)
+    return F.cross_entropy(-E / tau, torch.arange(B, device=E.device)), E
 
 
-def explicit_infonce_replicated(energy_model, context, pad_mask, expert, negatives, tau=0.5):
-    """InfoNCE over [expert, negatives (B, M, H, Da)], the context copied 1+M times."""
-    cand = torch.cat([expert.unsqueeze(1), negatives.to(expert.dtype)], dim=1)
-    energies = energies_replicated(energy_model, context, pad_mask, cand)
-    target = torch.zeros(expert.shape[0], dtype=torch.int64, device=expert.device)
-    return F.cross_entropy(-energies.float() / tau if energies.dtype in (torch.float16, torch.bfloat16)
-                           else -energies / tau, target), energies
+def replicated_explicit_infonce(energy_model, context, pad_mask, expert, negatives, tau: float = 0.5):
+    """The fork's energy_infonce_loss: positives, then the context repeated M times."""
+    B, M = negatives.shape[:2]
+    e_pos = energy_model(context, expert, pad_mask).view(B, 1)
+    h_rep = context.repeat_interleave(M, dim=0)
+    pm = None if pad_mask is None else pad_mask.repeat_interleave(M, dim=0)
+    e_neg = energy_model(h_rep, negatives.reshape(B * M, *negatives.shape[2:]), pm).view(B, M)
+    E = torch.cat([e_pos, e_neg], dim=1)
+    return F.cross_entropy(-E / tau, torch.zeros(B, dtype=torch.long, device=E.device)), E

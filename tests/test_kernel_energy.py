@@ -14,10 +14,11 @@ import os
 import pytest
 import torch
 
-from bench.baselines import (energies_replicated, explicit_infonce_replicated,
-                             swap_infonce_replicated)
+from bench.baselines import (replicated_energy_scores, replicated_explicit_infonce,
+                             replicated_swap_infonce)
 from energy_train import losses, ops
 from energy_train.models import EnergyModel
+from energy_train.testing import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -26,7 +27,6 @@ INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 needs_triton = pytest.mark.skipif(not (CUDA or INTERP),
                                   reason="needs CUDA or TRITON_INTERPRET=1 (CPU interpreter)")
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 B, S, C, H, DS, DA, HIDDEN, HEADS = 3, 37, 5, 3, 40, 5, 48, 3
 FP32_TOL = 1e-5
@@ -36,20 +36,6 @@ FP32_TOL = 1e-5
 def _poison(monkeypatch):
     import energy_train.kernels.energy.attention as attention
     monkeypatch.setattr(attention, "POISON", True)
-
-
-def assert_close(name, ref, out, tol, floor=0.0):
-    """max|out - ref| / max(max|ref|, floor) < tol; any NaN in out fails."""
-    assert out is not None, f"{name}: no value"
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
-    assert not torch.isnan(out).any(), f"{name}: NaN at {torch.isnan(out).nonzero()[0].tolist()}"
-    err = (out - ref).abs()
-    scale = max(ref.abs().max().item(), floor, 1e-30)
-    rel = err.max().item() / scale
-    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-    assert rel < tol, (f"{name}: rel err {rel:.3e} >= {tol:.0e} at {worst}: "
-                       f"out {out[worst].item():.6g} ref {ref[worst].item():.6g}")
 
 
 def make_model(seed, output="unbounded", device="cpu", dtype=torch.float32):
@@ -99,10 +85,10 @@ def test_attention_kernels_match_reference(shared):
     kvf = kv.detach().float().requires_grad_()
     out = energy_attention(qf, kvf[..., :E], kvf[..., E:], pad, HEADS, "ieee")
     dq, dkv = torch.autograd.grad((out * g.float()).sum(), (qf, kvf))
-    assert_close("out", ref, out, FP32_TOL)
+    assert_close("out", ref, out, tol=FP32_TOL)
     assert (out[1] == 0).all(), "all-masked sample must give a zero output"
-    assert_close("dq", ref_dq, dq, FP32_TOL)
-    assert_close("dkv", ref_dkv, dkv, FP32_TOL)
+    assert_close("dq", ref_dq, dq, tol=FP32_TOL)
+    assert_close("dkv", ref_dkv, dkv, tol=FP32_TOL)
     assert (dkv[pad] == 0).all(), "padded keys must get exactly zero gradient"
 
 
@@ -127,11 +113,11 @@ def test_energy_scores_values_and_grads(output, seed):
     assert out.shape == (B, C)
     (out * g.float()).sum().backward()
 
-    assert_close("energies", ref, out, FP32_TOL)
+    assert_close("energies", ref, out, tol=FP32_TOL)
     want, got = grads(m64, (ctx64, cand64)), grads(m, (ctx32, cand32))
     assert set(want) == set(got)
     for name in want:
-        assert_close(f"grad {name}", want[name], got[name], FP32_TOL)
+        assert_close(f"grad {name}", want[name], got[name], tol=FP32_TOL)
 
 
 @needs_triton
@@ -140,7 +126,7 @@ def test_energy_scores_no_padding_and_context_without_grad():
     ctx, _, cand = make_inputs(5, b=2, s=21, c=2)
     ref = ops.energy_scores(m64, ctx.double(), None, cand.double(), backend="eager")
     out = ops.energy_scores(m, ctx, None, cand, backend="triton")
-    assert_close("energies (no pad)", ref, out, FP32_TOL)
+    assert_close("energies (no pad)", ref, out, tol=FP32_TOL)
     out.sum().backward()          # context and candidates need no grad: none computed
     assert ctx.grad is None and cand.grad is None
     assert all(p.grad is not None for p in m.parameters())
@@ -164,7 +150,7 @@ def test_shared_candidate_pool_is_encoded_once(monkeypatch):
     out = losses.swap_infonce(m, ctx, pad, expert, backend="triton")
     assert seen == [(1, B * H, HIDDEN)]
     ref = losses.swap_infonce(m64, ctx.double(), pad, expert.double(), backend="eager")
-    assert_close("swap energies", ref.energies, out.energies, FP32_TOL)
+    assert_close("swap energies", ref.energies, out.energies, tol=FP32_TOL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,8 +180,8 @@ def test_losses_values_and_grads(kind, output, seed):
     e32, n32 = expert.clone().requires_grad_(), negs.clone().requires_grad_()
     out = _loss(kind, m, ctx, pad, e32, n32, "triton")
     out.loss.backward()
-    assert_close("loss", ref.loss, out.loss, FP32_TOL)
-    assert_close("energies", ref.energies, out.energies, FP32_TOL)
+    assert_close("loss", ref.loss, out.loss, tol=FP32_TOL)
+    assert_close("energies", ref.energies, out.energies, tol=FP32_TOL)
     want, got = grads(m64, (e64, n64)), grads(m, (e32, n32))
     # InfoNCE gradients of biases feeding every logit cancel (sum_c softmax - onehot = 0):
     # eager fp32 itself is ~5e-5 off there, so each gradient's error is measured against a
@@ -205,7 +191,7 @@ def test_losses_values_and_grads(kind, output, seed):
         if want[name] is None:
             assert got[name] is None, name
             continue
-        assert_close(f"grad {name}", want[name], got[name], FP32_TOL, floor=floor)
+        assert_close(f"grad {name}", want[name], got[name], tol=FP32_TOL, floor=floor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,13 +202,13 @@ def test_replicated_baseline_equals_encode_once():
     ctx, pad, cand = make_inputs(11)
     ctx, cand = ctx.double(), cand.double()
     assert_close("energies", m64.score(ctx, pad, cand),
-                 energies_replicated(m64, ctx, pad, cand), 1e-12)
+                 replicated_energy_scores(m64, ctx, pad, cand), tol=1e-12)
     expert, negs = cand[:, 0], cand[:, 1:]
-    loss, _ = swap_infonce_replicated(m64, ctx, pad, expert)
-    assert_close("swap", losses.swap_infonce(m64, ctx, pad, expert, backend="eager").loss, loss, 1e-12)
-    loss, _ = explicit_infonce_replicated(m64, ctx, pad, expert, negs)
+    loss, _ = replicated_swap_infonce(m64, ctx, pad, expert)
+    assert_close("swap", losses.swap_infonce(m64, ctx, pad, expert, backend="eager").loss, loss, tol=1e-12)
+    loss, _ = replicated_explicit_infonce(m64, ctx, pad, expert, negs)
     assert_close("explicit", losses.explicit_infonce(m64, ctx, pad, expert, negs,
-                                                     backend="eager").loss, loss, 1e-12)
+                                                     backend="eager").loss, loss, tol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +234,6 @@ def test_bad_input_names_the_argument():
 # GPU (not run on the CPU)
 # --------------------------------------------------------------------------------------------
 @gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
                          ids=["fp32-ieee", "bf16"])
 def test_gpu_parity(dtype, tol):
@@ -262,14 +247,13 @@ def test_gpu_parity(dtype, tol):
     from energy_train.kernels.energy import energy_scores_triton
     out = energy_scores_triton(m, ctx_in, pad, cand.to(dtype), input_precision="ieee")
     (out.float() * g.float()).sum().backward()
-    assert_close("energies", ref, out, tol)
+    assert_close("energies", ref, out, tol=tol)
     want, got = grads(m64), grads(m)
     for name in want:
-        assert_close(f"grad {name}", want[name], got[name], tol * (5 if dtype != torch.float32 else 1))
+        assert_close(f"grad {name}", want[name], got[name], tol=tol * (5 if dtype != torch.float32 else 1))
 
 
 @gpu
-@needs_cuda
 @pytest.mark.parametrize("hidden,heads", [(512, 8), (1024, 16)])
 def test_gpu_production_shape_swap_loss(hidden, heads):
     torch.manual_seed(0)
@@ -284,14 +268,13 @@ def test_gpu_production_shape_swap_loss(hidden, heads):
     ref = losses.swap_infonce(m64, ctx.double(), pad, expert.double(), backend="eager")
     ref.loss.backward()
     tol = 1e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-5
-    assert_close("loss", ref.loss, out.loss, tol)
+    assert_close("loss", ref.loss, out.loss, tol=tol)
     floor = 0.05 * max(p.grad.abs().max().item() for p in m64.parameters())
     for (n, p), (_, p64) in zip(m.named_parameters(), m64.named_parameters()):
-        assert_close(f"grad {n}", p64.grad, p.grad, tol, floor=floor)
+        assert_close(f"grad {n}", p64.grad, p.grad, tol=tol, floor=floor)
 
 
 @gpu
-@needs_cuda
 def test_gpu_torch_compile_traces_without_graph_breaks():
     m, _ = make_model(4, device="cuda")
     ctx, pad, cand = make_inputs(4, device="cuda")
@@ -305,5 +288,5 @@ def test_gpu_torch_compile_traces_without_graph_breaks():
     loss = compiled(ctx, pad, cand)
     loss.backward()
     eager = energy_scores_triton(m, ctx, pad, cand.detach()).sum()
-    assert_close("compiled", eager, loss, 1e-5)
+    assert_close("compiled", eager, loss, tol=1e-5)
     assert cand.grad is not None and not torch.isnan(cand.grad).any()
