@@ -183,7 +183,7 @@ def _ln_gemm_bwd_dx_kernel(
 def bwd_config(interpret: bool | None = None) -> dict:
     interpret = _interpreting() if interpret is None else interpret
     if interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
 
 
@@ -253,3 +253,59 @@ def ln_linear_backward(dy, x, weight, bias=None, *, ln_weight=None, ln_bias=None
         dg = sums[0].to(ln_weight.dtype) if ln_weight is not None else None
         dbeta = sums[1].to(ln_bias.dtype) if ln_bias is not None else None
     return dx, dw, db, dg, dbeta
+
+
+class LNLinearFunction(torch.autograd.Function):
+    """Differentiable ``ln_linear``: y (..., N) = act(LN(x) @ W^T + b) [+ residual], x (..., K).
+
+    apply(x, weight, bias, ln_weight, ln_bias, residual, ln_eps, normalize, activation,
+    input_precision). Forward: the Triton ``ln_linear`` (saving the LayerNorm mean/rstd).
+    Backward: the pre-activation is recomputed by ``ln_linear`` from the saved statistics (no
+    (M, N) activation kept alive), then ``ln_linear_backward``. Gradients for every tensor
+    input that requires one; the residual's is dy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ln_weight, ln_bias, residual, ln_eps, normalize, activation,
+                input_precision):
+        from . import ln_linear
+        K, N = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, K)
+        res2 = residual.reshape(-1, N) if residual is not None else None
+        kw = dict(ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps, normalize=normalize,
+                  input_precision=input_precision)
+        mean = rstd = None
+        if normalize:
+            y, mean, rstd = ln_linear(x2, weight, bias, activation=activation, residual=res2,
+                                      return_stats=True, **kw)
+        else:
+            y = ln_linear(x2, weight, bias, activation=activation, residual=res2, **kw)
+        ctx.save_for_backward(x2, weight, bias, ln_weight, ln_bias, mean, rstd)
+        ctx.cfg = (ln_eps, normalize, activation, input_precision, x.shape)
+        return y.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from . import ln_linear
+        x2, weight, bias, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+        ln_eps, normalize, activation, prec, x_shape = ctx.cfg
+        dy2 = dy.reshape(-1, weight.shape[0])
+        h = None
+        if activation != "none":  # recompute the pre-activation (the forward GEMM again)
+            h = ln_linear(x2, weight, bias, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps,
+                          normalize=normalize, input_precision=prec, out_dtype=torch.float32,
+                          stats=(mean, rstd) if normalize else None)
+        dx, dw, db, dg, dbeta = ln_linear_backward(
+            dy2, x2, weight, bias, ln_weight=ln_weight, ln_bias=ln_bias, normalize=normalize,
+            mean=mean, rstd=rstd, h=h, activation=activation,
+            needs_dx=ctx.needs_input_grad[0], input_precision=prec)
+        dres = dy if ctx.needs_input_grad[5] else None
+        return (dx.reshape(x_shape) if dx is not None else None, dw, db, dg, dbeta, dres,
+                None, None, None, None)
+
+
+def ln_linear_autograd(x, weight, bias=None, *, ln_weight=None, ln_bias=None, ln_eps=1e-5,
+                       normalize=False, activation="none", residual=None, input_precision="ieee"):
+    """Functional form of :class:`LNLinearFunction` (keyword arguments as ``ln_linear``)."""
+    return LNLinearFunction.apply(x, weight, bias, ln_weight, ln_bias, residual, ln_eps,
+                                  normalize, activation, input_precision)
