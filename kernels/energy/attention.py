@@ -35,7 +35,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def attn_config(head_dim: int) -> dict:
+def attn_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile sizes and launch options. Small tiles under the interpreter (speed of the CPU
     tests, and S not a multiple of the tile); 64 x 64 on the GPU (dh = 64 at 512/8, 1024/16).
     ``ENERGY_ATTN_BLOCK_M`` / ``ENERGY_ATTN_BLOCK_N`` override (every rank the same config)."""
@@ -43,7 +43,10 @@ def attn_config(head_dim: int) -> dict:
     small = interpreting()
     bm = int(os.environ.get("ENERGY_ATTN_BLOCK_M", 16 if small else 64))
     bn = int(os.environ.get("ENERGY_ATTN_BLOCK_N", 16 if small else 64))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    # fp32 dK/dV at 4 warps needs 255 registers + 32 B of stack on sm_90: 8 warps, no spill
+    dkdv_warps = 8 if dtype == torch.float32 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=2,
+                dkdv_warps=dkdv_warps)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -69,7 +72,7 @@ def energy_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: Opti
     B, S, E, Bq, Q, dh = _dims(q, k, heads)
     out = _empty((B, Q, E), q.dtype, q.device)
     lse = _empty((B, heads, Q), torch.float32, q.device)
-    cfg = attn_config(dh)
+    cfg = attn_config(dh, q.dtype)
     grid = (triton.cdiv(Q, cfg["BLOCK_M"]), B * heads)
     padt = pad if pad is not None else k  # dummy pointer, never read (HAS_PAD=False)
     wrap_triton(_energy_attn_fwd_kernel)[grid](
@@ -89,7 +92,7 @@ def energy_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     input_precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq (Bq, Q, E), dk (B, S, E), dv (B, S, E); with Bq = 1 dq is summed over samples."""
     B, S, E, Bq, Q, dh = _dims(q, k, heads)
-    cfg = attn_config(dh)
+    cfg = attn_config(dh, q.dtype)
     BM, BN, BD = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     delta = _empty((B, heads, Q), torch.float32, q.device)
@@ -105,17 +108,18 @@ def energy_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     qk_scale, sm_scale = LOG2E / math.sqrt(dh), 1.0 / math.sqrt(dh)
     q_sb = q.stride(0) if Bq > 1 else 0
     common = dict(HAS_PAD=pad is not None, UPCAST=_upcast(q.dtype), INPUT_PRECISION=input_precision,
-                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, **launch)
+                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_stages=cfg["num_stages"])
     wrap_triton(_energy_attn_bwd_dq_kernel)[(triton.cdiv(Q, BM), heads if shared else B * heads)](
         q, k, v, padt, dout, lse, delta, dq,
         q_sb, q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad_sb,
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-        B, heads, Q, S, dh, qk_scale, sm_scale, SHARED_Q=shared, **common)
+        B, heads, Q, S, dh, qk_scale, sm_scale, SHARED_Q=shared, num_warps=cfg["num_warps"],
+        **common)
     wrap_triton(_energy_attn_bwd_dkdv_kernel)[(triton.cdiv(S, BN), B * heads)](
         q, k, v, padt, dout, lse, delta, dk, dv,
         q_sb, q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad_sb,
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        heads, Q, S, dh, qk_scale, sm_scale, **common)
+        heads, Q, S, dh, qk_scale, sm_scale, num_warps=cfg["dkdv_warps"], **common)
     return dq, dk, dv
 
 

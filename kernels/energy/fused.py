@@ -233,3 +233,94 @@ def _energy_attn_bwd_dkdv_kernel(
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + offs_n[:, None] * stride_dvn + col[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped configs for the sm_90 resource report (bench/resources.py reads RESOURCE_CONFIGS):
+# the attention kernels at the production shapes (B=8, S=600, C*H=64 swap / 56 explicit,
+# E=512/8 or 1024/16 heads -> dh=64; 64 x 64 tiles, 4 warps (8 for the fp32 dK/dV kernel, which
+# spills 32 B at 4), 2 stages, as attention.attn_config)
+# and the backward kernels of the fused MLP block (kernels/mlp/backward.py, bwd_config) that the
+# energy path runs for every Linear.
+# --------------------------------------------------------------------------------------------
+def _attn_cfgs():
+    out = []
+    for dt in ("bf16", "fp32"):
+        for E, heads in ((512, 8), (1024, 16)):
+            p = f"*{dt}"
+            common = dict(HAS_PAD=True, UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=64,
+                          BLOCK_N=64, BLOCK_D=64)
+            strides = dict(stride_qb=64 * E, stride_qm=E, stride_kb=600 * 2 * E, stride_kn=2 * E,
+                           stride_vb=600 * 2 * E, stride_vn=2 * E, stride_pb=608)
+            tag = f"{dt}.E{E}h{heads}"
+            out.append(dict(
+                name=f"energy.attn_fwd.{tag}", kernel=_energy_attn_fwd_kernel,
+                args=dict(Q=p, K=p, V=p, PAD="*u8", O=p, LSE="*fp32", **strides,
+                          stride_ob=64 * E, stride_om=E, n_heads=heads, n_q=64, n_k=600,
+                          head_dim=64, qk_scale=0.18),
+                constexprs=common, num_warps=4, num_stages=2))
+            out.append(dict(
+                name=f"energy.attn_bwd_pre.{tag}", kernel=_energy_attn_bwd_preprocess_kernel,
+                args=dict(O=p, DO=p, DELTA="*fp32", stride_ob=64 * E, stride_om=E,
+                          stride_dob=64 * E, stride_dom=E, n_heads=heads, n_q=64, head_dim=64),
+                constexprs=dict(BLOCK_M=64, BLOCK_D=64), num_warps=4, num_stages=2))
+            for shared in (True, False):
+                out.append(dict(
+                    name=f"energy.attn_bwd_dq.{tag}.{'shared' if shared else 'per_sample'}",
+                    kernel=_energy_attn_bwd_dq_kernel,
+                    args=dict(Q=p, K=p, V=p, PAD="*u8", DO=p, LSE="*fp32", DELTA="*fp32", DQ=p,
+                              **strides, stride_dob=64 * E, stride_dom=E, stride_dqb=64 * E,
+                              stride_dqm=E, n_batch=8, n_heads=heads, n_q=64, n_k=600,
+                              head_dim=64, qk_scale=0.18, sm_scale=0.125),
+                    constexprs=dict(SHARED_Q=shared, **common), num_warps=4, num_stages=2))
+            out.append(dict(
+                name=f"energy.attn_bwd_dkdv.{tag}", kernel=_energy_attn_bwd_dkdv_kernel,
+                args=dict(Q=p, K=p, V=p, PAD="*u8", DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p,
+                          **strides, stride_dob=64 * E, stride_dom=E, stride_dkb=600 * E,
+                          stride_dkn=E, stride_dvb=600 * E, stride_dvn=E, n_heads=heads,
+                          n_q=64, n_k=600, head_dim=64, qk_scale=0.18, sm_scale=0.125),
+                constexprs=common, num_warps=8 if dt == "fp32" else 4, num_stages=2))
+    return out
+
+
+def _mlp_bwd_cfgs():
+    from ..mlp.backward import (_act_bwd_kernel, _ln_gemm_bwd_dw_kernel,
+                                _ln_gemm_bwd_dx_kernel, bwd_config)
+    cfg = bwd_config(interpret=False)
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    out = [dict(name="energy.mlp_act_bwd.silu", kernel=_act_bwd_kernel,
+                args=dict(DY="*fp32", H="*fp32", DH="*fp32", M=4800, N=512, stride_dym=512,
+                          stride_hm=512, stride_dhm=512),
+                constexprs=dict(ACT=2, BLOCK_M=BM, BLOCK_N=BN), **launch)]
+    for dt in ("bf16", "fp32"):
+        p = f"*{dt}"
+        # the state encoder's first Linear at production shape: M = B*S = 4800, K = D = 4096
+        out.append(dict(
+            name=f"energy.mlp_bwd_dw.{dt}.K4096", kernel=_ln_gemm_bwd_dw_kernel,
+            args=dict(DH="*fp32", X=p, MEAN="*fp32", RSTD="*fp32", G=p, BETA=p, DW=p, DB=p,
+                      M=4800, N=512, K=4096, stride_dhm=512, stride_xm=4096, stride_xk=1,
+                      stride_dwn=4096),
+            constexprs=dict(NORMALIZE=True, HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True,
+                            DOT_DTYPE=dt, UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=BM,
+                            BLOCK_N=BN, BLOCK_K=BK), **launch))
+        out.append(dict(
+            name=f"energy.mlp_bwd_dx.{dt}.K512", kernel=_ln_gemm_bwd_dx_kernel,
+            args=dict(DH="*fp32", W=p, X=p, MEAN="*fp32", RSTD="*fp32", G=p, DX=p,
+                      SCRATCH="*fp32", DG_PART="*fp32", DBETA_PART="*fp32", M=4800, N=512,
+                      K=512, stride_dhm=512, stride_wn=512, stride_wk=1, stride_xm=512,
+                      stride_xk=1, stride_dxm=512, stride_sm=512),
+            constexprs=dict(NORMALIZE=True, HAS_GAMMA=True, NEED_DX=True, NEED_PARTS=True,
+                            DOT_DTYPE=dt, UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=BM,
+                            BLOCK_N=BN, BLOCK_K=BK), **launch))
+    return out
+
+
+def _configs():
+    try:
+        return _attn_cfgs() + _mlp_bwd_cfgs()
+    except ImportError:  # kernels/mlp not installed: the attention configs alone
+        return _attn_cfgs()
+
+
+RESOURCE_CONFIGS = _configs()
