@@ -263,7 +263,8 @@ def _attn_cfgs():
                 name=f"energy.attn_bwd_pre.{tag}", kernel=_energy_attn_bwd_preprocess_kernel,
                 args=dict(O=p, DO=p, DELTA="*fp32", stride_ob=64 * E, stride_om=E,
                           stride_dob=64 * E, stride_dom=E, n_heads=heads, n_q=64, head_dim=64),
-                constexprs=dict(BLOCK_M=64, BLOCK_D=64), num_warps=4, num_stages=2))
+                constexprs=dict(BLOCK_M=64, BLOCK_D=64), num_warps=4, num_stages=2,
+                matmul=False))  # delta = rowsum(dO * O): no tl.dot
             for shared in (True, False):
                 out.append(dict(
                     name=f"energy.attn_bwd_dq.{tag}.{'shared' if shared else 'per_sample'}",
@@ -292,7 +293,7 @@ def _mlp_bwd_cfgs():
     out = [dict(name="energy.mlp_act_bwd.silu", kernel=_act_bwd_kernel,
                 args=dict(DY="*fp32", H="*fp32", DH="*fp32", M=4800, N=512, stride_dym=512,
                           stride_hm=512, stride_dhm=512),
-                constexprs=dict(ACT=2, BLOCK_M=BM, BLOCK_N=BN), **launch)]
+                constexprs=dict(ACT=2, BLOCK_M=BM, BLOCK_N=BN), matmul=False, **launch)]
     for dt in ("bf16", "fp32"):
         p = f"*{dt}"
         # the state encoder's first Linear at production shape: M = B*S = 4800, K = D = 4096
