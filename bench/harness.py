@@ -120,7 +120,7 @@ def time_gpu(fn, device, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
     return dict(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mem_bytes=int(peak))
 
 
-def time_cpu(fn, budget_s: float = 0.6, min_reps: int = 3, max_reps: int = 50) -> dict:
+def time_cpu(fn, budget_s: float = 0.6, min_reps: int = 5, max_reps: int = 50) -> dict:
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -21,12 +22,18 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--tag", default=None, help="suffix for the result file names")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU only: torch threads (default 1: ratios stay stable on a shared "
+                         "machine, where spinning OpenMP threads can slow a run 100x)")
     args = ap.parse_args(argv)
     try:
         mod = importlib.import_module(f"bench.bench_{args.op}")
     except ModuleNotFoundError as e:
         ap.error(f"op: no bench/bench_{args.op}.py ({e})")
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile-worker pool
     bench = mod.make_benchmark(device, quick=args.quick,
                                cpu_shapes=args.cpu_shapes or device.type != "cuda")
     run_benchmark(bench, device, args.out, args.tag)

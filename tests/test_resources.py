@@ -27,7 +27,7 @@ def _check(run, rows):
         assert r["ld_local"] == 0 and r["st_local"] == 0, r
         assert 0 < r["registers"] <= 255, r
         assert r["shared_dynamic"] <= 227 * 1024, r  # sm_90's per-block limit
-        if r["matmul"]:
+        if r["expect_wgmma"]:
             assert r["wgmma"], f"{r['name']}: no wgmma in the PTX"
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -35,7 +35,7 @@ def _check(run, rows):
 def test_resource_report_bf16_configs_no_spills(tmp_path):
     run, rows = _report(tmp_path, "bf16")
     _check(run, rows)
-    assert any(r["name"].startswith("la.fc1.") for r in rows)
+    assert any(r["name"].startswith("la.fc1.") and r["expect_wgmma"] for r in rows)
 
 
 @pytest.mark.slow

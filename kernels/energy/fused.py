@@ -258,13 +258,12 @@ def _attn_cfgs():
                 args=dict(Q=p, K=p, V=p, PAD="*u8", O=p, LSE="*fp32", **strides,
                           stride_ob=64 * E, stride_om=E, n_heads=heads, n_q=64, n_k=600,
                           head_dim=64, qk_scale=0.18),
-                constexprs=common, num_warps=4, num_stages=2))
+                constexprs=common, num_warps=4, num_stages=2, expect_wgmma=True))
             out.append(dict(
                 name=f"energy.attn_bwd_pre.{tag}", kernel=_energy_attn_bwd_preprocess_kernel,
                 args=dict(O=p, DO=p, DELTA="*fp32", stride_ob=64 * E, stride_om=E,
                           stride_dob=64 * E, stride_dom=E, n_heads=heads, n_q=64, head_dim=64),
-                constexprs=dict(BLOCK_M=64, BLOCK_D=64), num_warps=4, num_stages=2,
-                matmul=False))  # delta = rowsum(dO * O): no tl.dot
+                constexprs=dict(BLOCK_M=64, BLOCK_D=64), num_warps=4, num_stages=2))
             for shared in (True, False):
                 out.append(dict(
                     name=f"energy.attn_bwd_dq.{tag}.{'shared' if shared else 'per_sample'}",
@@ -273,14 +272,14 @@ def _attn_cfgs():
                               **strides, stride_dob=64 * E, stride_dom=E, stride_dqb=64 * E,
                               stride_dqm=E, n_batch=8, n_heads=heads, n_q=64, n_k=600,
                               head_dim=64, qk_scale=0.18, sm_scale=0.125),
-                    constexprs=dict(SHARED_Q=shared, **common), num_warps=4, num_stages=2))
+                    constexprs=dict(SHARED_Q=shared, **common), num_warps=4, num_stages=2, expect_wgmma=True))
             out.append(dict(
                 name=f"energy.attn_bwd_dkdv.{tag}", kernel=_energy_attn_bwd_dkdv_kernel,
                 args=dict(Q=p, K=p, V=p, PAD="*u8", DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p,
                           **strides, stride_dob=64 * E, stride_dom=E, stride_dkb=600 * E,
                           stride_dkn=E, stride_dvb=600 * E, stride_dvn=E, n_heads=heads,
                           n_q=64, n_k=600, head_dim=64, qk_scale=0.18, sm_scale=0.125),
-                constexprs=common, num_warps=8 if dt == "fp32" else 4, num_stages=2))
+                constexprs=common, num_warps=8 if dt == "fp32" else 4, num_stages=2, expect_wgmma=True))
     return out
 
 
@@ -293,7 +292,7 @@ def _mlp_bwd_cfgs():
     out = [dict(name="energy.mlp_act_bwd.silu", kernel=_act_bwd_kernel,
                 args=dict(DY="*fp32", H="*fp32", DH="*fp32", M=4800, N=512, stride_dym=512,
                           stride_hm=512, stride_dhm=512),
-                constexprs=dict(ACT=2, BLOCK_M=BM, BLOCK_N=BN), matmul=False, **launch)]
+                constexprs=dict(ACT=2, BLOCK_M=BM, BLOCK_N=BN), **launch)]
     for dt in ("bf16", "fp32"):
         p = f"*{dt}"
         # the state encoder's first Linear at production shape: M = B*S = 4800, K = D = 4096
@@ -304,7 +303,7 @@ def _mlp_bwd_cfgs():
                       stride_dwn=4096),
             constexprs=dict(NORMALIZE=True, HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True,
                             DOT_DTYPE=dt, UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=BM,
-                            BLOCK_N=BN, BLOCK_K=BK), **launch))
+                            BLOCK_N=BN, BLOCK_K=BK), expect_wgmma=True, **launch))
         out.append(dict(
             name=f"energy.mlp_bwd_dx.{dt}.K512", kernel=_ln_gemm_bwd_dx_kernel,
             args=dict(DH="*fp32", W=p, X=p, MEAN="*fp32", RSTD="*fp32", G=p, DX=p,
@@ -313,7 +312,7 @@ def _mlp_bwd_cfgs():
                       stride_xk=1, stride_dxm=512, stride_sm=512),
             constexprs=dict(NORMALIZE=True, HAS_GAMMA=True, NEED_DX=True, NEED_PARTS=True,
                             DOT_DTYPE=dt, UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=BM,
-                            BLOCK_N=BN, BLOCK_K=BK), **launch))
+                            BLOCK_N=BN, BLOCK_K=BK), expect_wgmma=True, **launch))
     return out
 
 

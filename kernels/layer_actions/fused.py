@@ -156,7 +156,7 @@ def _gemm_cfg(name, dt, *, gather, nseg=1, seg_len=4096, K=4096, N=4096, act=ACT
                         HAS_BETA=True, HAS_BIAS=True, ACT=act, HAS_RES=res, DOT_DTYPE=dt,
                         UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=block[0],
                         BLOCK_N=block[1], BLOCK_K=block[2], GROUP_M=group),
-        num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, expect_wgmma=True)
 
 
 def _stats_cfg(name, dt, *, gather, nseg=1, seg_len=4096, K=4096):
