@@ -19,5 +19,15 @@ test: $(STAMP)
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 	  $(PY) -m pytest -q
 
+# Benchmarks (bench/harness.py): GPU figures on CUDA, eager providers + ratios on the CPU.
+BENCH ?= layer_actions
+bench: $(STAMP)
+	$(PY) -m bench.run $(BENCH) $(BENCH_ARGS)
+
+# Hopper evidence without a GPU: compile every shipped kernel config for sm_90, report
+# registers / spills / shared memory / wgmma (TRITON_INTERPRET must be unset).
+resources: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m bench.resources
+
 clean:
 	rm -rf $(VENV) build *.egg-info

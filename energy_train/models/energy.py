@@ -40,7 +40,8 @@ class PositionalEncoding(nn.Module):
         table = torch.zeros(max_len, hidden, dtype=torch.float64)
         table[:, 0::2] = torch.sin(pos / freq)
         table[:, 1::2] = torch.cos(pos / freq)[:, : hidden // 2]
-        self.register_buffer("P", table.float(), persistent=False)
+        # kept in float64 until the module is cast; used in the dtype of x
+        self.register_buffer("P", table, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H = x.shape[-2]

@@ -1,0 +1,120 @@
+"""Energy scoring + contrastive losses (issue 5): ``python -m bench.run energy [--quick]``.
+
+Providers (what is timed is what tests/test_kernel_energy.py proves equal):
+  reference_replicated  the public fork: context copied B*B (swap) / B*(1+M) (explicit) times
+                        through the WHOLE model (bench.baselines.replicated_*)
+  eager_once            losses.*(backend="eager"): context encoded once (the oracle)
+  torch_compile         eager_once under torch.compile (GPU only here: inductor's CPU compile
+                        on a 2-core box costs minutes per shape)
+  triton                losses.*(backend="triton") (GPU only: interpreter timings mean nothing)
+Cases: swap InfoNCE and explicit-negative InfoNCE (M = 6), forward and forward+backward (the
+energy model's parameters; context detached, as the trainer does), hidden 512/8 and 1024/16,
+B=8, S=600, D=4096, H=8, Da=7, plus sweeps over B (8-64) and S (256-1024) on the GPU.
+The record's params carry ``ctx_bytes``: the encoded context itself (K|V, (B, S, 2*hidden) in
+the model dtype), the yardstick of the memory target (peak <= 1.2x that).
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.baselines import replicated_explicit_infonce, replicated_swap_infonce
+from bench.harness import Benchmark, Case, Provider
+from energy_train import losses
+from energy_train.models import EnergyModel
+
+H, DA, M_NEG = 8, 7, 6
+REPLICATED_MAX_BYTES = 12 * 2**30  # skip the replicated baseline where its copy alone is larger
+
+
+def fwd_flops(B, S, D, E, C):
+    """Matrix FLOPs of one encode-once forward (2 per multiply-add)."""
+    Q = C * H
+    ctx = B * S * 2 * (D * E + E * E + E * E + E * 2 * E)      # fc1, block, fc2, K|V
+    act = C * H * 2 * (DA * E + 3 * E * E)                      # pool encoded once (swap)
+    attn = B * Q * S * E * 4                                    # QK^T and PV over all heads
+    read = B * Q * 2 * (E * E + 3 * E * E + E)                  # out proj, head (fc1, 2 blocks, fc2)
+    return ctx + act + attn + read
+
+
+def make_benchmark(device: torch.device, quick: bool = False, cpu_shapes: bool = False) -> Benchmark:
+    gpu = device.type == "cuda"
+    if cpu_shapes or not gpu:
+        grid = [dict(B=4, S=64, D=256, E=64, heads=4)]
+        if not quick:
+            grid.append(dict(B=8, S=96, D=256, E=64, heads=4))
+    else:
+        grid = [dict(B=8, S=600, D=4096, E=512, heads=8), dict(B=8, S=600, D=4096, E=1024, heads=16)]
+        if not quick:
+            grid += [dict(B=b, S=600, D=4096, E=512, heads=8) for b in (16, 32, 64)]
+            grid += [dict(B=8, S=s, D=4096, E=512, heads=8) for s in (256, 1024)]
+    cases = []
+    for g in grid:
+        for loss in ("swap", "explicit"):
+            for mode in ("fwd", "fwdbwd"):
+                C = g["B"] if loss == "swap" else 1 + M_NEG
+                f = fwd_flops(g["B"], g["S"], g["D"], g["E"], C)
+                ctx_bytes = g["B"] * g["S"] * 2 * g["E"] * 4  # fp32 model: K|V
+                params = dict(g, loss=loss, mode=mode, C=C, ctx_bytes=ctx_bytes)
+                cases.append(Case(
+                    name=f"{loss}-{mode}-B{g['B']}-S{g['S']}-D{g['D']}-E{g['E']}h{g['heads']}",
+                    params=params, flops=f if mode == "fwd" else 3 * f,
+                    make=lambda dev, p=params: _inputs(dev, p)))
+    providers = [
+        Provider("reference_replicated", lambda i: _runner(i, "replicated")),
+        Provider("eager_once", lambda i: _runner(i, "eager")),
+        Provider("torch_compile", lambda i: _runner(i, "compile"), cpu_ok=False),
+        Provider("triton", lambda i: _runner(i, "triton"), gpu_only=True),
+    ]
+    return Benchmark("energy", cases, providers, baseline="eager_once",
+                     notes=["context bf16 on the GPU (fp32 on the CPU), energy model fp32; "
+                            "fwd+bwd = energy-model parameter gradients, context detached",
+                            "peak memory vs ctx_bytes = the encoded context (K|V) itself"])
+
+
+def _inputs(dev, p):
+    torch.manual_seed(0)
+    model = EnergyModel(p["D"], DA, hidden=p["E"], heads=p["heads"]).to(dev)
+    cdt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    ctx = torch.randn(p["B"], p["S"], p["D"], device=dev, dtype=cdt)
+    pad = torch.rand(p["B"], p["S"], device=dev) < 0.1
+    expert = torch.randn(p["B"], H, DA, device=dev)
+    negs = torch.randn(p["B"], M_NEG, H, DA, device=dev)
+    return dict(p=p, model=model, ctx=ctx, pad=pad, expert=expert, negs=negs)
+
+
+def _runner(i, how):
+    p, model, ctx, pad, expert, negs = (i[k] for k in ("p", "model", "ctx", "pad", "expert", "negs"))
+    if how == "replicated":
+        C = p["C"]
+        if p["B"] * C * p["S"] * p["D"] * 4 > REPLICATED_MAX_BYTES:
+            return None
+        if p["loss"] == "swap":
+            def loss_fn():
+                return replicated_swap_infonce(model, ctx, pad, expert)[0]
+        else:
+            def loss_fn():
+                return replicated_explicit_infonce(model, ctx, pad, expert, negs)[0]
+    else:
+        backend = "triton" if how == "triton" else "eager"
+
+        def loss_fn():
+            if p["loss"] == "swap":
+                return losses.swap_infonce(model, ctx, pad, expert, backend=backend).loss
+            return losses.explicit_infonce(model, ctx, pad, expert, negs, backend=backend).loss
+
+        if how == "compile":
+            loss_fn = torch.compile(loss_fn)
+    params = list(model.parameters())
+    if p["mode"] == "fwd":
+        def run():
+            with torch.no_grad():
+                return loss_fn()
+        return run
+
+    def run_bwd():
+        for q in params:
+            q.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss
+    return run_bwd

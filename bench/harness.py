@@ -1,0 +1,322 @@
+"""The benchmark harness shared by every bench/ script.
+
+API (for a new benchmark ``bench/bench_<op>.py``)::
+
+    from bench.harness import Benchmark, Case, Provider, run_benchmark
+
+    def make_benchmark(device: torch.device, quick: bool, cpu_shapes: bool) -> Benchmark:
+        cases = [Case(name="B8-D4096", params=dict(B=8, D=4096),
+                      flops=2*M*N*K,            # counted FLOPs (for TFLOP/s, % of peak)
+                      bytes=min_bytes,          # fewest bytes moved (for GB/s), or None
+                      make=lambda dev: inputs)] # builds the inputs (called per phase)
+        providers = [Provider("eager", lambda inputs: (lambda: f(inputs))),
+                     Provider("triton", ..., gpu_only=True)]
+        return Benchmark("op", cases, providers, baseline="eager")
+
+``python -m bench.run <op> [--quick] [--cpu-shapes] [--out DIR]`` imports
+``bench.bench_<op>``, calls ``make_benchmark`` and ``run_benchmark``; the latter
+
+1. on a GPU measures the device's own ceilings first (a large bf16 matmul in TFLOP/s, a large
+   device-to-device copy in GB/s counting read + write) so "% of peak" is against measured
+   peaks;
+2. warms EVERY (case, provider) up (compiles, autotunes, caches) before timing any: inputs are
+   built by ``Case.make`` for the warm-up pass and again for the timed pass (so two huge
+   cases never live at once);
+3. times each provider: on a GPU ``triton.testing.do_bench`` quantiles (median, p20, p80) and
+   the extra peak device memory of one call; on the CPU ``time.perf_counter`` repeats (median,
+   p20, p80), skipping ``gpu_only`` providers (interpreter timings mean nothing) and reporting
+   ratios against ``Benchmark.baseline`` measured in the same run;
+4. writes ``<out>/<op>-<device>-<date>.json`` (meta: device, commit, date, torch/triton
+   versions, ceilings; one record per case x provider: params, median/p20/p80 ms, TFLOP/s,
+   % of peak, GB/s, peak memory, speed-up vs baseline), the same as a markdown table
+   (``.md``) and a PNG plot (``.png``, matplotlib Agg), and returns the records.
+
+A provider's factory gets the case's inputs and returns the zero-argument callable to time;
+returning None marks the provider as not applicable to that case (recorded as skipped).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Case:
+    name: str
+    params: dict
+    make: Callable[[torch.device], Any]
+    flops: float | None = None
+    bytes: float | None = None
+
+
+@dataclass
+class Provider:
+    name: str
+    factory: Callable[[Any], Callable[[], Any] | None]
+    gpu_only: bool = False
+    cpu_ok: bool = True
+
+
+@dataclass
+class Benchmark:
+    op: str
+    cases: list
+    providers: list
+    baseline: str | None = None
+    notes: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# environment
+# --------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+def time_gpu(fn, device, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
+    import triton.testing
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
+                                            quantiles=[0.5, 0.2, 0.8])
+    _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    return dict(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mem_bytes=int(peak))
+
+
+def time_cpu(fn, budget_s: float = 0.6, min_reps: int = 5, max_reps: int = 50) -> dict:
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return dict(median_ms=statistics.median(times), p20_ms=q[1], p80_ms=q[7],
+                peak_mem_bytes=None, reps=reps)
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """The device's own peaks, measured: bf16 matmul TFLOP/s and device-to-device copy GB/s."""
+    if device.type != "cuda":
+        return {}
+    import triton.testing
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: torch.matmul(a, b), warmup=100, rep=500, quantiles=[0.5])[0]
+    tflops = 2 * n ** 3 / (ms * 1e-3) / 1e12
+    del a, b
+    nbytes = 2 << 30
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms_c = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, quantiles=[0.5])[0]
+    gbps = 2 * nbytes / (ms_c * 1e-3) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return dict(bf16_matmul_tflops=tflops, bf16_matmul_shape=[n, n, n], copy_gbps=gbps,
+                copy_bytes=nbytes)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+def _active(bench: Benchmark, device) -> list:
+    return [p for p in bench.providers if device.type == "cuda" or (p.cpu_ok and not p.gpu_only)]
+
+
+def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | None = RESULTS,
+                  tag: str | None = None, log=print) -> list[dict]:
+    device = torch.device(device)
+    ceilings = measure_ceilings(device)
+    if ceilings:
+        log(f"ceilings: bf16 matmul {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, "
+            f"copy {ceilings['copy_gbps']:.0f} GB/s")
+    providers = _active(bench, device)
+    skipped = [p.name for p in bench.providers if p not in providers]
+
+    # 1. warm every (case, provider) up before timing any
+    t_warm = time.perf_counter()
+    for case in bench.cases:
+        inputs = case.make(device)
+        for p in providers:
+            fn = p.factory(inputs)
+            if fn is not None:
+                fn()
+        del inputs
+        _sync(device)
+    log(f"warm-up of {len(bench.cases)} cases x {len(providers)} providers: "
+        f"{time.perf_counter() - t_warm:.1f} s")
+
+    # 2. time
+    records = []
+    for case in bench.cases:
+        inputs = case.make(device)
+        row = {}
+        for p in providers:
+            fn = p.factory(inputs)
+            rec = dict(case=case.name, params=case.params, provider=p.name, flops=case.flops,
+                       bytes=case.bytes)
+            if fn is None:
+                rec["status"] = "not applicable"
+            else:
+                _sync(device)
+                t = time_gpu(fn, device) if device.type == "cuda" else time_cpu(fn)
+                rec.update(t, status="ok")
+                sec = t["median_ms"] * 1e-3
+                if case.flops:
+                    rec["tflops"] = case.flops / sec / 1e12
+                    if ceilings:
+                        rec["pct_peak_flops"] = 100 * rec["tflops"] / ceilings["bf16_matmul_tflops"]
+                if case.bytes:
+                    rec["gbps"] = case.bytes / sec / 1e9
+                    if ceilings:
+                        rec["pct_peak_bw"] = 100 * rec["gbps"] / ceilings["copy_gbps"]
+            row[p.name] = rec
+            records.append(rec)
+        base = row.get(bench.baseline)
+        for rec in row.values():
+            if base and base.get("status") == "ok" and rec.get("status") == "ok":
+                rec["speedup_vs_baseline"] = base["median_ms"] / rec["median_ms"]
+        log("  " + case.name + ": " + ", ".join(
+            f"{r['provider']} {r['median_ms']:.3f} ms" for r in row.values() if r.get("status") == "ok"))
+        del inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for name in skipped:
+        for case in bench.cases:
+            records.append(dict(case=case.name, params=case.params, provider=name,
+                                status="skipped on the CPU (interpreter timings mean nothing)"))
+
+    meta = dict(op=bench.op, device=device_name(device), device_type=device.type,
+                commit=git_commit(), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
+                ceilings=ceilings, baseline=bench.baseline, notes=bench.notes,
+                timing=("triton.testing.do_bench median/p20/p80" if device.type == "cuda"
+                        else "time.perf_counter repeats, median/p20/p80"))
+    if out_dir is not None:
+        write_results(meta, records, Path(out_dir), tag)
+    return records
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")
+
+
+def write_results(meta: dict, records: list, out_dir: Path, tag: str | None = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = "cpu" if meta["device_type"] == "cpu" else _slug(meta["device"])
+    stem = out_dir / (f"{meta['op']}-{dev}" + (f"-{tag}" if tag else ""))
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    stem.with_suffix(".md").write_text(markdown_table(meta, records))
+    plot(meta, records, stem.with_suffix(".png"))
+    return stem
+
+
+def markdown_table(meta: dict, records: list) -> str:
+    providers = list(dict.fromkeys(r["provider"] for r in records))
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    by = {(r["case"], r["provider"]): r for r in records}
+    gpu = meta["device_type"] == "cuda"
+    lines = [f"# {meta['op']} on {meta['device']}", "",
+             f"commit {meta['commit']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
+             f"timing: {meta['timing']}."]
+    if meta.get("ceilings"):
+        c = meta["ceilings"]
+        lines.append(f"Measured ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, "
+                     f"copy {c['copy_gbps']:.0f} GB/s.")
+    if meta.get("baseline"):
+        lines.append(f"Cells: median ms (p20-p80) and speed-up vs `{meta['baseline']}` (x)"
+                     + ("; TFLOP/s and % of the measured bf16 matmul peak" if gpu else "") + ".")
+    lines += [f"- {n}" for n in meta.get("notes", [])]
+    lines += ["", "| case | " + " | ".join(providers) + " |", "|---" * (len(providers) + 1) + "|"]
+    for case in cases:
+        cells = []
+        for p in providers:
+            r = by.get((case, p), {})
+            if r.get("status") != "ok":
+                cells.append("skipped" if "skipped" in str(r.get("status")) else "n/a")
+                continue
+            s = f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
+            if "speedup_vs_baseline" in r:
+                s += f" {r['speedup_vs_baseline']:.2f}x"
+            if gpu and "tflops" in r:
+                s += f"; {r['tflops']:.0f} TF/s"
+                if "pct_peak_flops" in r:
+                    s += f" {r['pct_peak_flops']:.0f}%"
+            if gpu and r.get("peak_mem_bytes") is not None:
+                s += f"; +{r['peak_mem_bytes'] / 2**20:.0f} MiB"
+            cells.append(s)
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(meta: dict, records: list, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in records if r.get("status") == "ok"]
+    cases = list(dict.fromkeys(r["case"] for r in ok))
+    providers = list(dict.fromkeys(r["provider"] for r in ok))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cases) + 3), 4.5))
+    width = 0.8 / max(1, len(providers))
+    for i, p in enumerate(providers):
+        ys = [next((r["median_ms"] for r in ok if r["case"] == c and r["provider"] == p), math.nan)
+              for c in cases]
+        ax.bar([x + i * width for x in range(len(cases))], ys, width, label=p)
+    ax.set_xticks([x + width * (len(providers) - 1) / 2 for x in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms (log)")
+    ax.set_title(f"{meta['op']} on {meta['device']} ({meta['commit']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,39 @@
+"""bench.harness on the CPU with a toy benchmark: what it writes, not how fast anything is."""
+import json
+
+import torch
+
+from bench.harness import Benchmark, Case, Provider, run_benchmark
+
+
+def test_harness_writes_json_markdown_and_plot(tmp_path):
+    calls = {"warm": 0}
+
+    def make(dev):
+        calls["warm"] += 1
+        return torch.randn(64, 64, device=dev)
+
+    cases = [Case("n64", dict(n=64), make, flops=2 * 64 ** 3, bytes=3 * 64 * 64 * 4),
+             Case("n64b", dict(n=64), make, flops=2 * 64 ** 3)]
+    providers = [Provider("matmul", lambda x: (lambda: x @ x)),
+                 Provider("loop", lambda x: (lambda: torch.stack([r @ x for r in x]))),
+                 Provider("gpu_kernel", lambda x: (lambda: x), gpu_only=True),
+                 Provider("partial", lambda x: None)]
+    bench = Benchmark("toy", cases, providers, baseline="loop", notes=["a note"])
+    recs = run_benchmark(bench, torch.device("cpu"), tmp_path, log=lambda *_: None)
+    assert calls["warm"] == 4  # inputs built once for the warm-up pass, once for timing
+    data = json.loads((tmp_path / "toy-cpu.json").read_text())
+    meta = data["meta"]
+    for key in ("device", "commit", "date", "torch", "triton", "timing", "baseline"):
+        assert meta[key], key
+    by = {(r["case"], r["provider"]): r for r in data["records"]}
+    ok = by[("n64", "matmul")]
+    assert ok["status"] == "ok" and ok["p20_ms"] <= ok["median_ms"] <= ok["p80_ms"]
+    assert ok["tflops"] > 0 and ok["gbps"] > 0 and ok["speedup_vs_baseline"] > 0
+    assert by[("n64", "loop")]["speedup_vs_baseline"] == 1.0
+    assert "skipped" in by[("n64", "gpu_kernel")]["status"]
+    assert by[("n64", "partial")]["status"] == "not applicable"
+    md = (tmp_path / "toy-cpu.md").read_text()
+    assert "| n64 |" in md and "skipped" in md and "a note" in md
+    assert (tmp_path / "toy-cpu.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(recs) == len(data["records"]) == 8

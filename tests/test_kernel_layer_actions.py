@@ -1,0 +1,165 @@
+"""The fused all-layer action-head pass against the float64 oracles: the eager op
+(energy_train.ops.layer_actions, backend="eager") and the public loop (bench.baselines, the
+same baseline the benchmark times). CPU: under TRITON_INTERPRET=1; bf16 and production
+shapes only on a GPU."""
+import pytest
+import torch
+
+import energy_train.kernels.layer_actions.fused as la_fused
+from bench.baselines import public_layer_actions_loop
+from energy_train import L1RegressionActionHead, build_action_index, layer_actions
+from energy_train.kernels.layer_actions.reference import layer_actions_reference
+from energy_train.testing import assert_close
+
+F64 = torch.float64
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_buffers(monkeypatch):
+    """Every buffer the fused plan allocates starts NaN-filled."""
+    monkeypatch.setattr(la_fused, "POISON", True)
+
+
+def _batch(B, T, D, H, Da, L, seed, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    hs = [torch.randn(B, T, D, generator=g, dtype=F64) for _ in range(L + 1)]
+    for h in hs:  # LLM-like: a few outlier dimensions
+        h[..., torch.randperm(D, generator=g)[:2]] *= 30.0
+    starts = torch.randint(0, T - H * Da + 1, (B,), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        mask[b, starts[b]: starts[b] + H * Da] = True
+    return [h.to(dtype).to(DEV) for h in hs], mask.to(DEV)
+
+
+def _head(D, hidden, Da, H, act, seed, dtype):
+    torch.manual_seed(seed)
+    head = L1RegressionActionHead(D, hidden, Da, H, activation=act)
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters and biases
+        for name, p in head.named_parameters():
+            if p.dim() == 1:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+    return head.to(dtype).to(DEV)
+
+
+def _oracle(hs, idx, head, layers, **kw):
+    h64 = L1RegressionActionHead(head.input_dim, head.hidden_dim, head.action_dim,
+                                 head.num_actions_chunk, activation=head.activation)
+    h64.load_state_dict({k: v.to(F64) for k, v in head.state_dict().items()})
+    h64 = h64.double().to(DEV)
+    return layer_actions([h.to(F64) for h in hs], idx, h64, layers=layers, backend="eager", **kw), h64
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_layer_actions_triton_matches_oracles(act, dtype, seed):
+    B, T, D, H, Da, L, hidden = 3, 37, 96, 3, 5, 4, 80
+    hs, mask = _batch(B, T, D, H, Da, L, seed, dtype)
+    head = _head(D, hidden, Da, H, act, seed, dtype)
+    idx = build_action_index(num_tokens=H * Da, mask=mask)
+    out = layer_actions(hs, idx, head, backend="triton")  # layers 1..L: L' = 4
+    assert out.shape == (L, B, H, Da) and out.dtype == dtype
+    ref, h64 = _oracle(hs, idx, head, None)
+    assert_close("layer_actions", ref, out, dtype)
+    # the public loop (boolean-mask gather, one predict_action per layer) agrees in float64
+    loop = public_layer_actions_loop([h.to(F64) for h in hs], mask, h64)[1:]
+    assert_close("public loop", loop, out, dtype)
+    # and the module's own step-by-step reference
+    ref2 = layer_actions_reference([h.to(F64) for h in hs[1:]], idx, h64)
+    assert_close("reference.py", ref2, out, dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 30, 48, 2, 7, 2, 40), (1, 29, 32, 5, 3, 3, 24)],
+                         ids=lambda s: "B{}-T{}-D{}-H{}-Da{}-L{}-hid{}".format(*s))
+def test_layer_actions_triton_other_shapes_and_layer_lists(shape):
+    B, T, D, H, Da, L, hidden = shape
+    hs, mask = _batch(B, T, D, H, Da, L, 7, torch.float32)
+    head = _head(D, hidden, Da, H, "silu", 7, torch.float32)
+    idx = build_action_index(num_tokens=H * Da, mask=mask)
+    layers = [0, L, 1]  # embeddings included, out of order
+    out = layer_actions(torch.stack(hs), idx, head, layers=layers, backend="triton")
+    ref, _ = _oracle(hs, idx, head, layers)
+    assert_close("layer_actions(stacked, layers)", ref, out)
+
+
+def test_layer_actions_triton_pregathered_final_norm_and_fallbacks():
+    B, T, D, H, Da, L, hidden = 2, 31, 64, 3, 5, 3, 40
+    hs, mask = _batch(B, T, D, H, Da, L, 3, torch.float32)
+    head = _head(D, hidden, Da, H, "relu", 3, torch.float32)
+    idx = build_action_index(num_tokens=H * Da, mask=mask)
+    # 1. rows already gathered (action_index=None)
+    rows = [h.gather(1, idx[:, :, None].expand(-1, -1, D)) for h in hs]
+    ref, _ = _oracle(hs, idx, head, None)
+    assert_close("pregathered", ref, layer_actions(rows, None, head, backend="triton"))
+    # 2. logit-lens final norm (every selected layer but the last is normalised)
+    norm = torch.nn.LayerNorm(D).to(DEV)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_(0.0, 0.3)
+    out = layer_actions(hs, idx, head, final_norm=norm, backend="triton")
+    norm64 = torch.nn.LayerNorm(D).double().to(DEV)
+    norm64.load_state_dict({k: v.double() for k, v in norm.state_dict().items()})
+    ref_n, _ = _oracle(hs, idx, head, None, final_norm=norm64)
+    assert_close("final_norm", ref_n, out)
+    # 3. a layer with another dtype and one not contiguous along D: gathered eagerly first
+    mixed = list(hs)
+    mixed[1] = hs[1].double()
+    mixed[2] = hs[2].transpose(1, 2).contiguous().transpose(1, 2)
+    assert_close("mixed layers", ref, layer_actions(mixed, idx, head, backend="triton"))
+
+
+def test_layer_actions_triton_d_not_multiple_of_16():
+    B, T, D, H, Da, L, hidden = 2, 23, 40, 2, 3, 2, 24
+    hs, mask = _batch(B, T, D, H, Da, L, 5, torch.float32)
+    head = _head(D, hidden, Da, H, "relu", 5, torch.float32)
+    idx = build_action_index(num_tokens=H * Da, mask=mask)
+    ref, _ = _oracle(hs, idx, head, None)
+    assert_close("D=40", ref, layer_actions(hs, idx, head, backend="triton"))
+
+
+def test_layer_actions_triton_bad_input():
+    hs, mask = _batch(2, 20, 32, 2, 3, 2, 0, torch.float32)
+    head = _head(32, 16, 3, 2, "relu", 0, torch.float32)
+    idx = build_action_index(num_tokens=6, mask=mask)
+    with pytest.raises(ValueError, match="norm_mask"):
+        la_fused.layer_actions_triton(hs, idx, head, norm_mask=[True, False, False])
+    with pytest.raises(ValueError, match=r"states\[1\]"):
+        la_fused.layer_actions_triton([hs[0], hs[1][:, :, :16]], idx, head)
+    with pytest.raises(TypeError, match="head"):
+        la_fused.layer_actions_triton(hs, idx, head.double())
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: bf16, tf32, production and chunk shapes (LIBERO, BRIDGE, ALOHA)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32-tf32"])
+@pytest.mark.parametrize("chunk", [(8, 7), (5, 7), (25, 14)], ids=["LIBERO", "BRIDGE", "ALOHA"])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_layer_actions_triton_gpu_chunks(chunk, dtype, act):
+    H, Da = chunk
+    B, T, D, L, hidden = 3, 300, 512, 5, 512
+    hs, mask = _batch(B, T, D, H, Da, L, 0, dtype)
+    head = _head(D, hidden, Da, H, act, 0, dtype)
+    idx = build_action_index(num_tokens=H * Da, mask=mask)
+    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
+    try:
+        out = layer_actions(hs, idx, head, backend="auto")  # auto picks triton on CUDA
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    ref, _ = _oracle(hs, idx, head, None)
+    assert_close("layer_actions", ref, out, "tf32" if dtype == torch.float32 else dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_layer_actions_triton_gpu_production_shape():
+    B, T, D, H, Da, L, hidden = 8, 600, 4096, 8, 7, 32, 4096
+    hs, mask = _batch(B, T, D, H, Da, L, 0, torch.bfloat16)
+    head = _head(D, hidden, Da, H, "relu", 0, torch.bfloat16)
+    idx = build_action_index(num_tokens=H * Da, mask=mask)
+    out = layer_actions(hs, idx, head, include_embeddings=True, backend="triton")
+    ref, _ = _oracle(hs, idx, head, None, include_embeddings=True)
+    assert_close("layer_actions production", ref, out, torch.bfloat16)
