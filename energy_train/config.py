@@ -59,6 +59,9 @@ class TrainConfig:
     energy_heads: int = 4
     energy_output: str = "unbounded"
     energy_loss: str = "swap"        # swap | explicit (structured negatives) | margin
+    # Caveat for explicit/margin: EnergyModel's action encoder starts with a LayerNorm over the
+    # Da dims of each step, so the fork's amplitude negatives (x0.3, x1.7) get EXACTLY the
+    # expert's energy (up to LN eps); ranking accuracy counts those ties as misses.
     tau: float = 0.5
     logit_lens: bool = True          # apply the final norm to intermediate layers' rows
     # --- optimisation -------------------------------------------------------------------------
