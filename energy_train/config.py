@@ -39,6 +39,10 @@ class TrainConfig:
     progress: bool = True
     threads: int = 1                 # CPU intra-op threads (0 = torch's default). One thread is
                                      # the fastest for the tiny default on a shared 2-core box
+    overlap: bool = True             # CUDA: phase 2 of step k on a side stream beside phase 1 of
+                                     # step k+1 (same numbers); the CPU always runs in order
+    capture: str = "hooks"           # hooks: keep only action/context rows (preallocated,
+                                     # double-buffered); hidden_states: output_hidden_states=True
     # --- task -------------------------------------------------------------------------------
     dataset_size: int = 1024
     probe_size: int = 32
@@ -92,6 +96,7 @@ class TrainConfig:
         one_of("energy_loss", ENERGY_LOSSES)
         one_of("schedule", SCHEDULES)
         one_of("energy_output", ("unbounded", "sigmoid", "softplus"))
+        one_of("capture", ("hooks", "hidden_states"))
         for name in ("steps", "batch_size", "grad_accum", "log_every", "d_model", "n_layers",
                      "chunk", "action_dim", "alternate_every", "cache_refresh", "adaptive_window"):
             if getattr(self, name) < 1:

@@ -136,11 +136,13 @@ class TaskData:
         self.probe_data = {k: v[size:].to(self.device) for k, v in data.items()}
         self.probe_size = probe_size
         self._perm_epoch, self._perm = None, None
+        self._probe: Batch | None = None
 
-    def _order(self, epoch: int) -> torch.Tensor:
+    def _order(self, epoch: int) -> list[int]:
+        """The epoch's permutation, made on the host once per epoch (a host list)."""
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.size, generator=g), epoch
+            self._perm, self._perm_epoch = torch.randperm(self.size, generator=g).tolist(), epoch
         return self._perm
 
     def indices(self, step: int, n: int) -> list[int]:
@@ -149,26 +151,37 @@ class TaskData:
             raise ValueError(f"batch_size*grad_accum: expected <= dataset size {self.size}, got {n}")
         per_epoch = self.size // n
         epoch, slot = divmod(step, per_epoch)
-        return self._order(epoch)[slot * n:(slot + 1) * n].tolist()
+        return self._order(epoch)[slot * n:(slot + 1) * n]
 
     def batch(self, step: int, batch_size: int, accum: int = 1) -> list[Batch]:
         rows = self.indices(step, batch_size * accum)
         out = []
         for a in range(accum):
             ids_host = rows[a * batch_size:(a + 1) * batch_size]
-            ids = torch.tensor(ids_host, dtype=torch.int64).to(self.device, non_blocking=True)
+            ids = to_device(ids_host, self.device)
             out.append(self._make(self.train, ids, ids_host, step, a))
         return out
 
     def probe(self) -> Batch:
-        ids_host = list(range(self.probe_size))
-        ids = torch.tensor(ids_host, device=self.device)
-        return self._make(self.probe_data, ids, ids_host, -1)
+        """The fixed probe batch (made once)."""
+        if self._probe is None:
+            ids_host = list(range(self.probe_size))
+            self._probe = self._make(self.probe_data, to_device(ids_host, self.device), ids_host, -1)
+        return self._probe
 
     @staticmethod
     def _make(src, ids, ids_host, step, micro=0) -> Batch:
         return Batch(src["images"][ids], src["proprio"][ids], src["tokens"][ids],
                      src["expert"][ids], ids, ids_host, step, micro)
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 host values -> device tensor without a host sync: on CUDA through pinned memory
+    and a non_blocking copy (a non_blocking copy from pageable memory is not asynchronous)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def check_batch_finite(batch: Batch) -> None:

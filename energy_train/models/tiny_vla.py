@@ -12,12 +12,10 @@ Per-layer hidden states come two ways:
   of block L-1, as LLaMA-style models return them);
 - :class:`ActionRowCapture`: forward hooks on the same L+1 modules that copy only the
   action-token rows of each hidden state into a buffer (L+1, B, H*Da, D), plus the last
-  hidden state's context rows (B, S, D). Buffers are allocated per armed forward, so the
-  states of batch k stay alive while batch k+1 runs (what a CUDA-stream overlap needs).
+  hidden state's context rows (B, S, D) (energy_train.capture; reused buffers with slot=).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture import CapturedStates, HiddenStateCapture  # noqa: F401 (re-exported)
 from ..checks import check_tensor
 
 
@@ -148,52 +147,15 @@ class TinyVLA(nn.Module):
         return TinyVLAOutput(x, (*states[:-1], x))
 
 
-class CapturedStates(NamedTuple):
-    action_rows: torch.Tensor  # (L+1, B, H*Da, D): the action-token rows of every hidden state
-    context: torch.Tensor      # (B, S, D): the last hidden state's context rows
-
-
-class ActionRowCapture:
+class ActionRowCapture(HiddenStateCapture):
     """Forward hooks on ``model.hidden_state_modules()`` that keep only what the energy phase
-    needs: the action-token rows of every layer and the last layer's context rows.
+    needs: the action-token rows of every layer and the last layer's context rows (see
+    :mod:`energy_train.capture`).
 
     ``with capture.armed(action_index (B, H*Da) int64, context_len) as cap: model(...)``;
     afterwards ``cap`` is a :class:`CapturedStates`, detached from autograd. Outside ``armed``
-    the hooks do nothing. Each ``armed`` allocates fresh buffers, so results of an earlier
-    forward stay valid (no aliasing between batch k and batch k+1).
+    the hooks do nothing. Without ``slot=`` each ``armed`` allocates fresh buffers.
     """
 
     def __init__(self, model: nn.Module):
-        self.modules = list(model.hidden_state_modules())
-        self._target: CapturedStates | None = None
-        self._index = None
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
-
-    def _hook(self, layer: int):
-        def hook(module, inputs, out):
-            if self._target is None:
-                return
-            with torch.no_grad():
-                idx = self._index[:, :, None].expand(-1, -1, out.shape[-1])
-                torch.gather(out, 1, idx, out=self._target.action_rows[layer])
-                if layer == len(self.modules) - 1:
-                    self._target.context.copy_(out[:, : self._target.context.shape[1]])
-        return hook
-
-    @contextlib.contextmanager
-    def armed(self, action_index: torch.Tensor, context_len: int, dtype: torch.dtype,
-              d_model: int):
-        B, N = action_index.shape
-        dev = action_index.device
-        cap = CapturedStates(torch.empty(len(self.modules), B, N, d_model, device=dev, dtype=dtype),
-                             torch.empty(B, context_len, d_model, device=dev, dtype=dtype))
-        self._target, self._index = cap, action_index
-        try:
-            yield cap
-        finally:
-            self._target, self._index = None, None
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        super().__init__([(m, "output") for m in model.hidden_state_modules()])

@@ -13,8 +13,11 @@ The two phases (what two_phase runs, and what every other strategy rearranges):
   head (``ops.layer_actions``), energy loss, backward, step phi. Nothing here can reach theta:
   its inputs carry no graph.
 
-Both are plain functions of (trainer, micro-batches), so a CUDA-stream overlap of phase_phi(k)
-with phase_theta(k+1) can wrap them later without changing what they compute.
+Both are plain functions of (trainer, micro-batches). On CUDA (``overlap=True``) phase_phi
+runs on a side stream beside the next step's phase_theta, ordered by events
+(:mod:`energy_train.trainer.overlap`); on the CPU, or with overlap off, the same code runs in
+order. Nothing inside a step synchronises with the host: metrics stay on the device until
+:meth:`Trainer.flush`, which (like the probe and checkpoints) drains the side stream first.
 """
 from __future__ import annotations
 
@@ -27,17 +30,20 @@ import torch.nn.functional as F
 
 from .. import losses
 from ..config import TrainConfig
-from ..data import Batch, TaskData, check_batch_finite
-from ..models import ActionRowCapture, CapturedStates, EnergyModel, L1RegressionActionHead, TinyVLA
+from ..capture import CapturedStates, HiddenStateCapture, gather_hidden_states
+from ..data import Batch, TaskData
+from ..models import EnergyModel, L1RegressionActionHead, TinyVLA
 from ..ops import build_action_index, layer_actions
+from ..telemetry import GpuTelemetry
 from .metrics import Meter, PhaseTimer
+from .overlap import PhaseStreams
 
 
 @dataclass
 class Forward:
     """One backbone forward of a micro-batch."""
     last_hidden: torch.Tensor | None  # (B, T, D); carries the graph when run with grad
-    captured: CapturedStates          # action rows (L+1, B, H*Da, D) + context (B, S, D), detached
+    captured: CapturedStates | None   # action rows (L+1, B, H*Da, D) + context (B, S, D), detached
     action_index: torch.Tensor        # (B, H*Da) int64
     pad_mask: torch.Tensor            # (B, S) bool, True = ignore
 
@@ -75,6 +81,13 @@ def build_models(cfg: TrainConfig, device: torch.device):
     return model.to(device), head.to(device), energy.to(device)
 
 
+def _clip(params, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ without a host sync (no non-finite check), foreach kernels on CUDA."""
+    foreach = True if any(p.is_cuda for p in params) else None
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False,
+                                          foreach=foreach)
+
+
 def _grad_norm(params) -> torch.Tensor | None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -95,15 +108,19 @@ class Trainer:
         if shared:
             raise ValueError(f"theta (backbone + action head) and phi (energy model) must be "
                              f"disjoint parameter sets; {len(shared)} tensor(s) are in both")
+        # AdamW: foreach kernels on the current stream (phi's only ever on the side stream)
         self.opt_theta = torch.optim.AdamW(self.theta, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.opt_phi = torch.optim.AdamW(self.phi, lr=cfg.energy_lr,
                                          weight_decay=cfg.energy_weight_decay)
         self.sched_theta = torch.optim.lr_scheduler.LambdaLR(self.opt_theta, lr_lambda(cfg))
         self.sched_phi = torch.optim.lr_scheduler.LambdaLR(self.opt_phi, lr_lambda(cfg))
-        self.capture = ActionRowCapture(model)
+        self.capture = HiddenStateCapture.for_model(model)  # TinyVLA or any HF-style decoder
         self.layout = model.layout
         self.strategy = make_strategy(cfg)
         self.timer = PhaseTimer(device)
+        self.streams = PhaseStreams(device, cfg.overlap)
+        self.telemetry = GpuTelemetry(device)
+        self._gen = torch.Generator(device=device)  # re-seeded per micro-batch (no sync)
         self.meter = Meter()
         self.step = 0                    # optimizer steps done
         self.trace: dict | None = None   # tests set a dict: phases record what they used
@@ -111,16 +128,25 @@ class Trainer:
         self._probe_step = None
 
     # ---- building blocks -----------------------------------------------------------------------
-    def forward(self, mb: Batch, grad: bool) -> Forward:
-        """Backbone forward with the hooks armed (action rows of every layer + context rows)."""
+    def forward(self, mb: Batch, grad: bool, *, capture: bool = True, reuse: bool = True) -> Forward:
+        """Backbone forward; with ``capture`` the hooks keep the action rows of every layer and
+        the context rows, in buffers reused per (grad, step parity, micro-batch) when ``reuse``
+        (fresh ones otherwise), or cfg.capture="hidden_states" gathers them from the full tuple."""
         index = build_action_index(num_tokens=self.layout.num_action_tokens,
                                    start=self.layout.action_start, batch_size=mb.size,
                                    device=self.device)
-        with self.capture.armed(index, self.layout.context_len, self.model.norm.weight.dtype,
-                                self.model.d_model) as cap, torch.set_grad_enabled(grad):
-            out = self.model(mb.images, mb.proprio, mb.tokens)
-        return Forward(out.last_hidden_state if grad else None, cap, index,
-                       mb.pad_mask(self.layout.context_len))
+        S, cap = self.layout.context_len, None
+        with torch.set_grad_enabled(grad):
+            if not capture:
+                out = self.model(mb.images, mb.proprio, mb.tokens)
+            elif self.cfg.capture == "hidden_states":
+                out = self.model(mb.images, mb.proprio, mb.tokens, output_hidden_states=True)
+                cap = gather_hidden_states(out.hidden_states, index, S)
+            else:
+                slot = (grad, self.step % 2, mb.micro) if reuse else None
+                with self.capture.armed(index, S, slot=slot) as cap:
+                    out = self.model(mb.images, mb.proprio, mb.tokens)
+        return Forward(out.last_hidden_state if grad else None, cap, index, mb.pad_mask(S))
 
     def l1_loss(self, fwd: Forward, mb: Batch) -> torch.Tensor:
         h = fwd.last_hidden
@@ -147,8 +173,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.energy_loss == "swap":
             return losses.swap_infonce(self.energy, context, pad_mask, mb.expert, tau=cfg.tau)
-        g = torch.Generator(device=self.device).manual_seed(
-            (cfg.seed * 1_000_003 + mb.step) * 1024 + mb.micro)
+        g = self._gen.manual_seed((cfg.seed * 1_000_003 + mb.step) * 1024 + mb.micro)
         cand = losses.structured_negatives(mb.expert, negs, generator=g)
         if cfg.energy_loss == "explicit":
             return losses.explicit_infonce(self.energy, context, pad_mask, mb.expert, cand, tau=cfg.tau)
@@ -168,16 +193,17 @@ class Trainer:
 
     def step_theta(self) -> torch.Tensor | None:
         """Optimizer step on theta (backbone + head); returns its grad norm (a device tensor)."""
-        norm = (torch.nn.utils.clip_grad_norm_(self.theta, self.cfg.grad_clip)
-                if self.cfg.grad_clip > 0 else _grad_norm(self.theta))
+        norm = (_clip(self.theta, self.cfg.grad_clip) if self.cfg.grad_clip > 0
+                else _grad_norm(self.theta))
+        self.streams.before_theta_write()  # phase 2 of the previous step has read theta
         self.opt_theta.step()
         self.opt_theta.zero_grad(set_to_none=True)
         return norm
 
     def step_phi(self) -> torch.Tensor | None:
         """Optimizer step on phi (energy model), its grad norm clipped to energy_grad_clip."""
-        norm = (torch.nn.utils.clip_grad_norm_(self.phi, self.cfg.energy_grad_clip)
-                if self.cfg.energy_grad_clip > 0 else _grad_norm(self.phi))
+        norm = (_clip(self.phi, self.cfg.energy_grad_clip) if self.cfg.energy_grad_clip > 0
+                else _grad_norm(self.phi))
         self.opt_phi.step()
         self.opt_phi.zero_grad(set_to_none=True)
         return norm
@@ -188,7 +214,7 @@ class Trainer:
         with self.timer("phase1"):
             l1 = 0.0
             for mb in batch:
-                loss = self.l1_loss(self.forward(mb, grad=True), mb) / len(batch)
+                loss = self.l1_loss(self.forward(mb, grad=True, capture=False), mb) / len(batch)
                 loss.backward()
                 l1 = l1 + loss.detach()
             gnorm = self.step_theta()
@@ -196,12 +222,14 @@ class Trainer:
 
     def phase_phi(self, batch: list[Batch]) -> dict:
         """Phase 2: a no_grad forward with the CURRENT theta, negatives from the CURRENT head,
-        energy loss on phi. theta is only read."""
-        with self.timer("phase2"):
+        energy loss on phi. theta is only read. On CUDA with overlap: on the side stream."""
+        with self.streams.phase2(batch), self.timer("phase2"):
             eloss, acc, deposit = 0.0, 0.0, None
-            for mb in batch:
+            for i, mb in enumerate(batch):
                 fwd = self.forward(mb, grad=False)
                 negs = self.negatives(fwd) if self.needs_negatives else None
+                if i == len(batch) - 1:
+                    self.streams.theta_released()  # the last read of theta in this phase
                 out = self.energy_loss(fwd.captured.context, fwd.pad_mask, mb, negs)
                 d = self.energy_backward(self.energy_weight() * out.loss / len(batch))
                 deposit = d if deposit is None else deposit
@@ -209,18 +237,15 @@ class Trainer:
                 acc = acc + losses.ranking_accuracy(out) / len(batch)
                 if self.trace is not None:
                     self.trace.setdefault("phase_phi", []).append(
-                        {"negatives": negs, "context": fwd.captured.context, "batch": mb})
+                        {"negatives": negs, "context": fwd.captured.context.clone(), "batch": mb})
             gnorm = self.step_phi()
         return {"energy_loss": eloss, "rank_acc": acc, "energy_grad_theta": deposit,
                 "grad_norm_phi": gnorm}
 
     # ---- the loop ----------------------------------------------------------------------------------
     def batch(self, step: int) -> list[Batch]:
-        batch = self.data.batch(step, self.cfg.batch_size, self.cfg.grad_accum)
-        if self.cfg.check_data and self.device.type == "cpu":
-            for mb in batch:  # host-side: no device sync on the CPU
-                check_batch_finite(mb)
-        return batch
+        # the data is checked once at start-up (cfg.check_data, in run.train): no check here
+        return self.data.batch(step, self.cfg.batch_size, self.cfg.grad_accum)
 
     def train_step(self) -> dict:
         """One optimizer step as the strategy schedules it; metrics stay on the device."""
@@ -245,8 +270,9 @@ class Trainer:
     def probe(self) -> dict:
         """Held-out metrics and drift on a fixed probe batch: relative change per step of the
         context and of the layer actions since the last probe (what phi has to chase)."""
+        self.streams.drain()  # phi is read here, on the main stream
         mb = self.data.probe()
-        fwd = self.forward(mb, grad=False)
+        fwd = self.forward(mb, grad=False, reuse=False)  # kept as the next drift reference
         ctx, negs = fwd.captured.context, self.negatives(fwd)
         rows = fwd.captured.action_rows[-1]
         l1 = F.l1_loss(self.head.predict_action(rows), mb.expert)
@@ -261,20 +287,30 @@ class Trainer:
         return res
 
     def flush(self) -> list[dict]:
-        """Read back the metrics of the interval (the one host sync) and merge phase times."""
+        """Read back the metrics of the interval (the one host sync) and merge phase times;
+        GPU telemetry (when NVML is there) goes into the interval's last record."""
+        self.drain()
         records = self.meter.flush()
         times = self.timer.flush()
         for r in records:
             r.update(times.get(r["step"], {}))
+        if records:
+            records[-1].update(self.telemetry.sample())
         return records
+
+    def drain(self) -> None:
+        """Join the side stream into the main one (overlap); a no-op otherwise."""
+        self.streams.drain()
 
     # ---- state ---------------------------------------------------------------------------------
     def weights(self) -> tuple[dict, dict]:
+        self.drain()
         theta = {f"vla.{k}": v for k, v in self.model.state_dict().items()}
         theta.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         return theta, dict(self.energy.state_dict())
 
     def state_dict(self) -> dict:
+        self.drain()
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)

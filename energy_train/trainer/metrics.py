@@ -2,7 +2,8 @@
 
 A step's metrics are 0-d device tensors; :class:`Meter` keeps them and ``flush()`` stacks
 every value of the interval and reads them back in ONE transfer (the only host sync, once per
-log interval). Phase times use CUDA events on a GPU (resolved at flush time) and
+log interval). Phase times use CUDA events on a GPU, recorded on the CURRENT stream (phase 2
+on the side stream when the phases overlap) and resolved at flush time, and
 ``time.perf_counter`` on the CPU (where the work is synchronous anyway).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ class PhaseTimer:
         self.cuda = device.type == "cuda"
         self._pending: list[tuple[int, str, object, object]] = []
         self._step = 0
+        self.history: list | None = None  # set to a list to keep (step, name, stream, start, end)
 
     def set_step(self, step: int) -> None:
         self._step = step
@@ -27,20 +29,26 @@ class PhaseTimer:
     def __call__(self, name: str):
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            stream = torch.cuda.current_stream()
+            start.record(stream)
             yield
-            end.record()
+            end.record(stream)
             self._pending.append((self._step, name, start, end))
         else:
+            stream = None
             t0 = time.perf_counter()
             yield
             self._pending.append((self._step, name, t0, time.perf_counter()))
+        if self.history is not None:
+            self.history.append((self._step, name, stream, *self._pending[-1][2:]))
 
     def flush(self) -> dict[int, dict[str, float]]:
-        """{step: {"time_<name>": seconds}}; on CUDA waits for the recorded events (one sync)."""
+        """{step: {"time_<name>": seconds}}; on CUDA waits for the recorded events (their
+        streams may differ, so every end event is waited for; once per log interval)."""
         out: dict[int, dict[str, float]] = {}
-        if self.cuda and self._pending:
-            self._pending[-1][3].synchronize()
+        if self.cuda:
+            for p in self._pending:
+                p[3].synchronize()
         for step, name, a, b in self._pending:
             sec = a.elapsed_time(b) / 1000.0 if self.cuda else b - a
             d = out.setdefault(step, {})

@@ -28,7 +28,8 @@ from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .core import Trainer, build_models, resolve_device
 from .metrics import check_finite_records
 
-RESUMABLE = ("steps", "stop_after", "log_every", "ckpt_every", "device", "progress", "threads")
+RESUMABLE = ("steps", "stop_after", "log_every", "ckpt_every", "device", "progress", "threads",
+             "overlap")
 
 
 class RunError(RuntimeError):
@@ -188,8 +189,8 @@ def _train(cfg, run_dir: Path, resume: bool, data, echo) -> RunResult:
     if data is None:
         data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, num_objects=cfg.num_objects,
                         image_size=cfg.image_size, chunk=cfg.chunk, device=device)
-    if cfg.check_data and device.type != "cpu":
-        # one check of the whole (device-resident) dataset at start-up: no sync inside steps
+    if cfg.check_data:
+        # one check of the whole dataset at start-up (the data never changes): no sync in steps
         whole = data._make(data.train, torch.arange(data.size, device=device),
                            list(range(data.size)), -1)
         check_batch_finite(whole)

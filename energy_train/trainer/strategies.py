@@ -21,6 +21,7 @@ import torch
 
 from .. import losses
 from ..config import TrainConfig
+from ..data import to_device
 
 
 class Strategy:
@@ -168,8 +169,8 @@ class CachedNegatives(Strategy):
             if self.cache is None:
                 self.cache = torch.zeros(fresh.shape[0], self.cfg.dataset_size, *fresh.shape[2:],
                                          device=fresh.device, dtype=fresh.dtype)
-            pos = torch.tensor(stale, device=t.device)
-            rows = torch.tensor([mb.ids_host[i] for i in stale], device=t.device)
+            pos = to_device(stale, t.device)
+            rows = to_device([mb.ids_host[i] for i in stale], t.device)
             self.cache.index_copy_(1, rows, fresh.index_select(1, pos))
             self.made[[mb.ids_host[i] for i in stale]] = mb.step
         self.refreshed += len(stale)
