@@ -33,6 +33,12 @@ API (for a new benchmark ``bench/bench_<op>.py``)::
 
 A provider's factory gets the case's inputs and returns the zero-argument callable to time;
 returning None marks the provider as not applicable to that case (recorded as skipped).
+
+Optional, for benchmarks that report more than a time (bench/bench_step.py):
+``Benchmark.annotate(case, provider_name, inputs, record, device) -> dict`` runs after a
+provider is timed (inputs still alive) and its dict is merged into the record;
+``Benchmark.columns`` = [(key, header, format)] adds a "details" table of those keys to the
+markdown; ``Benchmark.finish(device, out_dir, records)`` runs last (extra figures).
 """
 from __future__ import annotations
 
@@ -76,6 +82,9 @@ class Benchmark:
     providers: list
     baseline: str | None = None
     notes: list = field(default_factory=list)
+    annotate: Callable | None = None
+    columns: list = field(default_factory=list)
+    finish: Callable | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +211,8 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
                 _sync(device)
                 t = time_gpu(fn, device) if device.type == "cuda" else time_cpu(fn)
                 rec.update(t, status="ok")
+                if bench.annotate is not None:
+                    rec.update(bench.annotate(case, p.name, inputs, rec, device))
                 sec = t["median_ms"] * 1e-3
                 if case.flops:
                     rec["tflops"] = case.flops / sec / 1e12
@@ -231,10 +242,13 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
                 commit=git_commit(), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
                 ceilings=ceilings, baseline=bench.baseline, notes=bench.notes,
+                columns=[list(c) for c in bench.columns],
                 timing=("triton.testing.do_bench median/p20/p80" if device.type == "cuda"
                         else "time.perf_counter repeats, median/p20/p80"))
     if out_dir is not None:
         write_results(meta, records, Path(out_dir), tag)
+    if bench.finish is not None:
+        bench.finish(device, None if out_dir is None else Path(out_dir), records)
     return records
 
 
@@ -295,6 +309,15 @@ def markdown_table(meta: dict, records: list) -> str:
                 s += f"; +{r['peak_mem_bytes'] / 2**20:.0f} MiB"
             cells.append(s)
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    if meta.get("columns"):
+        cols = meta["columns"]
+        lines += ["", "Details:", "", "| case | provider | " + " | ".join(c[1] for c in cols) + " |",
+                  "|---" * (len(cols) + 2) + "|"]
+        for r in records:
+            if r.get("status") != "ok":
+                continue
+            cells = [("-" if r.get(k) is None else format(r[k], f)) for k, _, f in cols]
+            lines.append(f"| {r['case']} | {r['provider']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

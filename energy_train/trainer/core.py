@@ -195,8 +195,9 @@ class Trainer:
         """Optimizer step on theta (backbone + head); returns its grad norm (a device tensor)."""
         norm = (_clip(self.theta, self.cfg.grad_clip) if self.cfg.grad_clip > 0
                 else _grad_norm(self.theta))
-        self.streams.before_theta_write()  # phase 2 of the previous step has read theta
-        self.opt_theta.step()
+        with self.timer("opt_theta"):
+            self.streams.before_theta_write()  # phase 2 of the previous step has read theta
+            self.opt_theta.step()
         self.opt_theta.zero_grad(set_to_none=True)
         return norm
 
@@ -226,8 +227,9 @@ class Trainer:
         with self.streams.phase2(batch), self.timer("phase2"):
             eloss, acc, deposit = 0.0, 0.0, None
             for i, mb in enumerate(batch):
-                fwd = self.forward(mb, grad=False)
-                negs = self.negatives(fwd) if self.needs_negatives else None
+                with self.timer("phase2_read"):  # the part that reads theta
+                    fwd = self.forward(mb, grad=False)
+                    negs = self.negatives(fwd) if self.needs_negatives else None
                 if i == len(batch) - 1:
                     self.streams.theta_released()  # the last read of theta in this phase
                 out = self.energy_loss(fwd.captured.context, fwd.pad_mask, mb, negs)
