@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .. import losses
 from ..config import TrainConfig
 from ..data import Batch, TaskData, check_batch_finite
+from ..distributed import LOCAL
 from ..models import ActionRowCapture, CapturedStates, EnergyModel, L1RegressionActionHead, TinyVLA
 from ..ops import build_action_index, layer_actions
 from .metrics import Meter, PhaseTimer
@@ -82,6 +83,14 @@ def _grad_norm(params) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
+def _run(model, *inputs):
+    return model(*inputs)
+
+
+def _predict_action(head, rows):
+    return head.predict_action(rows)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: TinyVLA, head: L1RegressionActionHead,
                  energy: EnergyModel, data: TaskData, device: torch.device):
@@ -105,6 +114,7 @@ class Trainer:
         self.strategy = make_strategy(cfg)
         self.timer = PhaseTimer(device)
         self.meter = Meter()
+        self.dp = LOCAL                  # data-parallel hooks; distributed.Parallel under torchrun
         self.step = 0                    # optimizer steps done
         self.trace: dict | None = None   # tests set a dict: phases record what they used
         self._probe_prev = None
@@ -118,14 +128,17 @@ class Trainer:
                                    device=self.device)
         with self.capture.armed(index, self.layout.context_len, self.model.norm.weight.dtype,
                                 self.model.d_model) as cap, torch.set_grad_enabled(grad):
-            out = self.model(mb.images, mb.proprio, mb.tokens)
+            # with grad through the DDP wrapper (its reducer is armed); without grad on the bare
+            # module, so phase 2's forward never engages the data-parallel reducer
+            out = (self.dp.call(self.model, _run, mb.images, mb.proprio, mb.tokens) if grad
+                   else self.model(mb.images, mb.proprio, mb.tokens))
         return Forward(out.last_hidden_state if grad else None, cap, index,
                        mb.pad_mask(self.layout.context_len))
 
     def l1_loss(self, fwd: Forward, mb: Batch) -> torch.Tensor:
         h = fwd.last_hidden
         rows = h.gather(1, fwd.action_index[:, :, None].expand(-1, -1, h.shape[-1]))
-        return F.l1_loss(self.head.predict_action(rows), mb.expert)
+        return F.l1_loss(self.dp.call(self.head, _predict_action, rows), mb.expert)
 
     def context(self, fwd: Forward, detach: bool = True) -> torch.Tensor:
         """(B, S, D) last-layer context rows; ``detach=False`` keeps the graph into theta."""
@@ -136,7 +149,7 @@ class Trainer:
     @torch.no_grad()
     def negatives(self, fwd: Forward) -> torch.Tensor:
         """Layer actions (L, B, H, Da) from the CURRENT head on every layer's action rows."""
-        norm = self.model.norm if self.cfg.logit_lens else None
+        norm = self.dp.final_norm(self.model) if self.cfg.logit_lens else None
         return layer_actions(list(fwd.captured.action_rows), None, self.head, final_norm=norm)
 
     @property
@@ -144,15 +157,21 @@ class Trainer:
         return self.cfg.energy_loss != "swap"
 
     def energy_loss(self, context, pad_mask, mb: Batch, negs) -> losses.EnergyLoss:
+        """The configured energy loss, run inside phi's data-parallel wrapper."""
+        return self.dp.call(self.energy, self._energy_loss, context, pad_mask, mb, negs)
+
+    def _energy_loss(self, energy, context, pad_mask, mb: Batch, negs) -> losses.EnergyLoss:
         cfg = self.cfg
-        if cfg.energy_loss == "swap":
-            return losses.swap_infonce(self.energy, context, pad_mask, mb.expert, tau=cfg.tau)
+        if cfg.energy_loss == "swap":  # global negatives: the expert chunks of every rank
+            pool, offset = self.dp.gather(mb.expert) if cfg.global_negatives else (None, 0)
+            return losses.swap_infonce(energy, context, pad_mask, mb.expert, tau=cfg.tau,
+                                       all_expert=pool, offset=offset)
         g = torch.Generator(device=self.device).manual_seed(
-            (cfg.seed * 1_000_003 + mb.step) * 1024 + mb.micro)
+            (cfg.seed * 1_000_003 + mb.step) * 1024 + mb.micro + 1_000_000_007 * self.dp.rank)
         cand = losses.structured_negatives(mb.expert, negs, generator=g)
         if cfg.energy_loss == "explicit":
-            return losses.explicit_infonce(self.energy, context, pad_mask, mb.expert, cand, tau=cfg.tau)
-        return losses.margin_ranking(self.energy, context, pad_mask, mb.expert, cand)
+            return losses.explicit_infonce(energy, context, pad_mask, mb.expert, cand, tau=cfg.tau)
+        return losses.margin_ranking(energy, context, pad_mask, mb.expert, cand)
 
     def energy_weight(self) -> float:
         w = self.cfg.energy_warmup_steps
@@ -168,8 +187,7 @@ class Trainer:
 
     def step_theta(self) -> torch.Tensor | None:
         """Optimizer step on theta (backbone + head); returns its grad norm (a device tensor)."""
-        norm = (torch.nn.utils.clip_grad_norm_(self.theta, self.cfg.grad_clip)
-                if self.cfg.grad_clip > 0 else _grad_norm(self.theta))
+        norm = self.dp.clip_grad_norm(self.theta, self.cfg.grad_clip)  # FSDP: sharded grads
         self.opt_theta.step()
         self.opt_theta.zero_grad(set_to_none=True)
         return norm
@@ -187,9 +205,10 @@ class Trainer:
         """Phase 1: L1 on theta (backbone + head). phi is untouched."""
         with self.timer("phase1"):
             l1 = 0.0
-            for mb in batch:
-                loss = self.l1_loss(self.forward(mb, grad=True), mb) / len(batch)
-                loss.backward()
+            for i, mb in enumerate(batch):  # all-reduce on the last micro-batch only
+                with self.dp.no_sync(self.model, self.head, sync=i == len(batch) - 1):
+                    loss = self.l1_loss(self.forward(mb, grad=True), mb) / len(batch)
+                    loss.backward()
                 l1 = l1 + loss.detach()
             gnorm = self.step_theta()
         return {"l1": l1, "grad_norm_theta": gnorm}
@@ -199,11 +218,12 @@ class Trainer:
         energy loss on phi. theta is only read."""
         with self.timer("phase2"):
             eloss, acc, deposit = 0.0, 0.0, None
-            for mb in batch:
+            for i, mb in enumerate(batch):
                 fwd = self.forward(mb, grad=False)
                 negs = self.negatives(fwd) if self.needs_negatives else None
-                out = self.energy_loss(fwd.captured.context, fwd.pad_mask, mb, negs)
-                d = self.energy_backward(self.energy_weight() * out.loss / len(batch))
+                with self.dp.no_sync(self.energy, sync=i == len(batch) - 1):
+                    out = self.energy_loss(fwd.captured.context, fwd.pad_mask, mb, negs)
+                    d = self.energy_backward(self.energy_weight() * out.loss / len(batch))
                 deposit = d if deposit is None else deposit
                 eloss = eloss + out.loss.detach() / len(batch)
                 acc = acc + losses.ranking_accuracy(out) / len(batch)
@@ -216,7 +236,8 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def batch(self, step: int) -> list[Batch]:
-        batch = self.data.batch(step, self.cfg.batch_size, self.cfg.grad_accum)
+        # this rank's shard of the global batch (the whole batch in one process)
+        batch = self.data.batch(step, self.cfg.batch_size, self.cfg.grad_accum, *self.dp.shard)
         if self.cfg.check_data and self.device.type == "cpu":
             for mb in batch:  # host-side: no device sync on the CPU
                 check_batch_finite(mb)
@@ -284,10 +305,8 @@ class Trainer:
                 "strategy": self.strategy.state_dict(), "config": self.cfg.to_dict()}
 
     def load(self, theta: dict, phi: dict, state: dict) -> None:
-        self.model.load_state_dict({k[4:]: v for k, v in theta.items() if k.startswith("vla.")})
-        self.head.load_state_dict({k[5:]: v for k, v in theta.items() if k.startswith("head.")})
+        self.dp.load_theta(self, theta, state["opt_theta"])  # FSDP: into the shards
         self.energy.load_state_dict(phi)
-        self.opt_theta.load_state_dict(state["opt_theta"])
         self.opt_phi.load_state_dict(state["opt_phi"])
         self.sched_theta.load_state_dict(state["sched_theta"])
         self.sched_phi.load_state_dict(state["sched_phi"])
