@@ -211,19 +211,16 @@ class Parallel(Local):
         self.wrapped: dict[int, nn.Module] = {}
         mods = [trainer.head, trainer.energy]
         if fsdp:
-            from torch.distributed.fsdp import fully_shard
-            for block in trainer.model.blocks:
-                fully_shard(block)
-            # the root group (embeddings, final norm) stays gathered after forward; negatives
-            # read the final norm through final_norm(), which gathers it when it is not
-            fully_shard(trainer.model, reshard_after_forward=False)
+            from torch.distributed.tensor import DTensor
+            if not all(isinstance(p, DTensor) for p in trainer.model.parameters()):
+                raise RuntimeError("fsdp: call distributed.shard_backbone(model) BEFORE building "
+                                   "the Trainer (its optimizer must hold the sharded parameters)")
         else:
             mods.insert(0, trainer.model)
         for m in mods:
-            # broadcast_buffers=False: the models have no buffers that train; DDP's constructor
-            # still broadcasts rank 0's parameters and buffers, so all ranks start identical
-            self.wrapped[id(m)] = nn.parallel.DistributedDataParallel(
-                Apply(m), device_ids=ids, broadcast_buffers=False)
+            # DDP's constructor broadcasts rank 0's parameters: all ranks start identical.
+            # (The models hold no buffers, so its per-forward buffer sync does nothing.)
+            self.wrapped[id(m)] = nn.parallel.DistributedDataParallel(Apply(m), device_ids=ids)
 
     # ---- forward/backward ------------------------------------------------------------------
     def call(self, module, fn, *args):
@@ -349,6 +346,25 @@ def explain(e: BaseException, ctx: Context, timeout_s: float) -> BaseException:
         f"rank {ctx.rank} of {ctx.world_size}: a collective failed - another rank probably "
         f"died or stopped responding (see its log; collective timeout {timeout_s:g} s): "
         f"{text.splitlines()[0] if text else type(e).__name__}")
+
+
+def shard_backbone(model: nn.Module) -> nn.Module:
+    """FSDP2: every transformer block, then the root (embeddings, final norm). The root group
+    stays gathered after forward (reshard_after_forward=False); the negatives read the final
+    norm through :meth:`Parallel.final_norm`, which gathers it when it is not. Call before the
+    optimizer is built: fully_shard replaces the parameters by DTensor shards."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model, reshard_after_forward=False)
+    return model
+
+
+def distribute(trainer, ctx: Context, fsdp: bool = False):
+    """Install the data-parallel hooks on a freshly built trainer (before any step)."""
+    trainer.dp = Parallel(ctx, trainer, fsdp=fsdp)
+    trainer.meter.reduce = trainer.dp.mean  # metrics: mean over ranks, once per read-back
+    return trainer
 
 
 def theta_modules(trainer) -> nn.Module:

@@ -193,13 +193,12 @@ def train(cfg: TrainConfig, out=None, *, resume: bool = False, overrides: dict |
     try:
         return _train(cfg, run_dir, resume, data, echo, ctx, device)
     except BaseException as e:
-        if ctx is not None:
-            e2 = distributed.explain(e, ctx, cfg.dist_timeout)
+        e2 = e if ctx is None else distributed.explain(e, ctx, cfg.dist_timeout)
         if ctx is None or ctx.rank == 0:
             if not is_complete(run_dir):  # e.g. a failed --resume of a finished run stays finished
                 atomic_write_text(run_dir / "error.txt",
-                                  f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
-        if ctx is not None and e2 is not e:
+                                  f"{type(e2).__name__}: {e2}\n\n{traceback.format_exc()}")
+        if e2 is not e:
             raise e2 from e
         raise
     finally:
@@ -229,10 +228,11 @@ def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device) -> RunResu
                            list(range(data.size)), -1)
         check_batch_finite(whole)
     model, head, energy = build_models(cfg, device)
+    if ctx is not None and cfg.fsdp:
+        distributed.shard_backbone(model)  # before the optimizers are built
     trainer = Trainer(cfg, model, head, energy, data, device)
     if ctx is not None:
-        trainer.dp = distributed.Parallel(ctx, trainer, fsdp=cfg.fsdp)
-        trainer.meter.reduce = trainer.dp.mean  # metrics: mean over ranks, once per log read-back
+        distributed.distribute(trainer, ctx, fsdp=cfg.fsdp)  # DDP/FSDP; metrics: mean over ranks
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         step, theta, phi, state = load_checkpoint(run_dir, map_location=device)  # every rank
