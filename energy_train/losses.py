@@ -93,7 +93,17 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
     """Negatives (B, M, H, Da) around the expert chunk (B, H, Da), in this order:
     the picked layer actions (from ``layer_actions`` (L', B, H, Da); default picks the first
     and the middle layer), Gaussian noise (sigma), each amplitude scaling, and a sign flip of
-    one random action dimension per sample. Defaults give M = 6 with layer actions."""
+    one action dimension per sample. Defaults give M = 6 with layer actions.
+
+    The flipped dimension is drawn with probability proportional to its mean magnitude over
+    the chunk, so a dimension that is always zero (e.g. an unused rotation axis) is never
+    "flipped" into an exact copy of the expert.
+
+    Caveat (the energy fork's architecture, kept for state_dict compatibility): its action
+    encoder starts with a LayerNorm over each step's Da values, so the energy is invariant to
+    a positive rescaling (and a shift) of every step: the amplitude negatives (x0.3, x1.7) tie
+    with the expert by construction. They are kept because the design lists them; they carry
+    signal only for an energy model without that normalisation."""
     check_tensor("expert", expert, ndim=3, floating=True)
     B, H, Da = expert.shape
     negs = []
@@ -106,7 +116,12 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
     negs.append(expert + sigma * noise)
     negs += [expert * a for a in amplitudes]
     if sign_flip:
-        dim = torch.randint(0, Da, (B,), generator=generator, device=expert.device)
+        # Gumbel-max draw, proportional to each dimension's mean magnitude: no host sync and,
+        # unlike torch.multinomial, no value check that would raise on a NaN batch (the
+        # trainer reports those at read-back with the step number).
+        weight = expert.detach().abs().float().mean(dim=1) + 1e-12  # (B, Da)
+        u = torch.rand(weight.shape, generator=generator, device=expert.device).clamp_min(1e-20)
+        dim = (weight.log() - (-u.log()).log()).argmax(dim=1)
         flip = 1 - 2 * F.one_hot(dim, Da).to(expert.dtype)  # (B, Da): -1 at the flipped dim
         negs.append(expert * flip[:, None, :])
     return torch.stack(negs, dim=1)

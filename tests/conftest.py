@@ -5,6 +5,9 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# Tiny test shapes gain nothing from intra-op threads, and on a loaded 2-core machine spinning
+# OpenMP threads made single tests 100x slower. ET_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("ET_TEST_THREADS", "1")))
 if not HAS_CUDA:
     # Must be set before triton decorates any kernel (i.e. before energy_train.kernels imports).
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -174,6 +174,25 @@ def test_structured_negatives_are_what_they_say():
     assert torch.equal(n[:, 5][~flipped[:, None, :].expand(-1, 3, -1)],
                        expert[~flipped[:, None, :].expand(-1, 3, -1)])
     assert structured_negatives(expert).shape == (4, 4, 3, 5)  # no layer actions: M = 4
+    # a dimension that is zero over the whole chunk is never the flipped one
+    sparse = expert.clone()
+    sparse[..., 1:] = 0
+    for s in range(5):
+        n = structured_negatives(sparse, generator=torch.Generator().manual_seed(s))
+        assert not torch.equal(n[:, -1], sparse)
+        assert torch.equal(n[:, -1, :, 0], -sparse[..., 0])
+
+
+def test_energy_is_blind_to_step_rescaling_documented():
+    """The fork's action encoder normalises each step (LayerNorm over Da): positive rescaling
+    of the chunk does not change the energy - the documented caveat of structured_negatives."""
+    model, ctx, pm, expert = _energy_setup(0)
+    cand = torch.stack([expert, 0.3 * expert, 1.7 * expert, -expert], dim=1)
+    e = energy_scores(model, ctx, pm, cand)
+    # equal up to LayerNorm's eps (1e-5 against the per-step variance)
+    assert_close("x0.3", e[:, 0], e[:, 1], F64, tol=1e-3)
+    assert_close("x1.7", e[:, 0], e[:, 2], F64, tol=1e-3)
+    assert (e[:, 0] - e[:, 3]).abs().max() > 1e-2  # a sign flip is visible
 
 
 def test_correct_actions_lowers_energy_and_respects_clip():
