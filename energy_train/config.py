@@ -84,6 +84,11 @@ class TrainConfig:
     alternate_every: int = 10        # alternating: N theta steps, then N phi steps
     cache_refresh: int = 64          # cached_negatives: refresh an entry after K steps
     adaptive_window: int = 10        # adaptive_weights: losses in the variance window
+    # --- several processes (torchrun; see energy_train/distributed.py) -------------------------
+    # batch_size is the GLOBAL batch: each of the N ranks takes batch_size / N rows of it
+    global_negatives: bool = True    # swap InfoNCE scores against the expert chunks of EVERY rank
+    fsdp: bool = False               # shard the backbone with FSDP2 fully_shard (head, phi: DDP)
+    dist_timeout: float = 300.0      # seconds a collective may wait for the other ranks
 
     def validate(self) -> "TrainConfig":
         def one_of(name, allowed):
@@ -101,6 +106,8 @@ class TrainConfig:
                      "chunk", "action_dim", "alternate_every", "cache_refresh", "adaptive_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout: expected > 0 seconds, got {self.dist_timeout}")
         if not 0 <= self.stop_after <= self.steps:
             raise ValueError(f"stop_after: expected 0..steps={self.steps}, got {self.stop_after}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):

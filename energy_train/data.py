@@ -153,11 +153,19 @@ class TaskData:
         epoch, slot = divmod(step, per_epoch)
         return self._order(epoch)[slot * n:(slot + 1) * n]
 
-    def batch(self, step: int, batch_size: int, accum: int = 1) -> list[Batch]:
+    def batch(self, step: int, batch_size: int, accum: int = 1, rank: int = 0,
+              world_size: int = 1) -> list[Batch]:
+        """Rank ``rank``'s shard (batch_size / world_size rows) of each of the step's
+        ``accum`` global micro-batches: world_size ranks x B/world_size hold exactly the rows
+        of one rank x B, whatever world_size is."""
+        if batch_size % world_size:
+            raise ValueError(f"batch_size: expected a multiple of world_size={world_size}, "
+                             f"got {batch_size}")
         rows = self.indices(step, batch_size * accum)
+        per = batch_size // world_size
         out = []
         for a in range(accum):
-            ids_host = rows[a * batch_size:(a + 1) * batch_size]
+            ids_host = rows[a * batch_size + rank * per:a * batch_size + (rank + 1) * per]
             ids = to_device(ids_host, self.device)
             out.append(self._make(self.train, ids, ids_host, step, a))
         return out

@@ -32,6 +32,7 @@ from .. import losses
 from ..config import TrainConfig
 from ..capture import CapturedStates, HiddenStateCapture, gather_hidden_states
 from ..data import Batch, TaskData
+from ..distributed import LOCAL, clip_grad_norm, grad_norm
 from ..models import EnergyModel, L1RegressionActionHead, TinyVLA
 from ..ops import build_action_index, layer_actions
 from ..telemetry import GpuTelemetry
@@ -81,18 +82,16 @@ def build_models(cfg: TrainConfig, device: torch.device):
     return model.to(device), head.to(device), energy.to(device)
 
 
-def _clip(params, max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ without a host sync (no non-finite check), foreach kernels on CUDA."""
-    foreach = True if any(p.is_cuda for p in params) else None
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False,
-                                          foreach=foreach)
+def _run(model, *inputs):
+    return model(*inputs)
 
 
-def _grad_norm(params) -> torch.Tensor | None:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return None
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+def _run_hidden_states(model, *inputs):
+    return model(*inputs, output_hidden_states=True)
+
+
+def _predict_action(head, rows):
+    return head.predict_action(rows)
 
 
 class Trainer:
@@ -122,6 +121,7 @@ class Trainer:
         self.telemetry = GpuTelemetry(device)
         self._gen = torch.Generator(device=device)  # re-seeded per micro-batch (no sync)
         self.meter = Meter()
+        self.dp = LOCAL                  # data-parallel hooks; distributed.Parallel under torchrun
         self.step = 0                    # optimizer steps done
         self.trace: dict | None = None   # tests set a dict: phases record what they used
         self._probe_prev = None
@@ -136,22 +136,28 @@ class Trainer:
                                    start=self.layout.action_start, batch_size=mb.size,
                                    device=self.device)
         S, cap = self.layout.context_len, None
+        hidden_states = capture and self.cfg.capture == "hidden_states"
+        fn = _run_hidden_states if hidden_states else _run
+        inputs = (mb.images, mb.proprio, mb.tokens)
         with torch.set_grad_enabled(grad):
-            if not capture:
-                out = self.model(mb.images, mb.proprio, mb.tokens)
-            elif self.cfg.capture == "hidden_states":
-                out = self.model(mb.images, mb.proprio, mb.tokens, output_hidden_states=True)
-                cap = gather_hidden_states(out.hidden_states, index, S)
-            else:
+            # with grad through the DDP wrapper (its reducer is armed); without grad on the bare
+            # module, so phase 2's forward never engages the data-parallel reducer
+            call = ((lambda: self.dp.call(self.model, fn, *inputs)) if grad
+                    else (lambda: fn(self.model, *inputs)))
+            if capture and not hidden_states:
                 slot = (grad, self.step % 2, mb.micro) if reuse else None
                 with self.capture.armed(index, S, slot=slot) as cap:
-                    out = self.model(mb.images, mb.proprio, mb.tokens)
+                    out = call()
+            else:
+                out = call()
+                if hidden_states:
+                    cap = gather_hidden_states(out.hidden_states, index, S)
         return Forward(out.last_hidden_state if grad else None, cap, index, mb.pad_mask(S))
 
     def l1_loss(self, fwd: Forward, mb: Batch) -> torch.Tensor:
         h = fwd.last_hidden
         rows = h.gather(1, fwd.action_index[:, :, None].expand(-1, -1, h.shape[-1]))
-        return F.l1_loss(self.head.predict_action(rows), mb.expert)
+        return F.l1_loss(self.dp.call(self.head, _predict_action, rows), mb.expert)
 
     def context(self, fwd: Forward, detach: bool = True) -> torch.Tensor:
         """(B, S, D) last-layer context rows; ``detach=False`` keeps the graph into theta."""
@@ -162,7 +168,7 @@ class Trainer:
     @torch.no_grad()
     def negatives(self, fwd: Forward) -> torch.Tensor:
         """Layer actions (L, B, H, Da) from the CURRENT head on every layer's action rows."""
-        norm = self.model.norm if self.cfg.logit_lens else None
+        norm = self.dp.final_norm(self.model) if self.cfg.logit_lens else None
         return layer_actions(list(fwd.captured.action_rows), None, self.head, final_norm=norm)
 
     @property
@@ -170,14 +176,21 @@ class Trainer:
         return self.cfg.energy_loss != "swap"
 
     def energy_loss(self, context, pad_mask, mb: Batch, negs) -> losses.EnergyLoss:
+        """The configured energy loss, run inside phi's data-parallel wrapper."""
+        return self.dp.call(self.energy, self._energy_loss, context, pad_mask, mb, negs)
+
+    def _energy_loss(self, energy, context, pad_mask, mb: Batch, negs) -> losses.EnergyLoss:
         cfg = self.cfg
-        if cfg.energy_loss == "swap":
-            return losses.swap_infonce(self.energy, context, pad_mask, mb.expert, tau=cfg.tau)
-        g = self._gen.manual_seed((cfg.seed * 1_000_003 + mb.step) * 1024 + mb.micro)
+        if cfg.energy_loss == "swap":  # global negatives: the expert chunks of every rank
+            pool, offset = self.dp.gather(mb.expert) if cfg.global_negatives else (None, 0)
+            return losses.swap_infonce(energy, context, pad_mask, mb.expert, tau=cfg.tau,
+                                       all_expert=pool, offset=offset)
+        g = self._gen.manual_seed(
+            (cfg.seed * 1_000_003 + mb.step) * 1024 + mb.micro + 1_000_000_007 * self.dp.rank)
         cand = losses.structured_negatives(mb.expert, negs, generator=g)
         if cfg.energy_loss == "explicit":
-            return losses.explicit_infonce(self.energy, context, pad_mask, mb.expert, cand, tau=cfg.tau)
-        return losses.margin_ranking(self.energy, context, pad_mask, mb.expert, cand)
+            return losses.explicit_infonce(energy, context, pad_mask, mb.expert, cand, tau=cfg.tau)
+        return losses.margin_ranking(energy, context, pad_mask, mb.expert, cand)
 
     def energy_weight(self) -> float:
         w = self.cfg.energy_warmup_steps
@@ -188,13 +201,12 @@ class Trainer:
         (the gradient-path audit). Call it while theta's grads are None (before any L1
         backward of the step); 0 exactly when the energy loss has no path into theta."""
         loss.backward(retain_graph=retain_graph)
-        deposit = _grad_norm(self.theta)
+        deposit = grad_norm(self.theta)
         return deposit if deposit is not None else torch.zeros((), device=self.device)
 
     def step_theta(self) -> torch.Tensor | None:
         """Optimizer step on theta (backbone + head); returns its grad norm (a device tensor)."""
-        norm = (_clip(self.theta, self.cfg.grad_clip) if self.cfg.grad_clip > 0
-                else _grad_norm(self.theta))
+        norm = self.dp.clip_grad_norm(self.theta, self.cfg.grad_clip)  # FSDP: sharded grads
         with self.timer("opt_theta"):
             self.streams.before_theta_write()  # phase 2 of the previous step has read theta
             self.opt_theta.step()
@@ -203,8 +215,7 @@ class Trainer:
 
     def step_phi(self) -> torch.Tensor | None:
         """Optimizer step on phi (energy model), its grad norm clipped to energy_grad_clip."""
-        norm = (_clip(self.phi, self.cfg.energy_grad_clip) if self.cfg.energy_grad_clip > 0
-                else _grad_norm(self.phi))
+        norm = clip_grad_norm(self.phi, self.cfg.energy_grad_clip)
         self.opt_phi.step()
         self.opt_phi.zero_grad(set_to_none=True)
         return norm
@@ -214,9 +225,10 @@ class Trainer:
         """Phase 1: L1 on theta (backbone + head). phi is untouched."""
         with self.timer("phase1"):
             l1 = 0.0
-            for mb in batch:
-                loss = self.l1_loss(self.forward(mb, grad=True, capture=False), mb) / len(batch)
-                loss.backward()
+            for i, mb in enumerate(batch):  # all-reduce on the last micro-batch only
+                with self.dp.no_sync(self.model, self.head, sync=i == len(batch) - 1):
+                    loss = self.l1_loss(self.forward(mb, grad=True, capture=False), mb) / len(batch)
+                    loss.backward()
                 l1 = l1 + loss.detach()
             gnorm = self.step_theta()
         return {"l1": l1, "grad_norm_theta": gnorm}
@@ -232,8 +244,9 @@ class Trainer:
                     negs = self.negatives(fwd) if self.needs_negatives else None
                 if i == len(batch) - 1:
                     self.streams.theta_released()  # the last read of theta in this phase
-                out = self.energy_loss(fwd.captured.context, fwd.pad_mask, mb, negs)
-                d = self.energy_backward(self.energy_weight() * out.loss / len(batch))
+                with self.dp.no_sync(self.energy, sync=i == len(batch) - 1):
+                    out = self.energy_loss(fwd.captured.context, fwd.pad_mask, mb, negs)
+                    d = self.energy_backward(self.energy_weight() * out.loss / len(batch))
                 deposit = d if deposit is None else deposit
                 eloss = eloss + out.loss.detach() / len(batch)
                 acc = acc + losses.ranking_accuracy(out) / len(batch)
@@ -246,8 +259,9 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def batch(self, step: int) -> list[Batch]:
-        # the data is checked once at start-up (cfg.check_data, in run.train): no check here
-        return self.data.batch(step, self.cfg.batch_size, self.cfg.grad_accum)
+        # this rank's shard of the global batch (the whole batch in one process); the data is
+        # checked once at start-up (cfg.check_data, in run.train): no check here
+        return self.data.batch(step, self.cfg.batch_size, self.cfg.grad_accum, *self.dp.shard)
 
     def train_step(self) -> dict:
         """One optimizer step as the strategy schedules it; metrics stay on the device."""
@@ -322,10 +336,8 @@ class Trainer:
                 "strategy": self.strategy.state_dict(), "config": self.cfg.to_dict()}
 
     def load(self, theta: dict, phi: dict, state: dict) -> None:
-        self.model.load_state_dict({k[4:]: v for k, v in theta.items() if k.startswith("vla.")})
-        self.head.load_state_dict({k[5:]: v for k, v in theta.items() if k.startswith("head.")})
+        self.dp.load_theta(self, theta, state["opt_theta"])  # FSDP: into the shards
         self.energy.load_state_dict(phi)
-        self.opt_theta.load_state_dict(state["opt_theta"])
         self.opt_phi.load_state_dict(state["opt_phi"])
         self.sched_theta.load_state_dict(state["sched_theta"])
         self.sched_phi.load_state_dict(state["sched_phi"])

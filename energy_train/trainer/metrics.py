@@ -62,6 +62,7 @@ class Meter:
 
     def __init__(self):
         self._steps: list[tuple[int, dict]] = []
+        self.reduce = None  # e.g. the mean over ranks (one all_reduce per flush)
 
     def add(self, step: int, values: dict) -> None:
         self._steps.append((step, values))
@@ -73,7 +74,10 @@ class Meter:
                 if isinstance(v, torch.Tensor):
                     names.append((i, k))
                     tensors.append(v.detach().float().reshape(()))
-        host = torch.stack(tensors).cpu().tolist() if tensors else []
+        host = []
+        if tensors:
+            stacked = torch.stack(tensors)
+            host = (stacked if self.reduce is None else self.reduce(stacked)).cpu().tolist()
         records = [{"step": s, **{k: v for k, v in vals.items() if not isinstance(v, torch.Tensor)}}
                    for s, vals in self._steps]
         for (i, k), v in zip(names, host):

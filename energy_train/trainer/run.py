@@ -7,6 +7,10 @@
 <run>/summary.md|json    the summary table
 <run>/complete.json      written LAST: only a run with this file is complete
 <run>/error.txt          why a run failed (no complete.json then)
+
+Under torchrun (WORLD_SIZE > 1) every rank runs the loop on its shard of each global batch;
+rank 0 alone writes the run directory (checkpoints after every rank's state is gathered;
+every rank waits at a barrier), every rank resumes from the same files.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, apply
+from .. import distributed
 from ..data import TaskData, check_batch_finite
 from ..plots import plot_run, series
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
@@ -29,7 +34,7 @@ from .core import Trainer, build_models, resolve_device
 from .metrics import check_finite_records
 
 RESUMABLE = ("steps", "stop_after", "log_every", "ckpt_every", "device", "progress", "threads",
-             "overlap")
+             "overlap", "dist_timeout")
 
 
 class RunError(RuntimeError):
@@ -167,25 +172,53 @@ def train(cfg: TrainConfig, out=None, *, resume: bool = False, overrides: dict |
           data: TaskData | None = None, echo=print) -> RunResult:
     """Run (or resume) a training run in its directory. Returns a RunResult; raises on error,
     leaving error.txt (and never complete.json) in the run directory."""
-    resolve_device((overrides or {}).get("device", cfg.device))  # fail before any directory exists
-    run_dir, cfg = prepare_run_dir(cfg.validate(), out, resume, overrides)
+    ov = overrides or {}
+    device_name = ov.get("device", cfg.device)
+    resolve_device(device_name)  # fail before any directory exists
+    ctx = distributed.setup(device_name, float(ov.get("dist_timeout", cfg.dist_timeout)))
+    try:
+        if ctx is None:
+            run_dir, cfg = prepare_run_dir(cfg.validate(), out, resume, overrides)
+        else:  # rank 0 decides (its clock names the default dir); its error stops every rank
+            run_dir, cfg = distributed.run_on_main(
+                lambda: prepare_run_dir(cfg.validate(), out, resume, overrides))
+        distributed.check_config(cfg, 1 if ctx is None else ctx.world_size)
+    except BaseException:
+        distributed.teardown(ctx)
+        raise
     threads = torch.get_num_threads()
-    if cfg.threads > 0 and resolve_device(cfg.device).type == "cpu":
+    device = resolve_device(cfg.device) if ctx is None else ctx.device
+    if cfg.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, run_dir, resume, data, echo)
+        return _train(cfg, run_dir, resume, data, echo, ctx, device)
     except BaseException as e:
-        if is_complete(run_dir):  # e.g. a failed --resume of a finished run: it stays finished
-            raise
-        atomic_write_text(run_dir / "error.txt", f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        e2 = e if ctx is None else distributed.explain(e, ctx, cfg.dist_timeout)
+        if ctx is None or ctx.rank == 0:
+            if not is_complete(run_dir):  # e.g. a failed --resume of a finished run stays finished
+                atomic_write_text(run_dir / "error.txt",
+                                  f"{type(e2).__name__}: {e2}\n\n{traceback.format_exc()}")
+        if e2 is not e:
+            raise e2 from e
         raise
     finally:
         torch.set_num_threads(threads)
+        distributed.teardown(ctx)
 
 
-def _train(cfg, run_dir: Path, resume: bool, data, echo) -> RunResult:
+def _checkpoint(trainer: Trainer, run_dir: Path) -> None:
+    """Rank 0 writes (atomically) what every rank contributed; every rank waits for it."""
+    payload = distributed.checkpoint_payload(trainer)
+    if trainer.dp.is_main:
+        save_checkpoint(run_dir, trainer.step, *payload)
+    trainer.dp.barrier()
+
+
+def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device) -> RunResult:
     t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    main = ctx is None or ctx.rank == 0
+    if not main:
+        echo = lambda *a, **k: None  # noqa: E731 - rank 0 speaks for the run
     if data is None:
         data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, num_objects=cfg.num_objects,
                         image_size=cfg.image_size, chunk=cfg.chunk, device=device)
@@ -195,40 +228,50 @@ def _train(cfg, run_dir: Path, resume: bool, data, echo) -> RunResult:
                            list(range(data.size)), -1)
         check_batch_finite(whole)
     model, head, energy = build_models(cfg, device)
+    if ctx is not None and cfg.fsdp:
+        distributed.shard_backbone(model)  # before the optimizers are built
     trainer = Trainer(cfg, model, head, energy, data, device)
+    if ctx is not None:
+        distributed.distribute(trainer, ctx, fsdp=cfg.fsdp)  # DDP/FSDP; metrics: mean over ranks
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        step, theta, phi, state = load_checkpoint(run_dir, map_location=device)
-        trainer.load(theta, phi, state)
-        for name in ("complete.json", "error.txt"):
-            (run_dir / name).unlink(missing_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-        kept = [r for r in read_metrics(run_dir) if r["step"] < step]
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        step, theta, phi, state = load_checkpoint(run_dir, map_location=device)  # every rank
+        trainer.load(theta, phi, distributed.per_rank_state(state, trainer.dp))
+        trainer.dp.barrier()  # every rank has read the files before rank 0 rewrites any
+        if main:
+            for name in ("complete.json", "error.txt"):
+                (run_dir / name).unlink(missing_ok=True)
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+            kept = [r for r in read_metrics(run_dir) if r["step"] < step]
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         echo(f"resumed {run_dir} at step {step}")
     elif cfg.probe_every:
         trainer.meter.add(-1, trainer.probe())  # the probe before training, logged as step -1
     target = cfg.stop_after or cfg.steps
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not cfg.progress, desc=cfg.strategy,
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not (cfg.progress and main),
+               desc=cfg.strategy,
                dynamic_ncols=True, leave=False)
     last = {}
     while trainer.step < target:
         trainer.train_step()
         if trainer.step % cfg.log_every == 0 or trainer.step == target:
-            records = trainer.flush()
-            _append(metrics_path, records)
+            records = trainer.flush()  # under torchrun: a collective (mean over ranks)
+            if main:
+                _append(metrics_path, records)
             check_finite_records(records)
             last = {k: v for r in records for k, v in r.items() if k in ("l1", "energy_loss", "rank_acc")}
             bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
             bar.update(trainer.step - bar.n)
         if cfg.ckpt_every and trainer.step % cfg.ckpt_every == 0 and trainer.step != target:
-            save_checkpoint(run_dir, trainer.step, *trainer.weights(), trainer.state_dict())
+            _checkpoint(trainer, run_dir)
     bar.close()
-    save_checkpoint(run_dir, trainer.step, *trainer.weights(), trainer.state_dict())
+    _checkpoint(trainer, run_dir)
     if trainer.step < cfg.steps:
         echo(f"stopped after step {trainer.step} of {cfg.steps} (checkpointed); continue with "
              f"`energy-train train --resume --out {run_dir}`")
         return RunResult(run_dir, False, None, trainer)
+    if not main:
+        return RunResult(run_dir, True, None, trainer)
     records = read_metrics(run_dir)
     summary = summarize(cfg, records, time.perf_counter() - t_start)
     plot_run(records, run_dir / "curves.png", title=f"{cfg.strategy} (seed {cfg.seed})",

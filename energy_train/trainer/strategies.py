@@ -46,18 +46,25 @@ def one_forward_step(t, batch, *, detach_context: bool, l1_weight=1.0, energy_we
 
     The energy backward runs first, while theta's grads are still empty, so the audit
     (``energy_grad_theta``, measured on the first micro-batch) is exactly the gradient the
-    energy loss deposits into theta.
+    energy loss deposits into theta. Under DDP the leaky variant (context not detached) takes
+    ONE backward of both losses instead (a DDP forward allows one backward; see
+    energy_train/distributed.py) and audits with autograd.grad.
     """
     n, l1_sum, e_sum, acc, deposit = len(batch), 0.0, 0.0, 0.0, None
-    for mb in batch:
-        fwd = t.forward(mb, grad=True)
-        l1 = t.l1_loss(fwd, mb)
-        negs = (negatives_fn or (lambda t, f, b: t.negatives(f)))(t, fwd, mb) if t.needs_negatives else None
-        out = t.energy_loss(t.context(fwd, detach=detach_context), fwd.pad_mask, mb, negs)
-        d = t.energy_backward(energy_weight * t.energy_weight() * out.loss / n,
-                              retain_graph=not detach_context)
+    for i, mb in enumerate(batch):
+        with t.dp.no_sync(t.model, t.head, t.energy, sync=i == n - 1):
+            fwd = t.forward(mb, grad=True)
+            l1 = t.l1_loss(fwd, mb)
+            negs = (negatives_fn or (lambda t, f, b: t.negatives(f)))(t, fwd, mb) if t.needs_negatives else None
+            out = t.energy_loss(t.context(fwd, detach=detach_context), fwd.pad_mask, mb, negs)
+            e_loss = energy_weight * t.energy_weight() * out.loss / n
+            if detach_context or not t.dp.active:
+                d = t.energy_backward(e_loss, retain_graph=not detach_context)
+                (l1_weight * l1 / n).backward()
+            else:
+                d = t.dp.deposit(e_loss, t.theta) if deposit is None else None
+                (e_loss + l1_weight * l1 / n).backward()
         deposit = d if deposit is None else deposit
-        (l1_weight * l1 / n).backward()
         l1_sum, e_sum = l1_sum + l1.detach() / n, e_sum + out.loss.detach() / n
         acc = acc + losses.ranking_accuracy(out) / n
     return {"l1": l1_sum, "energy_loss": e_sum, "rank_acc": acc, "energy_grad_theta": deposit,
@@ -87,19 +94,21 @@ class SharedForward(Strategy):
     def step(self, t, batch, step):
         n, snaps, l1_sum = len(batch), [], 0.0
         with t.timer("phase1"):
-            for mb in batch:
-                fwd = t.forward(mb, grad=True)
-                negs = t.negatives(fwd) if t.needs_negatives else None  # head_theta_k, no grad
-                snaps.append((fwd.captured.context, fwd.pad_mask, mb, negs))
-                loss = t.l1_loss(fwd, mb) / n
-                loss.backward()
+            for i, mb in enumerate(batch):
+                with t.dp.no_sync(t.model, t.head, sync=i == n - 1):
+                    fwd = t.forward(mb, grad=True)
+                    negs = t.negatives(fwd) if t.needs_negatives else None  # head_theta_k, no grad
+                    snaps.append((fwd.captured.context, fwd.pad_mask, mb, negs))
+                    loss = t.l1_loss(fwd, mb) / n
+                    loss.backward()
                 l1_sum = l1_sum + loss.detach()
             gt = t.step_theta()
         with t.timer("phase2"):
             e_sum, acc, deposit = 0.0, 0.0, None
-            for ctx, pad, mb, negs in snaps:
-                out = t.energy_loss(ctx, pad, mb, negs)
-                d = t.energy_backward(t.energy_weight() * out.loss / n)
+            for i, (ctx, pad, mb, negs) in enumerate(snaps):
+                with t.dp.no_sync(t.energy, sync=i == n - 1):
+                    out = t.energy_loss(ctx, pad, mb, negs)
+                    d = t.energy_backward(t.energy_weight() * out.loss / n)
                 deposit = d if deposit is None else deposit
                 e_sum, acc = e_sum + out.loss.detach() / n, acc + losses.ranking_accuracy(out) / n
             gp = t.step_phi()
@@ -139,7 +148,9 @@ class AdaptiveWeights(Strategy):
             wl = torch.where(var_l1 > 0.01, 0.5 * one, one)
             we = torch.where(var_l1 > 0.01, one, torch.where(var_e > 0.1, 0.3 * one, one))
         m = one_forward_step(t, batch, detach_context=True, l1_weight=wl, energy_weight=we)
-        self.hist[:, self.count % W] = torch.stack([m["l1"], m["energy_loss"]]).float()
+        # the window holds the losses averaged over ranks (one small all_reduce, no host sync),
+        # so every rank weighs its losses alike
+        self.hist[:, self.count % W] = t.dp.mean(torch.stack([m["l1"], m["energy_loss"]]).float())
         self.count += 1
         return {**m, "weight_l1": wl, "weight_energy": we}
 
