@@ -3,8 +3,14 @@
 ``energy_attention(q, k, v, pad, heads)``: q (Bq, Q, E) with Bq = B or 1 (one candidate pool
 shared by every sample), k/v (B, S, E) (strided views of one (B, S, 2E) projection are fine),
 pad (B, S) uint8 (1 = ignore) or None -> out (B, Q, E) in q's dtype.
-Wrapped as ``torch.library.triton_op`` ops with a registered autograd formula, so that
-``loss.backward()`` works and ``torch.compile`` traces through them (GPU; see design 8).
+Wrapped as ``torch.library.custom_op`` ops (``energy_train::energy_attn_fwd`` / ``_bwd``) with a
+registered fake and autograd formula, so that ``loss.backward()`` works and ``torch.compile``
+traces through them with ``fullgraph=True``. What is checked where: on the CPU,
+tests/test_kernel_energy.py compiles the whole loss (backend "aot_eager": dynamo + AOTAutograd,
+fakes for the shapes, the kernels under TRITON_INTERPRET=1 for the numbers); on a GPU, a marked
+test does the same with inductor. Not triton_op: its automatic fake re-runs the launcher on fake
+tensors, which under the interpreter reaches the data pointers (design section 8); with
+custom_op inductor calls the op as one opaque kernel-launching node (no graph break either).
 """
 from __future__ import annotations
 
@@ -14,7 +20,6 @@ from typing import Optional
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
 
 from .fused import (_energy_attn_bwd_dkdv_kernel, _energy_attn_bwd_dq_kernel,
                     _energy_attn_bwd_preprocess_kernel, _energy_attn_fwd_kernel)
@@ -65,7 +70,7 @@ def _last_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@triton_op("energy_train::energy_attn_fwd", mutates_args={})
+@torch.library.custom_op("energy_train::energy_attn_fwd", mutates_args=())
 def energy_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: Optional[torch.Tensor],
                     heads: int, input_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, Q, E) (q.dtype), lse (B, heads, Q) fp32 in log2 units (+inf: no valid key)."""
@@ -75,7 +80,7 @@ def energy_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: Opti
     cfg = attn_config(dh, q.dtype)
     grid = (triton.cdiv(Q, cfg["BLOCK_M"]), B * heads)
     padt = pad if pad is not None else k  # dummy pointer, never read (HAS_PAD=False)
-    wrap_triton(_energy_attn_fwd_kernel)[grid](
+    _energy_attn_fwd_kernel[grid](
         q, k, v, padt, out, lse,
         q.stride(0) if Bq > 1 else 0, q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), pad.stride(0) if pad is not None else 0, out.stride(0), out.stride(1),
@@ -86,7 +91,13 @@ def energy_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: Opti
     return out, lse
 
 
-@triton_op("energy_train::energy_attn_bwd", mutates_args={})
+@energy_attn_fwd.register_fake
+def _energy_attn_fwd_fake(q, k, v, pad, heads, input_precision):
+    B, S, E, Bq, Q, dh = _dims(q, k, heads)
+    return q.new_empty((B, Q, E)), q.new_empty((B, heads, Q), dtype=torch.float32)
+
+
+@torch.library.custom_op("energy_train::energy_attn_bwd", mutates_args=())
 def energy_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     pad: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, heads: int,
                     input_precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,7 +107,7 @@ def energy_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     BM, BN, BD = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     delta = _empty((B, heads, Q), torch.float32, q.device)
-    wrap_triton(_energy_attn_bwd_preprocess_kernel)[(triton.cdiv(Q, BM), B * heads)](
+    _energy_attn_bwd_preprocess_kernel[(triton.cdiv(Q, BM), B * heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         heads, Q, dh, BLOCK_M=BM, BLOCK_D=BD, **launch)
     shared = Bq == 1 and B > 1
@@ -109,18 +120,24 @@ def energy_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     q_sb = q.stride(0) if Bq > 1 else 0
     common = dict(HAS_PAD=pad is not None, UPCAST=_upcast(q.dtype), INPUT_PRECISION=input_precision,
                   BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_stages=cfg["num_stages"])
-    wrap_triton(_energy_attn_bwd_dq_kernel)[(triton.cdiv(Q, BM), heads if shared else B * heads)](
+    _energy_attn_bwd_dq_kernel[(triton.cdiv(Q, BM), heads if shared else B * heads)](
         q, k, v, padt, dout, lse, delta, dq,
         q_sb, q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad_sb,
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
         B, heads, Q, S, dh, qk_scale, sm_scale, SHARED_Q=shared, num_warps=cfg["num_warps"],
         **common)
-    wrap_triton(_energy_attn_bwd_dkdv_kernel)[(triton.cdiv(S, BN), B * heads)](
+    _energy_attn_bwd_dkdv_kernel[(triton.cdiv(S, BN), B * heads)](
         q, k, v, padt, dout, lse, delta, dk, dv,
         q_sb, q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad_sb,
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         heads, Q, S, dh, qk_scale, sm_scale, num_warps=cfg["dkdv_warps"], **common)
     return dq, dk, dv
+
+
+@energy_attn_bwd.register_fake
+def _energy_attn_bwd_fake(dout, q, k, v, pad, out, lse, heads, input_precision):
+    B, S, E, Bq, Q, dh = _dims(q, k, heads)
+    return q.new_empty((Bq, Q, E)), k.new_empty((B, S, E)), v.new_empty((B, S, E))
 
 
 def _setup_context(ctx, inputs, output):
