@@ -36,3 +36,25 @@ def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     return dict(bytes=sum(seen.values()), tensors=count, storages=len(seen), result=result)
+
+
+def peak_bytes(fn: Callable[[], object]) -> dict:
+    """-> {"peak": the most bytes of torch tensors alive at once while ``fn()`` runs, above
+    what was alive when it started, "end": the bytes still alive after it (e.g. .grad)}.
+    CPU stand-in for ``torch.cuda.max_memory_allocated`` (the tensors a Triton kernel writes
+    under the interpreter are torch allocations too; the interpreter's own numpy copies are
+    not counted). From the profiler's memory timeline (torch.profiler, a private module)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return dict(peak=peak, end=live)
