@@ -47,8 +47,8 @@ def peak_bytes(fn: Callable[[], object]) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action, MemoryProfile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    # no with_stack: the Python tracer would record every call the Triton interpreter makes
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
         fn()
     live = peak = 0
     for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
