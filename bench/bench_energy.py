@@ -11,14 +11,24 @@ Cases: swap InfoNCE and explicit-negative InfoNCE (M = 6), forward and forward+b
 energy model's parameters; context detached, as the trainer does), hidden 512/8 and 1024/16,
 B=8, S=600, D=4096, H=8, Da=7, plus sweeps over B (8-64) and S (256-1024) on the GPU.
 The record's params carry ``ctx_bytes``: the encoded context itself (K|V, (B, S, 2*hidden) in
-the model dtype), the yardstick of the memory target (peak <= 1.2x that).
+the model dtype), the yardstick of the memory target (peak <= 1.2x that). Memory, fwd+bwd cases:
+on a GPU the harness records the peak of one call above what was allocated before it (inputs,
+model) as ``peak_mem_bytes``, shown as "+N MiB (x ctx)"; on the CPU ``saved_bytes`` is what the
+autograd graph keeps for the backward (bench/memory.py: distinct storages, parameters and
+inputs excluded) and ``cpu_peak_bytes`` the peak of live torch tensors during one call above
+what was alive before it (the GPU figure's stand-in; parameter gradients included), per provider
+- the triton one only when the run has TRITON_INTERPRET=1 (interpreted calls, not timed):
+``TRITON_INTERPRET=1 python -m bench.run energy [--quick]``.
 """
 from __future__ import annotations
 
 import torch
 
+import os
+
 from bench.baselines import replicated_explicit_infonce, replicated_swap_infonce
 from bench.harness import Benchmark, Case, Provider
+from bench.memory import peak_bytes, saved_bytes
 from energy_train import losses
 from energy_train.models import EnergyModel
 
@@ -68,7 +78,27 @@ def make_benchmark(device: torch.device, quick: bool = False, cpu_shapes: bool =
     return Benchmark("energy", cases, providers, baseline="eager_once",
                      notes=["context bf16 on the GPU (fp32 on the CPU), energy model fp32; "
                             "fwd+bwd = energy-model parameter gradients, context detached",
-                            "peak memory vs ctx_bytes = the encoded context (K|V) itself"])
+                            "memory (fwd+bwd) vs ctx_bytes = the encoded context (K|V) itself: "
+                            "GPU: peak above the inputs; CPU: bytes saved for the backward "
+                            "and peak of live tensors (profiler memory timeline)"],
+                     memory=_memory)
+
+
+def _memory(case, provider, i):
+    """CPU, fwd+bwd: bytes the autograd graph saves (parameters and inputs excluded) and the
+    peak of live tensors above what was alive before the call (the GPU figure's stand-in)."""
+    if case.params["mode"] != "fwdbwd" or i["ctx"].device.type == "cuda":
+        return {}
+    how = {"reference_replicated": "replicated", "eager_once": "eager", "triton": "triton"}.get(
+        provider)
+    if how is None or (how == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return {}
+    fn = _runner(i, how)
+    if fn is None:
+        return {}
+    keep = [*i["model"].parameters(), i["ctx"], i["pad"], i["expert"], i["negs"]]
+    saved = saved_bytes(fn, exclude=keep)["bytes"]
+    return dict(saved_bytes=saved, cpu_peak_bytes=peak_bytes(fn)["peak"])
 
 
 def _inputs(dev, p):

@@ -85,6 +85,9 @@ class Benchmark:
     annotate: Callable | None = None
     columns: list = field(default_factory=list)
     finish: Callable | None = None
+    # memory(case, provider_name, inputs) -> dict merged into the record (e.g. saved_bytes),
+    # asked for every provider, timed or not; {} when it has nothing to say
+    memory: Callable[[Case, str, Any], dict] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +227,15 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
                         rec["pct_peak_bw"] = 100 * rec["gbps"] / ceilings["copy_gbps"]
             row[p.name] = rec
             records.append(rec)
+        if bench.memory is not None:
+            for p in bench.providers:
+                extra = bench.memory(case, p.name, inputs)
+                if extra:
+                    row.setdefault(p.name, dict(case=case.name, params=case.params,
+                                                provider=p.name, status="memory only"))
+                    row[p.name].update(extra)
+                    if row[p.name] not in records:
+                        records.append(row[p.name])
         base = row.get(bench.baseline)
         for rec in row.values():
             if base and base.get("status") == "ok" and rec.get("status") == "ok":
@@ -235,14 +247,19 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
             torch.cuda.empty_cache()
     for name in skipped:
         for case in bench.cases:
-            records.append(dict(case=case.name, params=case.params, provider=name,
-                                status="skipped on the CPU (interpreter timings mean nothing)"))
+            rec = next((r for r in records if r["case"] == case.name and r["provider"] == name),
+                       None)
+            if rec is None:
+                rec = dict(case=case.name, params=case.params, provider=name)
+                records.append(rec)
+            rec["status"] = "skipped on the CPU (interpreter timings mean nothing)"
 
     meta = dict(op=bench.op, device=device_name(device), device_type=device.type,
                 commit=git_commit(), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
                 ceilings=ceilings, baseline=bench.baseline, notes=bench.notes,
                 columns=[list(c) for c in bench.columns],
+                providers=[p.name for p in bench.providers],
                 timing=("triton.testing.do_bench median/p20/p80" if device.type == "cuda"
                         else "time.perf_counter repeats, median/p20/p80"))
     if out_dir is not None:
@@ -274,8 +291,21 @@ def write_results(meta: dict, records: list, out_dir: Path, tag: str | None = No
     return stem
 
 
+def _memory_cell(r: dict) -> str:
+    """'; saved N KiB (x ctx); peak N KiB (x ctx)' when the record carries the bytes its
+    autograd graph saved / the CPU peak of live tensors (bench/memory.py)."""
+    s = ""
+    for key, label in (("saved_bytes", "saved"), ("cpu_peak_bytes", "peak")):
+        if r.get(key) is None:
+            continue
+        s += f"; {label} {r[key] / 2**10:.0f} KiB"
+        if r["params"].get("ctx_bytes"):
+            s += f" ({r[key] / r['params']['ctx_bytes']:.2f}x ctx)"
+    return s
+
+
 def markdown_table(meta: dict, records: list) -> str:
-    providers = list(dict.fromkeys(r["provider"] for r in records))
+    providers = list(dict.fromkeys(meta.get("providers", []) + [r["provider"] for r in records]))
     cases = list(dict.fromkeys(r["case"] for r in records))
     by = {(r["case"], r["provider"]): r for r in records}
     gpu = meta["device_type"] == "cuda"
@@ -295,8 +325,9 @@ def markdown_table(meta: dict, records: list) -> str:
         cells = []
         for p in providers:
             r = by.get((case, p), {})
+            mem = _memory_cell(r)
             if r.get("status") != "ok":
-                cells.append("skipped" if "skipped" in str(r.get("status")) else "n/a")
+                cells.append(("skipped" if "skipped" in str(r.get("status")) else "n/a") + mem)
                 continue
             s = f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
             if "speedup_vs_baseline" in r:
@@ -307,7 +338,9 @@ def markdown_table(meta: dict, records: list) -> str:
                     s += f" {r['pct_peak_flops']:.0f}%"
             if gpu and r.get("peak_mem_bytes") is not None:
                 s += f"; +{r['peak_mem_bytes'] / 2**20:.0f} MiB"
-            cells.append(s)
+                if r["params"].get("ctx_bytes"):
+                    s += f" ({r['peak_mem_bytes'] / r['params']['ctx_bytes']:.2f}x ctx)"
+            cells.append(s + mem)
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     if meta.get("columns"):
         cols = meta["columns"]

@@ -6,7 +6,6 @@ CPU tensor only under ``TRITON_INTERPRET=1``; otherwise a clear error).
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Iterable, Sequence
 
@@ -23,9 +22,17 @@ def interpreter_on() -> bool:
 
 
 def _kernel(op: str, attr: str):
-    """The Triton launcher ``energy_train.kernels.<op>.<attr>``, or None if it has not landed."""
+    """The Triton launcher ``energy_train.kernels.<op>.<attr>``, or None if it has not landed.
+
+    Plain import statements (not importlib, which torch.compile refuses to trace): a user's
+    ``torch.compile(fullgraph=True)`` traces through the dispatch without a graph break."""
     try:
-        module = importlib.import_module(f"energy_train.kernels.{op}")
+        if op == "energy":
+            from .kernels import energy as module
+        elif op == "layer_actions":
+            from .kernels import layer_actions as module
+        else:
+            return None
     except ImportError:
         return None
     return getattr(module, attr, None)

@@ -37,3 +37,30 @@ def test_harness_writes_json_markdown_and_plot(tmp_path):
     assert "| n64 |" in md and "skipped" in md and "a note" in md
     assert (tmp_path / "toy-cpu.png").read_bytes()[:4] == b"\x89PNG"
     assert len(recs) == len(data["records"]) == 8
+
+
+def test_harness_memory_hook_and_saved_bytes(tmp_path):
+    """Benchmark.memory adds fields to timed and untimed (skipped) providers' records; the
+    saved-bytes counter sees exactly the storage an autograd node keeps."""
+    from bench.memory import peak_bytes, saved_bytes
+    w = torch.randn(32, 32, requires_grad=True)
+    x = torch.randn(16, 32)
+    # y = (x @ w).relu().sum(): matmul saves x (excluded) and w (excluded); relu saves its
+    # (16, 32) fp32 output: 2048 bytes
+    r = saved_bytes(lambda: (x @ w).relu().sum(), exclude=[w, x])
+    assert r["bytes"] == 16 * 32 * 4 and r["storages"] == 1
+    assert peak_bytes(lambda: (x @ w).relu().sum().backward())["peak"] >= 16 * 32 * 4
+
+    def memory(case, provider, inputs):
+        return dict(saved_bytes=123) if provider in ("mm", "gpu_kernel") else {}
+
+    bench = Benchmark("toym", [Case("c", dict(ctx_bytes=123), lambda d: torch.randn(8, 8))],
+                      [Provider("mm", lambda x: (lambda: x @ x)),
+                       Provider("gpu_kernel", lambda x: (lambda: x), gpu_only=True)],
+                      memory=memory)
+    recs = run_benchmark(bench, torch.device("cpu"), tmp_path, log=lambda *_: None)
+    by = {r["provider"]: r for r in recs}
+    assert by["mm"]["status"] == "ok" and by["mm"]["saved_bytes"] == 123
+    assert "skipped" in by["gpu_kernel"]["status"] and by["gpu_kernel"]["saved_bytes"] == 123
+    md = (tmp_path / "toym-cpu.md").read_text()
+    assert md.count("(1.00x ctx)") == 2

@@ -4,7 +4,8 @@ CPU: the Triton kernels run under TRITON_INTERPRET=1 (fp32, input_precision="iee
 kernel output NaN-poisoned first). Odd shapes: S=37 (not a multiple of the 16-row tiles),
 C=5, H=3, heads=3, hidden=48 (dh=16), state_dim=40, act_dim=5, B=3, random key padding with
 one sample whose keys are ALL masked. GPU-marked tests: bf16 context/model, production
-shapes, torch.compile.
+shapes, torch.compile with inductor. torch.compile traceability (fullgraph=True, one graph, no
+break, forward and backward) is checked on the CPU with the aot_eager backend.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def test_attention_kernels_match_reference(shared):
     ref_dq, ref_dkv = torch.autograd.grad((ref * g).sum(), (q, kv))
     qf = q.detach().float().requires_grad_()
     kvf = kv.detach().float().requires_grad_()
-    out = energy_attention(qf, kvf[..., :E], kvf[..., E:], pad, HEADS, "ieee")
+    out = energy_attention(qf, kvf, pad, HEADS, "ieee")
     dq, dkv = torch.autograd.grad((out * g.float()).sum(), (qf, kvf))
     assert_close("out", ref, out, tol=FP32_TOL)
     assert (out[1] == 0).all(), "all-masked sample must give a zero output"
@@ -212,6 +213,138 @@ def test_replicated_baseline_equals_encode_once():
 
 
 # --------------------------------------------------------------------------------------------
+# memory: the context encoder recomputes its activations in the backward (context.py)
+# --------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("recompute,chunk_rows", [(True, 40), (False, None)],
+                         ids=["recompute-3-chunks", "keep-activations"])
+def test_context_encoder_paths_values_and_grads(recompute, chunk_rows):
+    """B*S = 111 rows in chunks of 40 (the last one partial), context and candidates with
+    grad, every parameter's gradient vs float64; and the path that keeps the activations."""
+    from energy_train.kernels.energy import energy_scores_triton
+    m, m64 = make_model(13, "softplus")
+    ctx, pad, cand = make_inputs(13)
+    g = torch.randn(B, C, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    ctx64, cand64 = ctx.double().requires_grad_(), cand.double().requires_grad_()
+    ref = ops.energy_scores(m64, ctx64, pad, cand64, backend="eager")
+    (ref * g).sum().backward()
+    ctx32, cand32 = ctx.clone().requires_grad_(), cand.clone().requires_grad_()
+    out = energy_scores_triton(m, ctx32, pad, cand32, input_precision="ieee",
+                               recompute_context=recompute, chunk_rows=chunk_rows)
+    (out * g.float()).sum().backward()
+    assert_close("energies", ref, out, tol=FP32_TOL)
+    want, got = grads(m64, (ctx64, cand64)), grads(m, (ctx32, cand32))
+    for name in want:
+        assert_close(f"grad {name}", want[name], got[name], tol=FP32_TOL)
+
+
+@needs_triton
+def test_saved_bytes_are_the_encoded_context_plus_the_query_side():
+    """What the graph keeps for the backward (storages, deduplicated; parameters and inputs
+    excluded) is bounded by K|V (B, S, 2E) plus the query side: per query row (B*C*H of
+    them) at most 12 E-wide fp32 tensors (action encoder: 4 layer inputs and q; attention out
+    and lse; prediction head: 3 layer inputs; the LayerNorm statistics, 2 floats per row per
+    LN). Without recomputation the state encoder's 3 activations (B, S, E) come on top."""
+    from bench.memory import saved_bytes
+    from energy_train.kernels.energy import energy_scores_triton
+    b, s, c = 2, 64, 2
+    m, _ = make_model(14)
+    ctx, pad, cand = make_inputs(14, b=b, s=s, c=c)
+    kv_bytes = b * s * 2 * HIDDEN * 4
+    query_bound = 12 * b * c * H * HIDDEN * 4
+    acts = 3 * b * s * HIDDEN * 4
+    exclude = [*m.parameters(), ctx, pad, cand]
+
+    def measure(recompute):
+        return saved_bytes(lambda: energy_scores_triton(m, ctx, pad, cand,
+                                                        recompute_context=recompute).sum(),
+                           exclude=exclude)["bytes"]
+
+    with_recompute, without = measure(True), measure(False)
+    assert kv_bytes <= with_recompute <= kv_bytes + query_bound, (with_recompute, kv_bytes)
+    assert without >= kv_bytes + acts, (without, kv_bytes + acts)  # the hook sees activations
+
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the registered ops (fakes + autograd) let a user's compile trace the whole
+# loss and its backward in ONE graph; the numbers are the eager ones
+# --------------------------------------------------------------------------------------------
+def _compiled_loss_matches_eager(kind, backend, device="cpu", b=B, s=S):
+    m, _ = make_model(12, device=device)
+    ctx, pad, _ = make_inputs(12, b=b, s=s, device=device)
+    gen = torch.Generator().manual_seed(12)
+    expert = torch.randn(b, H, DA, generator=gen).to(device)
+    negs = torch.randn(b, 2, H, DA, generator=gen).to(device)
+
+    def f(ctx, pad, expert, negs):
+        return _loss(kind, m, ctx, pad, expert, negs, "triton").loss
+
+    def run(fn):
+        m.zero_grad(set_to_none=True)
+        e, n = expert.clone().requires_grad_(), negs.clone().requires_grad_()
+        loss = fn(ctx, pad, e, n)
+        loss.backward()
+        return loss, grads(m, (e,))
+
+    torch._dynamo.reset()
+    # fullgraph=True: any graph break raises instead of silently splitting the graph
+    loss_c, got = run(torch.compile(f, fullgraph=True, backend=backend))
+    loss_e, want = run(f)
+    assert_close("compiled loss", loss_e, loss_c, tol=FP32_TOL)
+    for name in want:
+        assert_close(f"compiled grad {name}", want[name], got[name], tol=FP32_TOL,
+                     floor=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["swap", "explicit"])
+def test_torch_compile_traces_loss_and_backward_without_graph_breaks(kind):
+    """CPU: dynamo + AOTAutograd (backend "aot_eager": forward AND backward graphs traced with
+    the registered fakes), fullgraph=True; the kernels run under the interpreter (B=2, S=21:
+    the shared-pool and the per-sample query paths)."""
+    _compiled_loss_matches_eager(kind, backend="aot_eager", b=2, s=21)
+
+
+@needs_triton
+def test_registered_ops_pass_opcheck():
+    """torch.library.opcheck: schema, fake vs real outputs, autograd registration, AOT dispatch
+    of the six custom ops behind energy_scores (tiny shapes)."""
+    from energy_train.kernels.energy.attention import energy_attn_bwd, energy_attn_fwd
+    from energy_train.kernels.mlp.backward import ln_linear_bwd_op, ln_linear_fwd_op
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, grad=False):
+        return torch.randn(*shape, generator=g).requires_grad_(grad)
+
+    x, w, b, gam, bet = r(19, 24, grad=True), r(16, 24, grad=True), r(16, grad=True), r(24), r(24)
+    torch.library.opcheck(ln_linear_fwd_op, (x, w, b, gam, bet, None, 1e-5, True, "silu", "ieee"))
+    torch.library.opcheck(ln_linear_fwd_op, (x, w, None, None, None, r(19, 16), 1e-5, False,
+                                             "none", "ieee"))
+    y, mean, rstd = ln_linear_fwd_op(x.detach(), w.detach(), b.detach(), gam, bet, None, 1e-5,
+                                     True, "relu", "ieee")
+    torch.library.opcheck(ln_linear_bwd_op, (r(19, 16), x.detach(), w.detach(), b.detach(), gam,
+                                             bet, mean, rstd, 1e-5, True, "relu", True, "ieee"))
+    q, kv = r(1, 6, 12, grad=True), r(2, 21, 24, grad=True)
+    pad = (torch.rand(2, 21, generator=g) < 0.3).view(torch.uint8)
+    torch.library.opcheck(energy_attn_fwd, (q, kv, pad, 3, "ieee"))
+    out, lse = energy_attn_fwd(q.detach(), kv.detach(), pad, 3, "ieee")
+    torch.library.opcheck(energy_attn_bwd, (r(2, 6, 12), q.detach(), kv.detach(), pad, out, lse,
+                                            3, "ieee"))
+    from energy_train.kernels.energy import context as cx
+    m, _ = make_model(15)
+    params = [p.detach().clone().requires_grad_() for p in cx.encoder_params(m)]
+    ctx = r(2, 9, DS, grad=True)
+    args = (len(m.state_linear.mlp_resnet_blocks), "silu", 1e-5, "ieee", 7)
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")  # AOT: compile test
+    torch.library.opcheck(cx.context_kv_fwd, (ctx, params) + args, test_utils=quick)
+    torch.library.opcheck(cx.context_kv_bwd, (r(2, 9, 2 * HIDDEN), ctx.detach(),
+                                              [p.detach() for p in params]) + args + (True,),
+                          test_utils=quick)
+
+
+
+# --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
 @needs_triton
@@ -223,11 +356,13 @@ def test_bad_input_names_the_argument():
         ops.energy_scores(m, ctx, pad, cand[..., :4], backend="triton")
     with pytest.raises(TypeError, match="pad_mask"):
         ops.energy_scores(m, ctx, pad.float(), cand, backend="triton")
-    k = torch.randn(B, S, HIDDEN)
+    kv = torch.randn(B, S, 2 * HIDDEN)
     with pytest.raises(ValueError, match="q: expected"):
-        energy_attention(torch.randn(2, 4, HIDDEN), k, k, None, HEADS)
+        energy_attention(torch.randn(2, 4, HIDDEN), kv, None, HEADS)
+    with pytest.raises(ValueError, match="kv: expected"):
+        energy_attention(torch.randn(B, 4, HIDDEN), kv[..., 1:], None, HEADS)
     with pytest.raises(ValueError, match="input_precision"):
-        energy_attention(torch.randn(B, 4, HIDDEN), k, k, None, HEADS, "fast")
+        energy_attention(torch.randn(B, 4, HIDDEN), kv, None, HEADS, "fast")
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,18 +410,7 @@ def test_gpu_production_shape_swap_loss(hidden, heads):
 
 
 @gpu
-def test_gpu_torch_compile_traces_without_graph_breaks():
-    m, _ = make_model(4, device="cuda")
-    ctx, pad, cand = make_inputs(4, device="cuda")
-    cand.requires_grad_()
-    from energy_train.kernels.energy import energy_scores_triton
-
-    def f(ctx, pad, cand):
-        return energy_scores_triton(m, ctx, pad, cand).sum()
-
-    compiled = torch.compile(f, fullgraph=True)
-    loss = compiled(ctx, pad, cand)
-    loss.backward()
-    eager = energy_scores_triton(m, ctx, pad, cand.detach()).sum()
-    assert_close("compiled", eager, loss, tol=1e-5)
-    assert cand.grad is not None and not torch.isnan(cand.grad).any()
+@pytest.mark.parametrize("kind", ["swap", "explicit"])
+def test_gpu_torch_compile_inductor_traces_without_graph_breaks(kind):
+    """The CPU test above with inductor: the custom ops stay opaque nodes; values and grads."""
+    _compiled_loss_matches_eager(kind, backend="inductor", device="cuda")

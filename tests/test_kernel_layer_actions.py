@@ -130,6 +130,26 @@ def test_layer_actions_triton_bad_input():
         la_fused.layer_actions_triton(hs, idx, head.double())
 
 
+def test_layer_actions_triton_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) over the public op: the pass is one registered custom op
+    (kernels/layer_actions/fused.py, a fake for the shapes); same numbers as eager. CPU:
+    backend "eager" (dynamo; inference, no backward), kernels under the interpreter."""
+    B, T, D, H, Da, L, hidden = 2, 23, 32, 2, 3, 2, 24
+    hs, mask = _batch(B, T, D, H, Da, L, 6, torch.float32)
+    head = _head(D, hidden, Da, H, "silu", 6, torch.float32)
+    idx = build_action_index(num_tokens=H * Da, mask=mask)
+
+    def f(hs, idx):
+        return layer_actions(hs, idx, head, backend="triton")
+
+    torch._dynamo.reset()
+    backend = "inductor" if DEV == "cuda" else "eager"
+    out = torch.compile(f, fullgraph=True, backend=backend)(hs, idx)
+    assert_close("compiled layer_actions", f(hs, idx), out)
+    ref, _ = _oracle(hs, idx, head, None)
+    assert_close("compiled vs float64", ref, out)
+
+
 # --------------------------------------------------------------------------------------------
 # GPU only: bf16, tf32, production and chunk shapes (LIBERO, BRIDGE, ALOHA)
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ Reached through ``energy_train.ops.layer_actions(..., backend="triton"|"auto")``
 ``final_norm`` (logit-lens) is applied eagerly to the gathered action rows of the layers in
 ``norm_mask`` only ((B, H*Da, D) each; those layers are then read from that compact buffer).
 Outputs are in the head's dtype; rows are rounded to it first, as the eager path does.
+The launches run inside one ``torch.library.custom_op`` (``energy_train::layer_actions``, with a
+registered fake; inference only), so ``torch.compile(fullgraph=True)`` traces the public op:
+checked on the CPU with the eager backend (tests/test_kernel_layer_actions.py), with inductor
+by the same test on a GPU.
 """
 from .fused import RESOURCE_CONFIGS, layer_actions_triton
 

@@ -11,6 +11,8 @@ of a compact (L', B, H*Da, D) copy of the rows (121 MB written + read in bf16).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from energy_train.checks import check_tensor
@@ -87,6 +89,20 @@ def _common_align(sources) -> int:
     return 16
 
 
+def head_params(m) -> list:
+    """[ln1.w, ln1.b, fc1.w, fc1.b, (block ln.w, ln.b, fc.w, fc.b) x blocks, ln2.w, ln2.b, fc2.w,
+    fc2.b] of an MLPResNet (a missing LayerNorm affine or bias is an empty tensor)."""
+    def t(x, like):
+        return x if x is not None else like.new_empty((0,))
+    w = m.fc1.weight
+    ps = [t(m.layer_norm1.weight, w), t(m.layer_norm1.bias, w), w, t(m.fc1.bias, w)]
+    for blk in m.mlp_resnet_blocks:
+        ps += [t(blk.ffn[0].weight, w), t(blk.ffn[0].bias, w), blk.ffn[1].weight,
+               t(blk.ffn[1].bias, w)]
+    return ps + [t(m.layer_norm2.weight, w), t(m.layer_norm2.bias, w), m.fc2.weight,
+                 t(m.fc2.bias, w)]
+
+
 @torch.no_grad()
 def layer_actions_triton(states, action_index, head, final_norm=None, norm_mask=None,
                          input_precision=None):
@@ -108,35 +124,67 @@ def layer_actions_triton(states, action_index, head, final_norm=None, norm_mask=
         check_tensor(f"states[{i}]", s, ndim=3, shape={0: B, 2: D}, floating=True)
     if action_index is not None:
         check_tensor("action_index", action_index, ndim=2, shape={0: B, 1: H * Da}, integer=True)
-    act = m.activation
-    device = states[0].device
-    M = Lp * B * H
-    hid = m.fc1.weight.shape[0]
-
+    if input_precision is None:
+        input_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     _, sources = _sources(states, action_index, norm_mask, final_norm, wdtype, D)
+    lns = [m.layer_norm1] + [blk.ffn[0] for blk in m.mlp_resnet_blocks] + [m.layer_norm2]
+    return layer_actions_op([t for t, _ in sources], [by for _, by in sources], action_index,
+                            head_params(m), [float(ln.eps) for ln in lns], m.activation,
+                            input_precision, H, Da)
+
+
+# The pass as a torch.library custom op with a registered fake: a user's torch.compile traces
+# ops.layer_actions(backend="triton") without a graph break (the data-pointer arithmetic of the
+# gather table happens inside, on real tensors only). Inference only: no autograd.
+@torch.library.custom_op("energy_train::layer_actions", mutates_args=())
+def layer_actions_op(sources: list[torch.Tensor], by_index: list[bool],
+                     action_index: Optional[torch.Tensor], params: list[torch.Tensor],
+                     eps: list[float], activation: str, input_precision: str, H: int,
+                     Da: int) -> torch.Tensor:
+    """sources: L' tensors (B, T, D) of one dtype (read in place; gathered by action_index where
+    by_index), params as ``head_params`` -> (L', B, H, Da) in fc1.weight's dtype."""
+    srcs = list(zip(sources, by_index))
+    Lp, B, D = len(sources), sources[0].shape[0], sources[0].shape[2]
+    M = Lp * B * H
+    device = sources[0].device
+    nb = (len(params) - 8) // 4
+    w1 = params[2]
+    wdtype, hid = w1.dtype, w1.shape[0]
+
+    def ln(i):  # ln_linear keyword arguments of layer i (0 = fc1, 1..nb blocks, nb+1 = fc2)
+        g, b = params[4 * i], params[4 * i + 1]
+        return dict(ln_weight=g if g.numel() else None, ln_bias=b if b.numel() else None,
+                    ln_eps=eps[i], normalize=True, input_precision=input_precision)
+
+    def bias(i):
+        b = params[4 * i + 3]
+        return b if b.numel() else None
+
     if D % 16 == 0:
-        seg = _segment_offsets(sources, action_index, B, H * Da, Da, device)
-        x = ln_linear(sources[0][0], m.fc1.weight, m.fc1.bias, **_ln_args(m.layer_norm1),
-                      normalize=True, activation=act, segment_offsets=seg,
-                      segment_align=_common_align(sources),
-                      input_precision=input_precision, out=_alloc((M, hid), wdtype, device))
+        seg = _segment_offsets(srcs, action_index, B, H * Da, Da, device)
+        x = ln_linear(sources[0], w1, bias(0), **ln(0), activation=activation,
+                      segment_offsets=seg, segment_align=_common_align(srcs),
+                      out=_alloc((M, hid), wdtype, device))
     else:  # segments must be multiples of 16 elements: gather a compact row buffer instead
         rows = torch.stack([
-            (t if not by_index else t.gather(1, action_index[:, :, None].expand(-1, -1, D)))
-            for t, by_index in sources])
-        x = ln_linear(rows.reshape(M, Da * D), m.fc1.weight, m.fc1.bias,
-                      **_ln_args(m.layer_norm1), normalize=True, activation=act,
-                      input_precision=input_precision, out=_alloc((M, hid), wdtype, device))
+            (t if not by else t.gather(1, action_index[:, :, None].expand(-1, -1, D)))
+            for t, by in srcs])
+        x = ln_linear(rows.reshape(M, Da * D), w1, bias(0), **ln(0), activation=activation,
+                      out=_alloc((M, hid), wdtype, device))
     spare = _alloc((M, hid), wdtype, device)
-    for blk in m.mlp_resnet_blocks:
-        y = ln_linear(x, blk.ffn[1].weight, blk.ffn[1].bias, **_ln_args(blk.ffn[0]),
-                      normalize=True, activation=act, residual=x, out=spare,
-                      input_precision=input_precision)
+    for i in range(1, nb + 1):
+        y = ln_linear(x, params[4 * i + 2], bias(i), **ln(i), activation=activation, residual=x,
+                      out=spare)
         x, spare = y, x
     y = _alloc((Lp, B, H, Da), wdtype, device)
-    ln_linear(x, m.fc2.weight, m.fc2.bias, **_ln_args(m.layer_norm2), normalize=True,
-              input_precision=input_precision, out=y.view(M, Da))
+    ln_linear(x, params[4 * nb + 6], bias(nb + 1), **ln(nb + 1), out=y.view(M, Da))
     return y
+
+
+@layer_actions_op.register_fake
+def _layer_actions_fake(sources, by_index, action_index, params, eps, activation,
+                        input_precision, H, Da):
+    return sources[0].new_empty((len(sources), sources[0].shape[0], H, Da), dtype=params[2].dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ summed afterwards):
                                  dx = rstd * (da*g - mean_k(da*g) - xhat * mean_k(da*g*xhat)),
                                  one program per row block (pass 1 over K: da, row sums, an fp32
                                  dxhat scratch; pass 2: dx); dgamma/dbeta partials per row block
-``LNLinearFunction`` (autograd) runs ``ln_linear`` forward (saving mean/rstd) and this backward.
+``ln_linear_autograd`` (the custom ops ``energy_train::ln_linear_fwd`` / ``ln_linear_bwd``, with
+registered fakes and autograd) runs ``ln_linear`` forward (saving mean/rstd) and this backward.
 ``residual`` is added in the forward, so its gradient is dy itself.
 """
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -249,63 +251,122 @@ def ln_linear_backward(dy, x, weight, bias=None, *, ln_weight=None, ln_bias=None
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **launch)
     dg = dbeta = None
     if need_parts:  # fixed-order sums of the per-row-block partials: deterministic
-        sums = parts.sum(dim=1)
-        dg = sums[0].to(ln_weight.dtype) if ln_weight is not None else None
-        dbeta = sums[1].to(ln_bias.dtype) if ln_bias is not None else None
+        # two separate sums: dgamma and dbeta must not be views of one buffer (a custom op's
+        # outputs may not alias each other)
+        dg = parts[0].sum(dim=0).to(ln_weight.dtype) if ln_weight is not None else None
+        dbeta = parts[1].sum(dim=0).to(ln_bias.dtype) if ln_bias is not None else None
     return dx, dw, db, dg, dbeta
 
 
-class LNLinearFunction(torch.autograd.Function):
-    """Differentiable ``ln_linear``: y (..., N) = act(LN(x) @ W^T + b) [+ residual], x (..., K).
+# --------------------------------------------------------------------------------------------
+# the differentiable op: torch.library custom ops with registered fakes and autograd
+# --------------------------------------------------------------------------------------------
+# Why custom_op + register_fake (not triton_op): torch.compile (any backend) traces a user's
+# code with fake tensors; a custom op is then one node whose output metadata comes from the
+# registered fake, so the graph has no break and the kernels run only on real tensors. That
+# works on CUDA (the Triton kernels compiled) and on the CPU (the same kernels under
+# TRITON_INTERPRET=1), so the CPU tests check compile-traceability of exactly the op that runs on
+# the GPU. A triton_op's automatic fake re-runs the launcher under fake tensors, which under the
+# interpreter reaches the data pointers (design section 8). APIs used: torch 2.4+.
+def _none_if_empty(t, present: bool):
+    return t if present else None
 
-    apply(x, weight, bias, ln_weight, ln_bias, residual, ln_eps, normalize, activation,
-    input_precision). Forward: the Triton ``ln_linear`` (saving the LayerNorm mean/rstd).
-    Backward: the pre-activation is recomputed by ``ln_linear`` from the saved statistics (no
-    (M, N) activation kept alive), then ``ln_linear_backward``. Gradients for every tensor
-    input that requires one; the residual's is dy.
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, ln_weight, ln_bias, residual, ln_eps, normalize, activation,
-                input_precision):
-        from . import ln_linear
-        K, N = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(-1, K)
-        res2 = residual.reshape(-1, N) if residual is not None else None
-        kw = dict(ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps, normalize=normalize,
-                  input_precision=input_precision)
-        mean = rstd = None
-        if normalize:
-            y, mean, rstd = ln_linear(x2, weight, bias, activation=activation, residual=res2,
-                                      return_stats=True, **kw)
-        else:
-            y = ln_linear(x2, weight, bias, activation=activation, residual=res2, **kw)
-        ctx.save_for_backward(x2, weight, bias, ln_weight, ln_bias, mean, rstd)
-        ctx.cfg = (ln_eps, normalize, activation, input_precision, x.shape)
-        return y.reshape(*x.shape[:-1], N)
+@torch.library.custom_op("energy_train::ln_linear_fwd", mutates_args=())
+def ln_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                     residual: Optional[torch.Tensor], ln_eps: float, normalize: bool,
+                     activation: str, input_precision: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K), residual (M, N) -> y (M, N) in weight.dtype, mean and rstd (M,) fp32 (empty
+    (0,) without ``normalize``)."""
+    from . import ln_linear
+    kw = dict(ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps, normalize=normalize,
+              activation=activation, residual=residual, input_precision=input_precision)
+    if normalize:
+        return ln_linear(x, weight, bias, return_stats=True, **kw)
+    y = ln_linear(x, weight, bias, **kw)
+    none = x.new_empty((0,), dtype=torch.float32)
+    return y, none, none.clone()
 
-    @staticmethod
-    def backward(ctx, dy):
-        from . import ln_linear
-        x2, weight, bias, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
-        ln_eps, normalize, activation, prec, x_shape = ctx.cfg
-        dy2 = dy.reshape(-1, weight.shape[0])
-        h = None
-        if activation != "none":  # recompute the pre-activation (the forward GEMM again)
-            h = ln_linear(x2, weight, bias, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps,
-                          normalize=normalize, input_precision=prec, out_dtype=torch.float32,
-                          stats=(mean, rstd) if normalize else None)
-        dx, dw, db, dg, dbeta = ln_linear_backward(
-            dy2, x2, weight, bias, ln_weight=ln_weight, ln_bias=ln_bias, normalize=normalize,
-            mean=mean, rstd=rstd, h=h, activation=activation,
-            needs_dx=ctx.needs_input_grad[0], input_precision=prec)
-        dres = dy if ctx.needs_input_grad[5] else None
-        return (dx.reshape(x_shape) if dx is not None else None, dw, db, dg, dbeta, dres,
-                None, None, None, None)
+
+@ln_linear_fwd_op.register_fake
+def _ln_linear_fwd_fake(x, weight, bias, ln_weight, ln_bias, residual, ln_eps, normalize,
+                        activation, input_precision):
+    M, N = x.shape[0], weight.shape[0]
+    stats = x.new_empty((M if normalize else 0,), dtype=torch.float32)
+    return x.new_empty((M, N), dtype=weight.dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("energy_train::ln_linear_bwd", mutates_args=())
+def ln_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor],
+                     ln_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                     ln_eps: float, normalize: bool, activation: str, needs_dx: bool,
+                     input_precision: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx (M, K), dW, db, dgamma, dbeta; an absent gradient is an empty (0,) tensor (custom
+    ops return tensors only). The pre-activation is recomputed from the saved statistics."""
+    from . import ln_linear
+    h = None
+    if activation != "none":  # recompute the pre-activation (the forward GEMM again)
+        h = ln_linear(x, weight, bias, ln_weight=ln_weight, ln_bias=ln_bias, ln_eps=ln_eps,
+                      normalize=normalize, input_precision=input_precision,
+                      out_dtype=torch.float32, stats=(mean, rstd) if normalize else None)
+    grads = ln_linear_backward(
+        dy, x, weight, bias, ln_weight=ln_weight, ln_bias=ln_bias, normalize=normalize,
+        mean=mean if normalize else None, rstd=rstd if normalize else None, h=h,
+        activation=activation, needs_dx=needs_dx, input_precision=input_precision)
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)  # a fresh one each: no aliasing
+
+
+@ln_linear_bwd_op.register_fake
+def _ln_linear_bwd_fake(dy, x, weight, bias, ln_weight, ln_bias, mean, rstd, ln_eps, normalize,
+                        activation, needs_dx, input_precision):
+    empty = x.new_empty((0,))
+    dx = torch.empty_like(x) if needs_dx else empty
+    db = torch.empty_like(bias) if bias is not None else empty.clone()
+    dg = torch.empty_like(ln_weight) if (normalize and ln_weight is not None) else empty.clone()
+    dbeta = torch.empty_like(ln_bias) if (normalize and ln_bias is not None) else empty.clone()
+    return dx, torch.empty_like(weight), db, dg, dbeta
+
+
+def _ln_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, ln_weight, ln_bias, residual, ln_eps, normalize, activation, prec = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, ln_weight, ln_bias, mean, rstd)
+    ctx.cfg = (ln_eps, normalize, activation, prec)
+    ctx.present = (bias is not None, ln_weight is not None, ln_bias is not None,
+                   residual is not None)
+
+
+def _ln_linear_backward(ctx, dy, dmean, drstd):
+    x, weight, bias, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+    ln_eps, normalize, activation, prec = ctx.cfg
+    has_b, has_g, has_beta, has_res = ctx.present
+    needs_dx = ctx.needs_input_grad[0]
+    dx, dw, db, dg, dbeta = ln_linear_bwd_op(dy.contiguous(), x, weight, bias, ln_weight, ln_bias,
+                                             mean, rstd, ln_eps, normalize, activation, needs_dx,
+                                             prec)
+    return (_none_if_empty(dx, needs_dx), dw, _none_if_empty(db, has_b),
+            _none_if_empty(dg, has_g), _none_if_empty(dbeta, has_beta),
+            dy if has_res else None, None, None, None, None)
+
+
+ln_linear_fwd_op.register_autograd(_ln_linear_backward, setup_context=_ln_linear_setup_context)
 
 
 def ln_linear_autograd(x, weight, bias=None, *, ln_weight=None, ln_bias=None, ln_eps=1e-5,
                        normalize=False, activation="none", residual=None, input_precision="ieee"):
-    """Functional form of :class:`LNLinearFunction` (keyword arguments as ``ln_linear``)."""
-    return LNLinearFunction.apply(x, weight, bias, ln_weight, ln_bias, residual, ln_eps,
-                                  normalize, activation, input_precision)
+    """Differentiable ``ln_linear``: y (..., N) = act(LN(x) @ W^T + b) [+ residual], x (..., K).
+
+    Forward: the Triton ``ln_linear`` (saving the LayerNorm mean/rstd). Backward: the
+    pre-activation is recomputed from the saved statistics (no (M, N) activation kept alive),
+    then ``ln_linear_backward``. Gradients for every tensor input that requires one; the
+    residual's is dy. Traceable by torch.compile with fullgraph=True (one op node each way).
+    """
+    K, N = x.shape[-1], weight.shape[0]
+    res2 = residual.reshape(-1, N) if residual is not None else None
+    y, _, _ = ln_linear_fwd_op(x.reshape(-1, K), weight, bias, ln_weight, ln_bias, res2,
+                               float(ln_eps), bool(normalize), activation, input_precision)
+    return y.reshape(*x.shape[:-1], N)
