@@ -98,3 +98,20 @@ def test_nan_batch_readback_check(tmp_path):
         train(cfg, tmp_path / "run", data=_nan_data(cfg, "expert"), **QUIET)
     assert not is_complete(tmp_path / "run")
     assert (tmp_path / "run" / "error.txt").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda(tmp_path):
+    """--resume on CUDA: the state is loaded with map_location=cuda, which puts the saved RNG
+    states on the GPU; torch.(cuda.)set_rng_state needs CPU ByteTensors (a TypeError before)."""
+    kw = dict(strategy="two_phase", steps=4, device="cuda", overlap=True)
+    assert train(tiny_cfg(**kw), tmp_path / "full", **QUIET).complete
+    assert not train(tiny_cfg(stop_after=2, **kw), tmp_path / "half", **QUIET).complete
+    resumed = train(tiny_cfg(**kw), tmp_path / "half", resume=True, overrides={"stop_after": 0},
+                    **QUIET)
+    assert resumed.complete
+    for a, b in zip(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "half")):
+        for k in a:  # same maths; cuBLAS/atomics may differ in the last bits between runs
+            err = (a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-12)
+            assert err < 1e-4, (k, float(err))
