@@ -115,3 +115,29 @@ def test_resume_on_cuda(tmp_path):
         for k in a:  # same maths; cuBLAS/atomics may differ in the last bits between runs
             err = (a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-12)
             assert err < 1e-4, (k, float(err))
+
+
+class _CrashAt(TaskData):
+    """A dataset whose batch of step ``crash`` raises (a crash in the middle of a run)."""
+    crash = -1
+
+    def batch(self, step, *a, **k):
+        if step == self.crash:
+            raise KeyboardInterrupt("simulated crash")
+        return super().batch(step, *a, **k)
+
+
+def test_metrics_survive_a_crash_after_an_unaligned_checkpoint(tmp_path):
+    """ckpt_every not a multiple of log_every: the steps before the checkpoint must be in
+    metrics.jsonl when a crash after it is resumed (they were lost: never flushed)."""
+    kw = dict(steps=6, log_every=4, ckpt_every=3)
+    cfg = tiny_cfg(**kw)
+    train(cfg, tmp_path / "full", **QUIET)
+    data = _CrashAt(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size)
+    data.crash = 3  # the 4th step: after the checkpoint at step 3, before the flush at step 4
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "crashed", data=data, **QUIET)
+    assert train(cfg, tmp_path / "crashed", resume=True, **QUIET).complete
+    full, crashed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "crashed")
+    assert [r["step"] for r in crashed] == [r["step"] for r in full] == list(range(6))
+    assert [r["l1"] for r in crashed] == [r["l1"] for r in full]

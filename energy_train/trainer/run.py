@@ -254,7 +254,9 @@ def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device) -> RunResu
     last = {}
     while trainer.step < target:
         trainer.train_step()
-        if trainer.step % cfg.log_every == 0 or trainer.step == target:
+        ckpt_due = bool(cfg.ckpt_every) and trainer.step % cfg.ckpt_every == 0 and trainer.step != target
+        # flush before a checkpoint too: a resume from it keeps only the records written so far
+        if trainer.step % cfg.log_every == 0 or trainer.step == target or ckpt_due:
             records = trainer.flush()  # under torchrun: a collective (mean over ranks)
             if main:
                 _append(metrics_path, records)
@@ -262,7 +264,7 @@ def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device) -> RunResu
             last = {k: v for r in records for k, v in r.items() if k in ("l1", "energy_loss", "rank_acc")}
             bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
             bar.update(trainer.step - bar.n)
-        if cfg.ckpt_every and trainer.step % cfg.ckpt_every == 0 and trainer.step != target:
+        if ckpt_due:
             _checkpoint(trainer, run_dir)
     bar.close()
     _checkpoint(trainer, run_dir)
