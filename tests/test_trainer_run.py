@@ -141,3 +141,28 @@ def test_metrics_survive_a_crash_after_an_unaligned_checkpoint(tmp_path):
     full, crashed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "crashed")
     assert [r["step"] for r in crashed] == [r["step"] for r in full] == list(range(6))
     assert [r["l1"] for r in crashed] == [r["l1"] for r in full]
+
+
+def test_resaving_a_step_never_leaves_latest_dangling(tmp_path, monkeypatch):
+    """Saving step N again (a --resume of a run stopped at N) replaces step_N: a crash between
+    removing the old directory and renaming the new one into place must leave a loadable
+    checkpoint (latest.json pointed at the removed directory before)."""
+    import os
+
+    from energy_train.trainer import checkpoint as ck
+
+    theta, phi = {"w": torch.ones(3)}, {"v": torch.zeros(2)}
+    ck.save_checkpoint(tmp_path, 2, theta, phi, {"step": 2})
+    real = os.replace
+
+    def crash_on_dir(src, dst):
+        if os.path.isdir(src):
+            raise OSError("simulated crash")
+        return real(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", crash_on_dir)
+    with pytest.raises(OSError, match="simulated"):
+        ck.save_checkpoint(tmp_path, 2, {"w": torch.full((3,), 2.0)}, phi, {"step": 2})
+    monkeypatch.setattr(ck.os, "replace", real)
+    step, th, _, state = load_checkpoint(tmp_path)
+    assert step == 2 and state["step"] == 2 and torch.equal(th["w"], torch.full((3,), 2.0))
