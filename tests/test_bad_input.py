@@ -106,3 +106,14 @@ def test_backend_errors():
     with pytest.raises(NotImplementedError, match="no_such_op: the Triton kernel is not available"):
         resolve_backend("no_such_op", "triton", torch.device("cpu"), "fn")
     assert resolve_backend("no_such_op", "auto", torch.device("cpu"), "fn") == "eager"
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_energy_scores_too_many_chunk_steps(backend, monkeypatch):
+    """H beyond the positional table: a clear error naming candidates on both backends (the
+    Triton path used to fail inside an expand with a message naming no argument)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    m = EnergyModel(D, Da, hidden=8, heads=2, max_steps=4)
+    c, mask, _ = _energy_args()
+    with pytest.raises(ValueError, match=r"candidates: at most 4 chunk steps \(dim 2\), got shape \(2, 3, 5, 3\)"):
+        energy_scores(m, c, mask, torch.randn(B, 3, 5, Da), backend=backend)

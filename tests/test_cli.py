@@ -118,3 +118,14 @@ def test_toml_config_fills_the_dataclass_and_flags_win(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["strategy"] == "alternating" and cfg["alternate_every"] == 1
     assert cfg["seed"] == 6 and cfg["steps"] == 2 and cfg["d_model"] == TINY["d_model"]
+
+
+def test_plain_resume_continues_a_stopped_run(tmp_path):
+    """`--stop-after K`, then the command the trainer prints (`--resume --out DIR`, no new
+    --stop-after) runs to the end; it used to stop at once at K and print the same advice."""
+    out = tmp_path / "run"
+    args = ["train", "--steps", "4", "--out", str(out), "--no-progress", *_sets(TINY)]
+    assert main([*args, "--stop-after", "2"]) == 0
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert (out / "complete.json").is_file()
+    assert json.loads((out / "config.json").read_text())["stop_after"] == 0

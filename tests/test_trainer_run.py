@@ -98,3 +98,71 @@ def test_nan_batch_readback_check(tmp_path):
         train(cfg, tmp_path / "run", data=_nan_data(cfg, "expert"), **QUIET)
     assert not is_complete(tmp_path / "run")
     assert (tmp_path / "run" / "error.txt").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda(tmp_path):
+    """--resume on CUDA: the state is loaded with map_location=cuda, which puts the saved RNG
+    states on the GPU; torch.(cuda.)set_rng_state needs CPU ByteTensors (a TypeError before)."""
+    kw = dict(strategy="two_phase", steps=4, device="cuda", overlap=True)
+    assert train(tiny_cfg(**kw), tmp_path / "full", **QUIET).complete
+    assert not train(tiny_cfg(stop_after=2, **kw), tmp_path / "half", **QUIET).complete
+    resumed = train(tiny_cfg(**kw), tmp_path / "half", resume=True, overrides={"stop_after": 0},
+                    **QUIET)
+    assert resumed.complete
+    for a, b in zip(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "half")):
+        for k in a:  # same maths; cuBLAS/atomics may differ in the last bits between runs
+            err = (a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-12)
+            assert err < 1e-4, (k, float(err))
+
+
+class _CrashAt(TaskData):
+    """A dataset whose batch of step ``crash`` raises (a crash in the middle of a run)."""
+    crash = -1
+
+    def batch(self, step, *a, **k):
+        if step == self.crash:
+            raise KeyboardInterrupt("simulated crash")
+        return super().batch(step, *a, **k)
+
+
+def test_metrics_survive_a_crash_after_an_unaligned_checkpoint(tmp_path):
+    """ckpt_every not a multiple of log_every: the steps before the checkpoint must be in
+    metrics.jsonl when a crash after it is resumed (they were lost: never flushed)."""
+    kw = dict(steps=6, log_every=4, ckpt_every=3)
+    cfg = tiny_cfg(**kw)
+    train(cfg, tmp_path / "full", **QUIET)
+    data = _CrashAt(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size)
+    data.crash = 3  # the 4th step: after the checkpoint at step 3, before the flush at step 4
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "crashed", data=data, **QUIET)
+    assert train(cfg, tmp_path / "crashed", resume=True, **QUIET).complete
+    full, crashed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "crashed")
+    assert [r["step"] for r in crashed] == [r["step"] for r in full] == list(range(6))
+    assert [r["l1"] for r in crashed] == [r["l1"] for r in full]
+
+
+def test_resaving_a_step_never_leaves_latest_dangling(tmp_path, monkeypatch):
+    """Saving step N again (a --resume of a run stopped at N) replaces step_N: a crash between
+    removing the old directory and renaming the new one into place must leave a loadable
+    checkpoint (latest.json pointed at the removed directory before)."""
+    import os
+
+    from energy_train.trainer import checkpoint as ck
+
+    theta, phi = {"w": torch.ones(3)}, {"v": torch.zeros(2)}
+    ck.save_checkpoint(tmp_path, 2, theta, phi, {"step": 2})
+    real = os.replace
+
+    def crash_on_dir(src, dst):
+        if os.path.isdir(src):
+            raise OSError("simulated crash")
+        return real(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", crash_on_dir)
+    with pytest.raises(OSError, match="simulated"):
+        ck.save_checkpoint(tmp_path, 2, {"w": torch.full((3,), 2.0)}, phi, {"step": 2})
+    monkeypatch.setattr(ck.os, "replace", real)
+    step, th, _, state = load_checkpoint(tmp_path)
+    assert step == 2 and state["step"] == 2 and torch.equal(th["w"], torch.full((3,), 2.0))

@@ -132,6 +132,9 @@ class EnergyModel(nn.Module):
         check_tensor("context", context, ndim=3, shape={2: self.state_dim}, floating=True)
         B, S = context.shape[:2]
         check_tensor("candidates", candidates, ndim=4, shape={0: B, 3: self.act_dim}, floating=True)
+        if candidates.shape[2] > self.pe_layer.P.shape[0]:  # both backends index the table
+            raise ValueError(f"candidates: at most {self.pe_layer.P.shape[0]} chunk steps (dim 2), "
+                             f"got shape {tuple(candidates.shape)}")
         if pad_mask is not None:
             check_tensor("pad_mask", pad_mask, ndim=2, shape={0: B, 1: S}, dtype=torch.bool)
         check_same_device(context=context, pad_mask=pad_mask, candidates=candidates)

@@ -74,7 +74,9 @@ def save_checkpoint(run_dir: str | Path, step: int, theta: dict[str, torch.Tenso
     }
     _write(tmp / "meta.json", json.dumps({"step": step, "sha256": digests}, indent=1).encode())
     _fsync_dir(tmp)
-    if final.exists():
+    if final.exists():  # re-saving a step (e.g. --resume of a stopped run): latest.json may
+        # point at `final`; point it at the complete tmp copy while `final` is replaced
+        atomic_write_text(root / "latest.json", json.dumps({"step": step, "dir": tmp.name}))
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)

@@ -341,9 +341,11 @@ class Trainer:
         self.opt_phi.load_state_dict(state["opt_phi"])
         self.sched_theta.load_state_dict(state["sched_theta"])
         self.sched_phi.load_state_dict(state["sched_phi"])
-        torch.set_rng_state(state["rng"]["torch"])
+        # RNG states must be CPU ByteTensors: run.py loads the state with map_location=device,
+        # which moves them to the GPU on CUDA ("RNG state must be a torch.ByteTensor")
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.strategy.load_state_dict(state["strategy"], self.device)
         self.step = int(state["step"])
         if self.cfg.probe_every:  # re-seed the drift reference from the restored weights

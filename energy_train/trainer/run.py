@@ -14,6 +14,7 @@ every rank waits at a barrier), every rank resumes from the same files.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -191,7 +192,8 @@ def train(cfg: TrainConfig, out=None, *, resume: bool = False, overrides: dict |
     if cfg.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, run_dir, resume, data, echo, ctx, device)
+        return _train(cfg, run_dir, resume, data, echo, ctx, device,
+                      keep_stop="stop_after" in ov)
     except BaseException as e:
         e2 = e if ctx is None else distributed.explain(e, ctx, cfg.dist_timeout)
         if ctx is None or ctx.rank == 0:
@@ -214,7 +216,8 @@ def _checkpoint(trainer: Trainer, run_dir: Path) -> None:
     trainer.dp.barrier()
 
 
-def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device) -> RunResult:
+def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device,
+           keep_stop: bool = False) -> RunResult:
     t_start = time.perf_counter()
     main = ctx is None or ctx.rank == 0
     if not main:
@@ -238,6 +241,10 @@ def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device) -> RunResu
         step, theta, phi, state = load_checkpoint(run_dir, map_location=device)  # every rank
         trainer.load(theta, phi, distributed.per_rank_state(state, trainer.dp))
         trainer.dp.barrier()  # every rank has read the files before rank 0 rewrites any
+        if cfg.stop_after and cfg.stop_after <= step and not keep_stop:
+            # the saved stop point is reached: a plain --resume continues to cfg.steps (else it
+            # would stop at once and suggest the same --resume again)
+            cfg = trainer.cfg = dataclasses.replace(cfg, stop_after=0)
         if main:
             for name in ("complete.json", "error.txt"):
                 (run_dir / name).unlink(missing_ok=True)
@@ -254,7 +261,9 @@ def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device) -> RunResu
     last = {}
     while trainer.step < target:
         trainer.train_step()
-        if trainer.step % cfg.log_every == 0 or trainer.step == target:
+        ckpt_due = bool(cfg.ckpt_every) and trainer.step % cfg.ckpt_every == 0 and trainer.step != target
+        # flush before a checkpoint too: a resume from it keeps only the records written so far
+        if trainer.step % cfg.log_every == 0 or trainer.step == target or ckpt_due:
             records = trainer.flush()  # under torchrun: a collective (mean over ranks)
             if main:
                 _append(metrics_path, records)
@@ -262,7 +271,7 @@ def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device) -> RunResu
             last = {k: v for r in records for k, v in r.items() if k in ("l1", "energy_loss", "rank_acc")}
             bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
             bar.update(trainer.step - bar.n)
-        if cfg.ckpt_every and trainer.step % cfg.ckpt_every == 0 and trainer.step != target:
+        if ckpt_due:
             _checkpoint(trainer, run_dir)
     bar.close()
     _checkpoint(trainer, run_dir)
