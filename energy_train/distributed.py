@@ -230,9 +230,12 @@ class Parallel(Local):
         else:
             mods.insert(0, trainer.model)
         for m in mods:
-            # DDP's constructor broadcasts rank 0's parameters: all ranks start identical.
-            # (The models hold no buffers, so its per-forward buffer sync does nothing.)
-            self.wrapped[id(m)] = nn.parallel.DistributedDataParallel(Apply(m), device_ids=ids)
+            # DDP's constructor broadcasts rank 0's parameters and buffers: all ranks start
+            # identical. The only buffers (the energy model's positional table and gate_a) are
+            # constants, so the per-forward buffer broadcast is turned off: no collective
+            # rides along with every energy forward.
+            self.wrapped[id(m)] = nn.parallel.DistributedDataParallel(
+                Apply(m), device_ids=ids, broadcast_buffers=False)
 
     # ---- forward/backward ------------------------------------------------------------------
     def call(self, module, fn, *args):

@@ -22,10 +22,11 @@ def _final_weights(run_dir):
 
 @pytest.mark.parametrize("strategy", ["two_phase", "cached_negatives", "adaptive_weights"])
 def test_resume_is_bitwise(tmp_path, strategy):
-    """N steps == N/2 steps, stop, --resume for N/2 steps: theta, phi and every loss."""
+    """N steps == stop after 4, --resume for the rest: theta, phi, every loss and the drift
+    (the stop is between two probes: the drift reference travels in the checkpoint)."""
     cfg = tiny_cfg(strategy=strategy, steps=6, cache_refresh=2, adaptive_window=2, probe_every=3)
     assert train(cfg, tmp_path / "full", **QUIET).complete
-    half = train(tiny_cfg(strategy=strategy, steps=6, stop_after=3, cache_refresh=2,
+    half = train(tiny_cfg(strategy=strategy, steps=6, stop_after=4, cache_refresh=2,
                           adaptive_window=2, probe_every=3), tmp_path / "half", **QUIET)
     assert not half.complete and not is_complete(tmp_path / "half")
     resumed = train(cfg, tmp_path / "half", resume=True, overrides={"stop_after": 0}, **QUIET)
@@ -35,7 +36,8 @@ def test_resume_is_bitwise(tmp_path, strategy):
         assert all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "half")
     assert [r["step"] for r in ma] == [r["step"] for r in mb]
-    for key in ("l1", "energy_loss", "rank_acc", "probe_l1"):
+    assert any(r.get("drift_context") is not None for r in ma if r["step"] > 4)
+    for key in ("l1", "energy_loss", "rank_acc", "probe_l1", "drift_context", "drift_negatives"):
         assert [r.get(key) for r in ma] == [r.get(key) for r in mb], key
 
 

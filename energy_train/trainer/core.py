@@ -333,7 +333,11 @@ class Trainer:
         return {"step": self.step, "data_position": self.step, "opt_theta": self.opt_theta.state_dict(),
                 "opt_phi": self.opt_phi.state_dict(), "sched_theta": self.sched_theta.state_dict(),
                 "sched_phi": self.sched_phi.state_dict(), "rng": rng,
-                "strategy": self.strategy.state_dict(), "config": self.cfg.to_dict()}
+                "strategy": self.strategy.state_dict(), "config": self.cfg.to_dict(),
+                # the drift reference, so the first drift after a resume is the uninterrupted one
+                "probe_prev": (None if self._probe_prev is None else
+                               {"context": self._probe_prev[0], "negatives": self._probe_prev[1],
+                                "step": self._probe_step})}
 
     def load(self, theta: dict, phi: dict, state: dict) -> None:
         self.dp.load_theta(self, theta, state["opt_theta"])  # FSDP: into the shards
@@ -348,5 +352,9 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.strategy.load_state_dict(state["strategy"], self.device)
         self.step = int(state["step"])
-        if self.cfg.probe_every:  # re-seed the drift reference from the restored weights
+        prev = state.get("probe_prev")
+        if prev is not None:
+            self._probe_prev = (prev["context"].to(self.device), prev["negatives"].to(self.device))
+            self._probe_step = int(prev["step"])
+        elif self.cfg.probe_every:  # older checkpoints: re-seed from the restored weights
             self.probe()
