@@ -168,3 +168,7 @@ def test_resaving_a_step_never_leaves_latest_dangling(tmp_path, monkeypatch):
     monkeypatch.setattr(ck.os, "replace", real)
     step, th, _, state = load_checkpoint(tmp_path)
     assert step == 2 and state["step"] == 2 and torch.equal(th["w"], torch.full((3,), 2.0))
+    # the next save (any process) leaves no stale temporary copy behind
+    ck.save_checkpoint(tmp_path, 3, theta, phi, {"step": 3})
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+    assert load_checkpoint(tmp_path)[0] == 3

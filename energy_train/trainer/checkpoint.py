@@ -84,6 +84,9 @@ def save_checkpoint(run_dir: str | Path, step: int, theta: dict[str, torch.Tenso
     for old in sorted(root.glob("step_*"))[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+    # latest.json now names `final`: any temporary copy is stale (e.g. left by a crash mid-save)
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
