@@ -23,6 +23,27 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_kv_tile(K, V, PAD, b, offs_n, col, d_ok, n_k, stride_kb, stride_kn, stride_vb,
+                  stride_vn, stride_pb, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V tiles (BLOCK_N, BLOCK_D) of keys ``offs_n`` of sample ``b`` in the head's columns
+    ``col``, and which of those keys are valid (in range and not padded)."""
+    in_range = offs_n < n_k
+    valid = in_range
+    if HAS_PAD:
+        pad = tl.load(PAD + b * stride_pb + offs_n, mask=in_range, other=1)
+        valid = valid & (pad == 0)
+    kv_mask = in_range[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kn + col[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + col[None, :],
+                mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v, valid
+
+
+@triton.jit
 def _energy_attn_fwd_kernel(
     Q, K, V, PAD, O, LSE,
     stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_pb,
@@ -50,19 +71,8 @@ def _energy_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, n_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = offs_n < n_k
-        valid = in_range
-        if HAS_PAD:
-            pad = tl.load(PAD + b * stride_pb + offs_n, mask=in_range, other=1)
-            valid = valid & (pad == 0)
-        kv_mask = in_range[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kn + col[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + col[None, :],
-                    mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v, valid = _load_kv_tile(K, V, PAD, b, offs_n, col, d_ok, n_k, stride_kb, stride_kn,
+                                    stride_vb, stride_vn, stride_pb, HAS_PAD, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -151,19 +161,8 @@ def _energy_attn_bwd_dq_kernel(
             do = do.to(tl.float32)
         for start_n in range(0, n_k, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            in_range = offs_n < n_k
-            valid = in_range
-            if HAS_PAD:
-                pad = tl.load(PAD + b * stride_pb + offs_n, mask=in_range, other=1)
-                valid = valid & (pad == 0)
-            kv_mask = in_range[:, None] & d_ok[None, :]
-            k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kn + col[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + col[None, :],
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v, valid = _load_kv_tile(K, V, PAD, b, offs_n, col, d_ok, n_k, stride_kb, stride_kn,
+                                        stride_vb, stride_vn, stride_pb, HAS_PAD, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
             p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -191,21 +190,11 @@ def _energy_attn_bwd_dkdv_kernel(
     h = pid_bh % n_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    in_range = offs_n < n_k
     d_ok = offs_d < head_dim
     col = h * head_dim + offs_d
-    valid = in_range
-    if HAS_PAD:
-        pad = tl.load(PAD + b * stride_pb + offs_n, mask=in_range, other=1)
-        valid = valid & (pad == 0)
-    kv_mask = in_range[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kn + col[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + col[None, :], mask=kv_mask,
-                other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    kv_mask = (offs_n < n_k)[:, None] & d_ok[None, :]  # for the dK/dV stores
+    k, v, valid = _load_kv_tile(K, V, PAD, b, offs_n, col, d_ok, n_k, stride_kb, stride_kn,
+                                stride_vb, stride_vn, stride_pb, HAS_PAD, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     row = pid_bh * n_q
@@ -272,14 +261,16 @@ def _attn_cfgs():
                               **strides, stride_dob=64 * E, stride_dom=E, stride_dqb=64 * E,
                               stride_dqm=E, n_batch=8, n_heads=heads, n_q=64, n_k=600,
                               head_dim=64, qk_scale=0.18, sm_scale=0.125),
-                    constexprs=dict(SHARED_Q=shared, **common), num_warps=4, num_stages=2, expect_wgmma=True))
+                    constexprs=dict(SHARED_Q=shared, **common), num_warps=4, num_stages=2,
+                    expect_wgmma=True))
             out.append(dict(
                 name=f"energy.attn_bwd_dkdv.{tag}", kernel=_energy_attn_bwd_dkdv_kernel,
                 args=dict(Q=p, K=p, V=p, PAD="*u8", DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p,
                           **strides, stride_dob=64 * E, stride_dom=E, stride_dkb=600 * E,
                           stride_dkn=E, stride_dvb=600 * E, stride_dvn=E, n_heads=heads,
                           n_q=64, n_k=600, head_dim=64, qk_scale=0.18, sm_scale=0.125),
-                constexprs=common, num_warps=8 if dt == "fp32" else 4, num_stages=2, expect_wgmma=True))
+                constexprs=common, num_warps=8 if dt == "fp32" else 4, num_stages=2,
+                expect_wgmma=True))
     return out
 
 
