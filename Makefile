@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-gpu bench resources clean
+.PHONY: setup train test test-gpu bench resources runtime runtime-test clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -28,6 +28,18 @@ bench: $(STAMP)
 # registers / spills / shared memory / wgmma (TRITON_INTERPRET must be unset).
 resources: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m bench.resources
+
+# The C++ runtime of the trained verifier (CMakeLists.txt, runtime/): libenergy_train_runtime,
+# et-verify and runtime_tests in $(RUNTIME_BUILD), against the venv's torch (libtorch from the wheel).
+RUNTIME_BUILD ?= build/runtime
+runtime: $(STAMP)
+	cmake -S . -B $(RUNTIME_BUILD) -DCMAKE_BUILD_TYPE=Release -DET_PYTHON=$(abspath $(PY)) \
+	  $$(command -v ninja >/dev/null && echo -G Ninja)
+	cmake --build $(RUNTIME_BUILD) -j $$(nproc)
+
+# Export a small trained model, build, run et-verify and ctest, compare with Python.
+runtime-test: $(STAMP)
+	$(PY) -m pytest -q tests/test_runtime.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -34,9 +34,12 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile-worker pool
-    bench = mod.make_benchmark(device, quick=args.quick,
-                               cpu_shapes=args.cpu_shapes or device.type != "cuda")
-    run_benchmark(bench, device, args.out, args.tag)
+    if hasattr(mod, "run_standalone"):  # times outside the harness (e.g. a C++ process)
+        mod.run_standalone(device, args.quick, args.out, args.tag)
+    else:
+        bench = mod.make_benchmark(device, quick=args.quick,
+                                   cpu_shapes=args.cpu_shapes or device.type != "cuda")
+        run_benchmark(bench, device, args.out, args.tag)
     print(f"results under {args.out}/")
     return 0
 

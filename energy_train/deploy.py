@@ -62,21 +62,25 @@ class ExportError(RuntimeError):
     """The compiled package does not reproduce eager (see ``export_verifier(check=True)``)."""
 
 
+#: preferred tracing sizes (clamped into each range); distinct so no two dims are confused
+EXAMPLES = {"batch": 3, "context_len": 50, "candidates": 5}
+
+
 @dataclass(frozen=True)
 class _Range:
     name: str
     lo: int
     hi: int
 
-    @property
-    def example(self) -> int:
-        """A tracing size strictly inside the range where it can be (never an end, never 1)."""
-        if self.hi - self.lo < 2:
-            return self.hi
-        return min(self.hi - 1, max(self.lo + 1, self.lo + (self.hi - self.lo) // 8, 3))
+    def example(self, preferred: int) -> int:
+        """A tracing size: ``preferred`` clamped to the range, off its ends where it can be,
+        and >= 2 where it can be (torch.export specialises a dim traced at size 1)."""
+        lo, hi = (self.lo + 1, self.hi - 1) if self.hi - self.lo >= 2 else (self.lo, self.hi)
+        return min(hi, max(lo, 2, preferred))
 
-    def dim(self) -> torch.export.Dim:
-        return torch.export.Dim(self.name, min=self.lo, max=self.hi)
+    def dim(self) -> torch.export.Dim | None:
+        """The export Dim; None (a static size) when min == max."""
+        return None if self.lo == self.hi else torch.export.Dim(self.name, min=self.lo, max=self.hi)
 
 
 def _range(name: str, value) -> _Range:
@@ -96,6 +100,7 @@ def _range(name: str, value) -> _Range:
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (what manifest.json records per package)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -137,44 +142,45 @@ def _trace_correct(model, steps, alpha, clip_frac, example):
         return make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
 
 
-def _inputs(B, S, C, H, Da, D, dtype, device, generator, correct: bool):
-    context = torch.randn(B, S, D, generator=generator).to(device=device, dtype=dtype)
-    pad_mask = torch.rand(B, S, generator=generator) < 0.25
-    pad_mask[:, 0] = False  # every sample keeps a key
-    shape = (B, H, Da) if correct else (B, C, H, Da)
-    acts = torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
-    return context, pad_mask.to(device), acts
+@dataclass
+class _Plan:
+    """Validated arguments of an export and the model copy it traces."""
+    model: EnergyModel
+    H: int
+    Da: int
+    ranges: dict
+    examples: dict
+    steps: int
+    alpha: float
+    clip_frac: float
+    device: torch.device
+    dtype: torch.dtype
+    functions: tuple
+
+    def inputs(self, name: str, B: int, S: int, C: int, generator: torch.Generator):
+        """Random (context, pad_mask, candidates | actions) of the given sizes."""
+        D = self.model.state_dim
+        context = torch.randn(B, S, D, generator=generator)
+        pad_mask = torch.rand(B, S, generator=generator) < 0.25
+        pad_mask[:, 0] = False  # every sample keeps a key
+        shape = (B, self.H, self.Da) if name == "correct" else (B, C, self.H, self.Da)
+        moving = torch.randn(*shape, generator=generator)
+        return (context.to(self.device, self.dtype), pad_mask.to(self.device),
+                moving.to(self.device, self.dtype))
+
+    def eager(self, name: str, *args) -> torch.Tensor:
+        if name == "correct":
+            return correct_actions(self.model, *args, alpha=self.alpha, steps=self.steps,
+                                   clip_frac=self.clip_frac, backend="eager")
+        return energy_scores(self.model, *args, backend="eager")
 
 
-def _spec(name: str, dtype: str, shape: list) -> dict:
-    return {"name": name, "dtype": dtype, "shape": shape}
-
-
-def export_verifier(energy_model: EnergyModel, *, path: str | Path,
-                    chunk: tuple[int, int], context_len=1024, batch=64, candidates=256,
-                    steps: int = 1, alpha: float = 0.1, clip_frac: float = 0.2,
-                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    functions: Sequence[str] = FUNCTIONS, check: bool = True) -> Path:
-    """Compile ``score`` and ``correct`` of ``energy_model`` into AOTInductor packages in
-    ``path`` and write ``path/manifest.json``; returns the manifest's path.
-
-    Args:
-        energy_model: the trained EnergyModel (copied; the original is not changed).
-        path: output directory (created; existing package files are replaced).
-        chunk: (H, Da), the action chunk's steps and dims (Da must be the model's act_dim).
-        context_len, batch, candidates: dynamic ranges of S, B and C: an int N for [1, N] or a
-            (min, max) pair. Inputs outside them are refused by the C++ runtime.
-        steps, alpha, clip_frac: the correction (``correct_actions``), fixed in the package.
-        device: "cpu" or a CUDA device; the package runs there only.
-        dtype: the model's and the inputs' floating dtype (context, candidates, actions).
-        functions: which of ("score", "correct") to export.
-        check: run each compiled package at sizes other than the tracing sizes and compare it
-            with eager (relative error <= 1e-5 in fp32); raises ExportError otherwise.
-    """
+def _plan(energy_model, chunk, context_len, batch, candidates, steps, alpha, clip_frac, device,
+          dtype, functions, examples) -> _Plan:
     if not isinstance(energy_model, EnergyModel):
         raise TypeError(f"energy_model: expected an EnergyModel, got {type(energy_model).__name__}")
     if (not isinstance(chunk, Sequence) or len(chunk) != 2
-            or not all(isinstance(v, int) and v >= 1 for v in chunk)):
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in chunk)):
         raise ValueError(f"chunk: expected (H, Da), two positive ints, got {chunk!r}")
     H, Da = chunk
     if Da != energy_model.act_dim:
@@ -194,17 +200,80 @@ def export_verifier(energy_model: EnergyModel, *, path: str | Path,
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu or cuda, got {device}")
-    unknown = [f for f in functions if f not in FUNCTIONS]
-    if unknown or not functions:
+    functions = tuple(functions)
+    if not functions or any(f not in FUNCTIONS for f in functions):
         raise ValueError(f"functions: expected a non-empty subset of {FUNCTIONS}, got {functions!r}")
-
+    preferred = dict(EXAMPLES, **(examples or {}))
+    if set(preferred) != set(EXAMPLES):
+        raise ValueError(f"examples: expected keys among {sorted(EXAMPLES)}, got {sorted(examples)}")
     model = copy.deepcopy(energy_model).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _Plan(model, H, Da, ranges, {k: r.example(preferred[k]) for k, r in ranges.items()},
+                 steps, float(alpha), float(clip_frac), device, dtype, functions)
+
+
+def _programs(plan: _Plan) -> dict:
+    b, s, c = (plan.ranges[k].dim() for k in ("batch", "context_len", "candidates"))
+    ex = plan.examples
+    out = {}
+    for name in plan.functions:
+        gen = torch.Generator().manual_seed(0)
+        example = plan.inputs(name, ex["batch"], ex["context_len"], ex["candidates"], gen)
+        if name == "correct":
+            module = _Graph(_trace_correct(plan.model, plan.steps, plan.alpha, plan.clip_frac,
+                                           example))
+            dims = ({0: b, 1: s}, {0: b, 1: s}, {0: b})
+        else:
+            module = _Score(plan.model)
+            dims = ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: c})
+        out[name] = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
+    return out
+
+
+def export_programs(energy_model: EnergyModel, *, chunk: tuple[int, int], context_len=1024,
+                    batch=64, candidates=256, steps: int = 1, alpha: float = 0.1,
+                    clip_frac: float = 0.2, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, functions: Sequence[str] = FUNCTIONS,
+                    examples: dict | None = None) -> dict:
+    """The ``torch.export`` programs that ``export_verifier`` compiles, by function name
+    ({"score": ..., "correct": ...}); same arguments. Their ``.module()`` computes exactly the
+    eager ops (the same aten calls; bitwise equal on the CPU)."""
+    return _programs(_plan(energy_model, chunk, context_len, batch, candidates, steps, alpha,
+                           clip_frac, device, dtype, functions, examples))
+
+
+def _spec(name: str, dtype: str, shape: list) -> dict:
+    return {"name": name, "dtype": dtype, "shape": shape}
+
+
+def export_verifier(energy_model: EnergyModel, *, path: str | Path,
+                    chunk: tuple[int, int], context_len=1024, batch=64, candidates=256,
+                    steps: int = 1, alpha: float = 0.1, clip_frac: float = 0.2,
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    functions: Sequence[str] = FUNCTIONS, examples: dict | None = None,
+                    check: bool = True) -> Path:
+    """Compile ``score`` and ``correct`` of ``energy_model`` into AOTInductor packages in
+    ``path`` and write ``path/manifest.json``; returns the manifest's path.
+
+    Args:
+        energy_model: the trained EnergyModel (copied; the original is not changed).
+        path: output directory (created; existing package files are replaced).
+        chunk: (H, Da), the action chunk's steps and dims (Da must be the model's act_dim).
+        context_len, batch, candidates: dynamic ranges of S, B and C: an int N for [1, N] or a
+            (min, max) pair. Inputs outside them are refused by the C++ runtime.
+        steps, alpha, clip_frac: the correction (``correct_actions``), fixed in the package.
+        device: "cpu" or a CUDA device; the package runs there only.
+        dtype: the model's and the inputs' floating dtype (context, candidates, actions).
+        functions: which of ("score", "correct") to export.
+        examples: tracing sizes {"batch", "context_len", "candidates"} (default EXAMPLES,
+            clamped into the ranges); on CUDA the kernels are tuned for them.
+        check: run each compiled package at sizes other than the tracing sizes and compare it
+            with eager (relative error <= 1e-5 in fp32); raises ExportError otherwise.
+    """
+    plan = _plan(energy_model, chunk, context_len, batch, candidates, steps, alpha, clip_frac,
+                 device, dtype, functions, examples)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    D, dt = model.state_dim, DTYPES[dtype]
-    b, s, c = ranges["batch"], ranges["context_len"], ranges["candidates"]
-    ex = dict(B=b.example, S=s.example, C=c.example)
-    gen = torch.Generator().manual_seed(0)
+    D, dt, H, Da = plan.model.state_dim, DTYPES[plan.dtype], plan.H, plan.Da
     context_spec = [_spec("context", dt, ["batch", "context_len", D]),
                     _spec("pad_mask", "bool", ["batch", "context_len"])]
     specs = {
@@ -213,9 +282,10 @@ def export_verifier(energy_model: EnergyModel, *, path: str | Path,
         "correct": dict(inputs=context_spec + [_spec("actions", dt, ["batch", H, Da])],
                         output=_spec("actions", dt, ["batch", H, Da])),
     }
+    model = plan.model
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "torch": torch.__version__, "device": device.type, "dtype": dt,
+        "torch": torch.__version__, "device": plan.device.type, "dtype": dt,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "exported": "the eager path (backend='eager') of energy_scores / correct_actions as "
                     "aten ops compiled by AOTInductor; the Triton custom ops are not inside",
@@ -223,35 +293,26 @@ def export_verifier(energy_model: EnergyModel, *, path: str | Path,
                       heads=model.heads, output=model.output,
                       activation=model.state_linear.activation),
         "chunk": [H, Da],
-        "dims": {r.name: [r.lo, r.hi] for r in ranges.values()},
-        "correction": dict(steps=steps, alpha=float(alpha), clip_frac=float(clip_frac)),
+        "dims": {r.name: [r.lo, r.hi] for r in plan.ranges.values()},
+        "examples": plan.examples,
+        "correction": dict(steps=plan.steps, alpha=plan.alpha, clip_frac=plan.clip_frac),
         "functions": {},
     }
-    for name in functions:
-        correct = name == "correct"
-        example = _inputs(ex["B"], ex["S"], ex["C"], H, Da, D, dtype, device, gen, correct)
-        B, S, C = b.dim(), s.dim(), c.dim()
-        dims = ({0: B, 1: S}, {0: B, 1: S}, {0: B} if correct else {0: B, 1: C})
-        if correct:
-            module = _Graph(_trace_correct(model, steps, float(alpha), float(clip_frac), example))
-        else:
-            module = _Score(model)
-        program = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
+    tmp_dir = out / ".tmp"
+    tmp_dir.mkdir(exist_ok=True)
+    for name, program in _programs(plan).items():
         spec = dict(specs[name], file=f"{name}.pt2")
         # the function's spec travels inside the package too: a manifest edited to widen a
         # range or change a dtype no longer matches what the package says it was compiled for
         meta = {"energy_train.spec": json.dumps(_embedded_spec(manifest, spec), sort_keys=True)}
-        target = out / spec["file"]
-        tmp = out / ".tmp" / spec["file"]  # the package's inner name is its file's stem
-        tmp.parent.mkdir(exist_ok=True)
+        tmp = tmp_dir / spec["file"]  # the package's inner name is its file's stem
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": meta})
         if check:
-            _check_package(tmp, model, name, ranges, ex, H, Da, D, dtype, device,
-                           steps, float(alpha), float(clip_frac))
-        os.replace(tmp, target)
+            _check_package(plan, name, tmp)
+        os.replace(tmp, out / spec["file"])
         manifest["functions"][name] = spec
-    (out / ".tmp").rmdir()
+    tmp_dir.rmdir()
     manifest["files"] = {spec["file"]: sha256_file(out / spec["file"])
                          for spec in manifest["functions"].values()}
     tmp = out / ".manifest.json.tmp"
@@ -267,27 +328,23 @@ def _embedded_spec(manifest: dict, spec: dict) -> dict:
                 dims={d: manifest["dims"][d] for d in dims})
 
 
-def _check_package(pkg, model, name, ranges, ex, H, Da, D, dtype, device, steps, alpha, clip):
+def _check_package(plan: _Plan, name: str, package: Path) -> None:
     """Run the compiled package at sizes other than the tracing sizes; compare with eager."""
     from torch._inductor import aoti_load_package
 
     from .testing import relative_error
 
-    runner = aoti_load_package(str(pkg))
-    b, s, c = ranges["batch"], ranges["context_len"], ranges["candidates"]
+    runner = aoti_load_package(str(package))
+    b, s, c = (plan.ranges[k] for k in ("batch", "context_len", "candidates"))
     sizes = {(b.lo, s.lo, c.lo), (min(b.lo + 1, b.hi), min(s.lo + 2, s.hi), min(c.lo + 1, c.hi))}
-    sizes -= {(ex["B"], ex["S"], ex["C"])}
+    ex = plan.examples
+    sizes.discard((ex["batch"], ex["context_len"], ex["candidates"]))
     gen = torch.Generator().manual_seed(1)
     for B, S, C in sorted(sizes):
-        args = _inputs(B, S, C, H, Da, D, dtype, device, gen, name == "correct")
-        if name == "correct":
-            ref = correct_actions(model, *args, alpha=alpha, steps=steps, clip_frac=clip,
-                                  backend="eager")
-        else:
-            ref = energy_scores(model, *args, backend="eager")
-        got = runner(*args)
+        args = plan.inputs(name, B, S, C, gen)
+        ref, got = plan.eager(name, *args), runner(*args)
         err = relative_error(ref, got) if got.shape == ref.shape else float("inf")
-        if not err <= CHECK_TOLERANCE[dtype]:
+        if not err <= CHECK_TOLERANCE[plan.dtype]:
             raise ExportError(
                 f"{name}: the compiled package disagrees with eager at batch={B}, "
                 f"context_len={S}" + ("" if name == "correct" else f", candidates={C}")

@@ -1,6 +1,7 @@
 #include "energy_train/verifier.h"
 
 #include <ATen/Context.h>
+#include <ATen/Version.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/InferenceMode.h>
 #include <nlohmann/json.hpp>
@@ -8,6 +9,7 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/version.h>
 
+#include <cctype>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -130,8 +132,7 @@ void check_inputs(const std::string& fn, const FunctionSpec& spec, const Manifes
     const c10::ScalarType want = scalar_type(s.dtype);
     if (t.scalar_type() != want)
       throw InputError(who + ": expected dtype " + s.dtype + ", got " +
-                       dtype_name(t.scalar_type()) + " (the package was exported for " +
-                       s.dtype + ")");
+                       dtype_name(t.scalar_type()));
     if (t.device().type() != (m.device == "cuda" ? c10::DeviceType::CUDA : c10::DeviceType::CPU))
       throw InputError(who + ": expected a " + m.device + " tensor, got one on " +
                        t.device().str() + " (the package was exported for " + m.device + ")");
@@ -197,6 +198,25 @@ json embedded_spec(const FunctionSpec& spec, const Manifest& m) {
               {"inputs", json::array()}};
   for (const auto& t : spec.inputs) out["inputs"].push_back(tensor_json(t));
   return out;
+}
+
+// A CPU package's kernels are compiled for the exporting machine's vector ISA (AOTInductor's
+// AOTI_CPU_ISA, e.g. "AVX512 AVX512_VNNI"); on a CPU without it they would die on an illegal
+// instruction. Refuse instead when this CPU's ATen capability (DEFAULT < AVX2 < AVX512) is lower.
+void check_cpu_isa(const std::string& dir, const std::string& file,
+                   const std::unordered_map<std::string, std::string>& meta) {
+  auto it = meta.find("AOTI_CPU_ISA");
+  if (it == meta.end()) return;
+  std::string isa = it->second.substr(0, it->second.find(' '));
+  for (auto& c : isa) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  const std::string cpu = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ...
+  const auto rank = [](const std::string& x) {
+    return x == "AVX512" ? 2 : x == "AVX2" ? 1 : 0;
+  };
+  if (rank(isa) > rank(cpu))
+    throw PackageError("verifier " + dir + ": " + file + " was compiled for " + it->second +
+                       " and this CPU runs ATen at " + cpu +
+                       " (or ATEN_CPU_CAPABILITY lowers it): re-export on a machine like this one");
 }
 
 int parse_major_minor(const std::string& v, int* minor) {
@@ -369,16 +389,15 @@ Verifier::Verifier(const std::string& dir, VerifierOptions options) : impl_(new 
                            m.files.at(spec.file) + ", got " + sha +
                            "): the file was modified or truncated");
     }
-    std::unique_ptr<torch::inductor::AOTIModelPackageLoader> pkg;
+    // read the package's metadata before loading its shared library
+    std::unordered_map<std::string, std::string> meta;
     try {
-      pkg = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-          path, "model", /*run_single_threaded=*/false, /*num_runners=*/1,
-          static_cast<c10::DeviceIndex>(options.device_index));
+      meta = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
     } catch (const std::exception& e) {
-      throw PackageError("verifier " + dir + ": cannot load " + spec.file + ": " + e.what());
+      throw PackageError("verifier " + dir + ": cannot read " + spec.file + ": " + e.what());
     }
+    if (m.device == "cpu") check_cpu_isa(dir, spec.file, meta);
     // the package's own record of its signature must be the manifest's
-    const auto meta = pkg->get_metadata();
     auto it = meta.find(kSpecKey);
     if (it == meta.end())
       throw PackageError("verifier " + dir + ": " + spec.file +
@@ -395,6 +414,14 @@ Verifier::Verifier(const std::string& dir, VerifierOptions options) : impl_(new 
       throw PackageError("verifier " + dir + ": manifest.json does not describe " + spec.file +
                          ": the package was compiled for " + embedded.dump() +
                          ", the manifest says " + mine.dump());
+    std::unique_ptr<torch::inductor::AOTIModelPackageLoader> pkg;
+    try {
+      pkg = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+          path, "model", /*run_single_threaded=*/false, /*num_runners=*/1,
+          static_cast<c10::DeviceIndex>(options.device_index));
+    } catch (const std::exception& e) {
+      throw PackageError("verifier " + dir + ": cannot load " + spec.file + ": " + e.what());
+    }
     impl_->packages.emplace(name, std::move(pkg));
   }
 }
