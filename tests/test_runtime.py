@@ -13,6 +13,7 @@ one is missing the tests are skipped with the reason - except under CI=true, whe
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -137,18 +138,14 @@ def _et_verify(rt: Runtime, command: str, inputs: dict, tmp_path: Path, *extra):
 
 
 def _eager(model, name, x, dtype=torch.float32):
-    m = model if dtype == torch.float32 else _as(model, dtype)
+    """energy_scores / correct_actions of ``model`` (a float64 copy for dtype=float64)."""
+    m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     args = [x["context"].to(dtype), x["pad_mask"]]
     if name == "correct":
         return correct_actions(m, *args, x["actions"].to(dtype), steps=STEPS, alpha=ALPHA,
                                clip_frac=CLIP, backend="eager")
     with torch.no_grad():
         return energy_scores(m, *args, x["candidates"].to(dtype), backend="eager")
-
-
-def _as(model, dtype):
-    import copy
-    return copy.deepcopy(model).to(dtype)
 
 
 def _report(name, ref, out):
@@ -163,21 +160,15 @@ SHAPES = [(1, 1, 1), (3, 17, 5), (8, 48, 16)]  # (B, S, C): both ends of every e
 @pytest.mark.parametrize("B,S,C", SHAPES, ids=lambda v: str(v))
 def test_et_verify_matches_python(runtime, trained, tmp_path, B, S, C):
     x = _inputs(B, S, C, seed=B * 100 + S)
-    r, out = _et_verify(runtime, "score", x, tmp_path)
-    assert r.returncode == 0, r.stderr
-    ref = _eager(trained, "score", x)
-    _report(f"score B{B}-S{S}-C{C} vs energy_scores", ref, out["energies"])
-    assert_close("score vs energy_scores", ref, out["energies"], torch.float32)
-    assert_close("score vs float64 eager", _eager(trained, "score", x, torch.float64),
-                 out["energies"], torch.float32)
-
-    r, out = _et_verify(runtime, "correct", x, tmp_path)
-    assert r.returncode == 0, r.stderr
-    ref = _eager(trained, "correct", x)
-    _report(f"correct B{B}-S{S} vs correct_actions", ref, out["actions"])
-    assert_close("correct vs correct_actions", ref, out["actions"], torch.float32)
-    assert_close("correct vs float64 eager", _eager(trained, "correct", x, torch.float64),
-                 out["actions"], torch.float32)
+    for command, output, oracle in (("score", "energies", "energy_scores"),
+                                    ("correct", "actions", "correct_actions")):
+        r, out = _et_verify(runtime, command, x, tmp_path)
+        assert r.returncode == 0, r.stderr
+        ref = _eager(trained, command, x)
+        _report(f"{command} B{B}-S{S}-C{C} vs {oracle}", ref, out[output])
+        assert_close(f"{command} vs {oracle}", ref, out[output], torch.float32)
+        assert_close(f"{command} vs float64 eager", _eager(trained, command, x, torch.float64),
+                     out[output], torch.float32)
     if S > 1:  # with one key the attention weights, the energy's only path to the actions, are 1
         assert not torch.equal(out["actions"], x["actions"])
 
@@ -220,8 +211,8 @@ def test_manifest_describes_the_packages(runtime, trained):
     assert m["functions"]["correct"]["output"]["shape"] == ["batch", H, DA]
     for file, sha in m["files"].items():
         assert hashlib.sha256((runtime.verifier / file).read_bytes()).hexdigest() == sha
-    for b, s, c in ((m["examples"]["batch"], m["examples"]["context_len"], m["examples"]["candidates"]),):
-        assert 1 < b < RANGES["batch"][1] and 1 < s < RANGES["context_len"][1] and 1 < c
+    for dim, (lo, hi) in RANGES.items():  # traced off the range ends
+        assert lo < m["examples"][dim] < hi
 
 
 def _copy(runtime, tmp_path) -> Path:
