@@ -22,8 +22,9 @@ non-strict export leaves fake tensors among the program's constants; strict expo
 ``trace_autograd_ops`` leaks them into the outputs), so ``correct_actions`` - forward,
 ``autograd.grad`` and the clipped step, ``steps`` times - is first traced by ``make_fx`` into a
 graph of aten ops with symbolic shapes, and that graph is exported and compiled. The graph IS
-``correct_actions``: the same calls, so eager equality holds by construction and is checked
-below and in tests/test_runtime.py.
+``correct_actions``: the same calls (with common subexpressions merged: the context is encoded
+once for all steps), so eager equality holds by construction and is checked below and in
+tests/test_runtime.py.
 
 AOTInductor may specialise a dynamic dimension to the example size while it compiles (a small
 example batch met a size-dependent decomposition of a tiny matrix product and the package
@@ -130,16 +131,33 @@ class _Graph(torch.nn.Module):
 
 def _trace_correct(model, steps, alpha, clip_frac, example):
     """correct_actions as a graph of aten ops (forward, autograd.grad, step) with symbolic
-    shapes. Duck sizing is off so that equal example sizes (e.g. batch == H) stay separate."""
+    shapes. Duck sizing is off so that equal example sizes (e.g. batch == H) stay separate.
+
+    correct_actions encodes the context again at every step: the same ops on the same inputs.
+    Merging common subexpressions (after pointing every use of a weight at one node) leaves one
+    context encoding for all steps - the same values, k times less of the dominant cost."""
     import torch.fx.experimental._config as fx_config
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
     def fn(context, pad_mask, actions):
         return correct_actions(model, context, pad_mask, actions, alpha=alpha, steps=steps,
                                clip_frac=clip_frac, backend="eager")
 
     with fx_config.patch(use_duck_shape=False):
-        return make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+        gm = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+    first, targets = {}, set()  # make_fx gives each use of a weight its own attribute node
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":
+            targets.add(node.target)
+            keep = first.setdefault(id(getattr(gm, node.target)), node)
+            if keep is not node:
+                node.replace_all_uses_with(keep)
+                gm.graph.erase_node(node)
+    for name in targets - {node.target for node in first.values()}:
+        delattr(gm, name)
+    gm.recompile()
+    return CSEPass()(gm).graph_module
 
 
 @dataclass

@@ -15,6 +15,9 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   # The GPU image may have no registry: install the package alone, its deps come from the system.
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
     || "$VENV/bin/python" -m pip install -q --no-deps -e .
+  # headers for the C++ runtime (CMakeLists.txt); without them its tests are skipped
+  "$VENV/bin/python" -m pip install -q --timeout 5 --retries 0 "nlohmann-json>=3.11" 2>/dev/null \
+    || echo "setup: nlohmann-json not installed (no registry?): the C++ runtime will not build"
 else
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel

@@ -107,11 +107,11 @@ def runtime(tmp_path_factory, trained) -> Runtime:
     build, verifier = root / "build", root / "verifier"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     # no CMAKE_BUILD_TYPE: unoptimised, quicker to compile; the numerics live in the packages
-    configure = ["cmake", "-S", ROOT, "-B", build, *generator, f"-DET_PYTHON={sys.executable}"]
+    r = _run(["cmake", "-S", ROOT, "-B", build, *generator, f"-DET_PYTHON={sys.executable}"])
+    assert r.returncode == 0, "CMake configure failed:\n" + r.stdout[-3000:] + r.stderr[-3000:]
     log = open(root / "build.log", "w")
-    proc = subprocess.Popen(
-        ["bash", "-c", " ".join(f"'{c}'" for c in configure)
-         + f" && cmake --build '{build}' -j 2"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(["cmake", "--build", str(build), "-j", "2"], stdout=log,
+                            stderr=subprocess.STDOUT)
     try:  # export while CMake builds
         with torch._inductor.config.patch(compile_threads=1):
             deploy.export_verifier(trained, path=verifier, chunk=(H, DA), steps=STEPS, alpha=ALPHA,
