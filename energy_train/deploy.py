@@ -23,8 +23,12 @@ non-strict export leaves fake tensors among the program's constants; strict expo
 ``autograd.grad`` and the clipped step, ``steps`` times - is first traced by ``make_fx`` into a
 graph of aten ops with symbolic shapes, and that graph is exported and compiled. The graph IS
 ``correct_actions``: the same calls (with common subexpressions merged: the context is encoded
-once for all steps), so eager equality holds by construction and is checked below and in
-tests/test_runtime.py.
+once for all steps), so the graph equals eager bitwise (tests/test_runtime.py); the compiled
+package equals it within fp32 rounding (its kernels sum in another order).
+
+A package runs only with the exporting torch's major.minor version, on the exported device
+kind and, on the CPU, on processors with the vector ISA it was compiled for (AOTInductor's
+``AOTI_CPU_ISA`` metadata, e.g. AVX512); the C++ runtime refuses anything else.
 
 AOTInductor may specialise a dynamic dimension to the example size while it compiles (a small
 example batch met a size-dependent decomposition of a tiny matrix product and the package
