@@ -32,11 +32,12 @@ import torch
 
 from bench.harness import Benchmark, Case, Provider
 from bench.llama_like import DecoderVLA
-from energy_train.config import TrainConfig, apply
+from energy_train.config import default_config
 from energy_train.data import TaskData
 from energy_train.models import EnergyModel, L1RegressionActionHead
+from energy_train.policies.tiny import TinyPolicy
 from energy_train.telemetry import GpuTelemetry
-from energy_train.trainer import Trainer, build_models
+from energy_train.trainer import Trainer, build_trainer
 
 PROVIDERS = {
     "joint": dict(strategy="joint"),
@@ -56,29 +57,20 @@ PHASES = ("step", "phase1", "opt_theta", "phase2", "phase2_read")
 
 
 def make_trainer(spec: dict, provider: str, device: torch.device) -> Trainer:
-    cfg = apply(TrainConfig(), dict(PROVIDERS[provider], batch_size=spec["B"], steps=100_000,
-                                    warmup_steps=0, probe_every=0, log_every=10 ** 9,
-                                    progress=False, energy_loss="explicit", device=str(device)),
-                "bench").validate()
+    cfg = default_config(**PROVIDERS[provider], batch_size=spec["B"], steps=100_000,
+                         warmup_steps=0, probe_every=0, log_every=10 ** 9, progress=False,
+                         energy_loss="explicit", device=str(device))
     if spec["kind"] == "tiny":
-        data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size,
-                        device=device)
-        return Trainer(cfg, *build_models(cfg, device), data, device)
+        return build_trainer(cfg, device)
     torch.manual_seed(0)
     with torch.device(device):
         model = DecoderVLA(d_model=spec["d_model"], n_layers=spec["n_layers"], n_heads=spec["n_heads"],
                            kv_heads=spec["kv_heads"], ffn=spec["ffn"], image_size=spec["image_size"])
         head = L1RegressionActionHead(spec["d_model"], spec["head_hidden"], 7, 8)
         energy = EnergyModel(spec["d_model"], 7, hidden=512, heads=8)
-    model, head = model.to(torch.bfloat16), head.to(torch.bfloat16)
-    data = TaskData(0, 64, 8, image_size=spec["image_size"], device=device)
-    return Trainer(cfg, model, head, energy, data, device)
-
-
-def _forget(t: Trainer) -> None:
-    """Drop the kept metrics/events without reading them back (no sync)."""
-    t.meter._steps.clear()
-    t.timer._pending.clear()
+    policy = TinyPolicy(model.to(torch.bfloat16), head.to(torch.bfloat16))
+    data = TaskData(0, 64, 8, batch_size=spec["B"], image_size=spec["image_size"], device=device)
+    return build_trainer(cfg, device, policy=policy, energy=energy, data=data)
 
 
 def _factory(provider: str):
@@ -93,7 +85,7 @@ def _factory(provider: str):
         def step():
             t.train_step()
             if t.step % 32 == 0:
-                _forget(t)
+                t.discard_metrics()  # no read-back (no sync) while timing
         return step
     return factory
 

@@ -45,7 +45,8 @@ def test_checkpoint_contents_and_corruption(tmp_path):
     res = train(tiny_cfg(steps=2), tmp_path / "run", **QUIET)
     step, theta, phi, state = load_checkpoint(res.run_dir)
     assert step == 2 and state["step"] == 2 and "opt_theta" in state and "rng" in state
-    assert any(k.startswith("vla.") for k in theta) and any(k.startswith("head.") for k in theta)
+    assert any(k.startswith("backbone.") for k in theta)
+    assert any(k.startswith("action_head.") for k in theta)
     assert "cross.in_proj_weight" in phi
     assert not list((res.run_dir / "checkpoints").glob(".tmp*")), "temporary files left behind"
     ckpt = res.run_dir / "checkpoints" / "step_0000002" / "theta.safetensors"
@@ -79,8 +80,14 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
         train(tiny_cfg(steps=2), tmp_path / "run", **QUIET)
 
 
+def _task(cfg, cls=TaskData):
+    p = cfg.policy
+    return cls(cfg.run.seed, p.dataset_size, p.probe_size, batch_size=cfg.run.batch_size,
+               image_size=p.image_size)
+
+
 def _nan_data(cfg, field="images", row=5):
-    data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size)
+    data = _task(cfg)
     data.train[field][row].view(-1)[3] = float("nan")
     return data
 
@@ -135,7 +142,7 @@ def test_metrics_survive_a_crash_after_an_unaligned_checkpoint(tmp_path):
     kw = dict(steps=6, log_every=4, ckpt_every=3)
     cfg = tiny_cfg(**kw)
     train(cfg, tmp_path / "full", **QUIET)
-    data = _CrashAt(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size)
+    data = _task(cfg, _CrashAt)
     data.crash = 3  # the 4th step: after the checkpoint at step 3, before the flush at step 4
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "crashed", data=data, **QUIET)

@@ -5,9 +5,8 @@ import copy
 
 import torch
 
-from energy_train.config import TrainConfig, apply
-from energy_train.data import TaskData
-from energy_train.trainer import Trainer, build_models
+from energy_train.config import TrainConfig, default_config
+from energy_train.trainer import Trainer, build_trainer
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, head_hidden=32, energy_hidden=32, energy_heads=2,
             batch_size=4, dataset_size=32, probe_size=6, image_size=8, patch_size=4, steps=4,
@@ -15,14 +14,11 @@ TINY = dict(d_model=32, n_layers=2, n_heads=2, head_hidden=32, energy_hidden=32,
 
 
 def tiny_cfg(**kw) -> TrainConfig:
-    return apply(TrainConfig(), {**TINY, **kw}, "test").validate()
+    return default_config(**{**TINY, **kw})
 
 
-def make_trainer(cfg: TrainConfig) -> Trainer:
-    dev = torch.device("cpu")
-    data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, num_objects=cfg.num_objects,
-                    image_size=cfg.image_size, chunk=cfg.chunk, device=dev)
-    return Trainer(cfg, *build_models(cfg, dev), data, dev)
+def make_trainer(cfg: TrainConfig, **kw) -> Trainer:
+    return build_trainer(cfg, torch.device(cfg.run.device if cfg.run.device != "auto" else "cpu"), **kw)
 
 
 def snapshot(params) -> list[torch.Tensor]:
@@ -37,5 +33,6 @@ def grads(params):
     return [None if p.grad is None else p.grad.detach().clone() for p in params]
 
 
-def deepcopy_theta(t: Trainer):
-    return copy.deepcopy(t.model), copy.deepcopy(t.head)
+def deepcopy_policy(t: Trainer):
+    """A frozen copy of theta_k: the policy with copies of its modules."""
+    return copy.deepcopy(t.policy)

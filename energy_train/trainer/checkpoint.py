@@ -1,5 +1,13 @@
-"""Atomic checkpoints: weights as safetensors, everything else (optimizers, schedulers, RNG,
-step, strategy state) in a torch.save file.
+"""Checkpoint I/O, all of it: what is saved and under which names, gathering shards and
+per-rank state, and the atomic files.
+
+- ``theta.safetensors``: theta's TRAINABLE tensors only (a frozen base is never written),
+  named ``backbone.<name>``, ``action_head.<name>``, ``extras.<key>.<name>`` - the module's own
+  parameter names behind its prefix, so ``policy.backbone.load_state_dict(sub, strict=False)``
+  (or peft's ``set_peft_model_state_dict``) loads them back (:func:`split_theta`).
+- ``phi.safetensors``: the energy model's state_dict.
+- ``state.pt``: optimizers, schedulers, RNG, step, strategy state, the drift reference; under
+  torchrun each rank's RNG and strategy state in ``state["ranks"]``.
 
 Layout: ``<run>/checkpoints/step_<N>/{theta.safetensors, phi.safetensors, state.pt, meta.json}``
 and ``<run>/checkpoints/latest.json``. A checkpoint is written into a temporary directory next
@@ -126,3 +134,109 @@ def load_checkpoint(run_dir: str | Path, map_location="cpu"):
     except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt checkpoint
         raise CheckpointError(f"--resume: checkpoint in {ckpt} cannot be decoded ({e})") from None
     return int(meta["step"]), theta, phi, state
+
+
+# --------------------------------------------------------------------------------------------
+# what a trainer saves, and loading it back
+# --------------------------------------------------------------------------------------------
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value (an FSDP DTensor is gathered: a collective on every rank)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def theta_state(policy) -> dict[str, torch.Tensor]:
+    """theta's trainable tensors by checkpoint name (CPU)."""
+    return {name: _full(p).cpu() for name, p in policy.named_trainable()}
+
+
+def split_theta(theta: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{"backbone": {...}, "action_head": {...}, "extras.<key>": {...}} of a theta state."""
+    out: dict[str, dict] = {}
+    for k, v in theta.items():
+        prefix, _, name = k.partition(".")
+        if prefix == "extras":
+            key, _, name = name.partition(".")
+            prefix = f"extras.{key}"
+        out.setdefault(prefix, {})[name] = v
+    return out
+
+
+@torch.no_grad()
+def load_theta_state(policy, theta: dict[str, torch.Tensor]) -> None:
+    """Copy a theta state into the policy's trainable parameters (FSDP shards included);
+    the names must match exactly."""
+    params = dict(policy.named_trainable())
+    missing, unexpected = sorted(set(params) - set(theta)), sorted(set(theta) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"--resume: the checkpoint's theta does not match the policy's "
+                              f"trainable parameters (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]})")
+    for name, p in params.items():
+        value = theta[name]
+        if hasattr(p, "device_mesh"):  # an FSDP DTensor: this rank's shard of the full value
+            from torch.distributed.tensor import distribute_tensor
+            value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
+        if tuple(value.shape) != tuple(p.shape):
+            raise CheckpointError(f"--resume: theta tensor {name}: expected shape "
+                                  f"{tuple(p.shape)}, got {tuple(value.shape)}")
+        p.copy_(value)
+
+
+def _cpu(obj):
+    return torch.utils._pytree.tree_map(
+        lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, obj)
+
+
+def payload(trainer):
+    """(theta, phi, state) to save, on rank 0; None on the others (a collective under
+    torchrun: FSDP shards are gathered, per-rank RNG and strategy state collected)."""
+    dp = trainer.dp
+    state = trainer.state_dict()
+    main_or_sharded = dp.is_main or dp.fsdp  # gathering FSDP shards is a collective
+    theta = theta_state(trainer.policy) if main_or_sharded else None
+    phi = dict(trainer.energy.state_dict())
+    if dp.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+        state["opt_theta"] = get_optimizer_state_dict(
+            trainer.policy.root(), trainer.opt_theta,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dp.active:
+        ranks = dp.gather_object(_cpu({"rng": state["rng"], "strategy": state["strategy"]}))
+        if not dp.is_main:
+            return None
+        state["ranks"] = ranks
+    return theta, phi, state
+
+
+def save(trainer, run_dir: str | Path) -> None:
+    """Rank 0 writes (atomically) what every rank contributed; every rank waits for it."""
+    out = payload(trainer)
+    if trainer.dp.is_main:
+        save_checkpoint(run_dir, trainer.step, *out)
+    trainer.dp.barrier()
+
+
+def restore(trainer, run_dir: str | Path) -> int:
+    """Load the latest checkpoint of ``run_dir`` into the trainer (every rank); its step."""
+    step, theta, phi, state = load_checkpoint(run_dir, map_location=trainer.device)
+    dp = trainer.dp
+    ranks = state.pop("ranks", None)
+    written = 1 if ranks is None else len(ranks)
+    if written != dp.world_size:
+        raise CheckpointError(f"--resume: the checkpoint was written by {written} process(es), "
+                              f"this run has {dp.world_size}; resume with the same world size")
+    if ranks is not None:
+        state["rng"], state["strategy"] = ranks[dp.rank]["rng"], ranks[dp.rank]["strategy"]
+    load_theta_state(trainer.policy, theta)
+    if dp.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+        set_optimizer_state_dict(trainer.policy.root(), trainer.opt_theta, state["opt_theta"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        trainer.opt_theta.load_state_dict(state["opt_theta"])
+    trainer.energy.load_state_dict(phi)
+    trainer.load_state_dict(state)
+    return step

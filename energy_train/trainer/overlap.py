@@ -55,7 +55,7 @@ class PhaseStreams:
         main = torch.cuda.current_stream(self.device)
         self.side.wait_event(main.record_event())  # R(k): after opt_theta(k) and batch k
         for mb in batch:
-            for t in (mb.images, mb.proprio, mb.tokens, mb.expert, mb.ids):
+            for t in mb.tensors():
                 t.record_stream(self.side)
         self._in_phase2 = True
         try:
