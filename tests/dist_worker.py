@@ -29,6 +29,9 @@ AGREE = {
     "two_phase-fsdp": dict(strategy="two_phase", fsdp=True),
     "shared_forward-fsdp-accum2": dict(strategy="shared_forward", fsdp=True, grad_accum=2),
     "two_phase-fork": dict(strategy="two_phase"),  # phi left unwrapped, as the public fork does
+    # the Llama policy, LoRA adapters on a frozen base, find_unused_parameters as OFT runs DDP
+    "llama-lora-two_phase": dict(strategy="two_phase", find_unused_parameters=True),
+    "llama-lora-joint-accum2": dict(strategy="joint", grad_accum=2, batch_size=8),
 }
 
 
@@ -62,10 +65,24 @@ def record_grads(t: Trainer) -> dict:
     return seen
 
 
+def build_llama(cfg, ctx) -> Trainer:
+    """The transformers Llama policy with LoRA on a frozen base (tests/hf_policy.py)."""
+    from energy_train.models import EnergyModel
+    from hf_policy import PromptData, make_policy
+    policy = make_policy(lora=True)
+    energy = EnergyModel(32, 7, hidden=32, heads=2)
+    t = Trainer(cfg, policy, energy, PromptData(batch_size=cfg.run.batch_size,
+                                                grad_accum=cfg.run.grad_accum), ctx.device)
+    return distributed.distribute(t, ctx)
+
+
 def agree(ctx) -> dict:
     out = {}
     for name, kw in AGREE.items():
-        t = build(tiny_cfg(steps=3, **kw), ctx)
+        if name.startswith("llama"):
+            t = build_llama(tiny_cfg(steps=3, **kw), ctx)
+        else:
+            t = build(tiny_cfg(steps=3, **kw), ctx)
         if name.endswith("-fork"):
             del t.dp.wrapped["phi"]
         phi0, theta0 = [full(p) for p in t.phi], [full(p) for p in t.theta]

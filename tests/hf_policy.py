@@ -8,10 +8,13 @@ padding with a pad id INSIDE the action-token range (so the action rows come fro
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from energy_train import BatchLayout, Policy, build_action_index
+from energy_train.config import knob
 from energy_train.data import generate_scenes
 from energy_train.models import L1RegressionActionHead
 from energy_train.policy import prefix_context
@@ -96,3 +99,24 @@ class PromptData:
     def __iter__(self):  # the same stream as an iterable (a DataLoader stand-in)
         for step in range(self.size // (self.batch_size * self.grad_accum)):
             yield from self.batch(step)
+
+
+@dataclass
+class LlamaOptions:
+    """The [policy] section of ``--policy hf_policy:factory``."""
+    d: int = knob(32, ge=8)
+    layers: int = knob(2, ge=1)
+    lora: bool = knob(False)
+
+
+def factory(cfg, device):
+    """``energy-train train --policy hf_policy:factory`` (a user's own factory)."""
+    from energy_train.policies import Setup
+    o = cfg.policy
+    policy = make_policy(seed=cfg.run.seed, d=o.d, layers=o.layers, lora=o.lora)
+    for m in policy.modules().values():
+        m.to(device)
+    return Setup(policy, PromptData(batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum))
+
+
+factory.options = LlamaOptions

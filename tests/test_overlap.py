@@ -257,8 +257,9 @@ def _cuda_trainer(**kw) -> Trainer:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
-def test_overlapped_equals_sequential_on_cuda(accum):
+@pytest.mark.parametrize("accum,precision", [(1, "fp32"), (2, "fp32"), (1, "bf16")],
+                         ids=["accum1", "accum2", "accum1-bf16"])
+def test_overlapped_equals_sequential_on_cuda(accum, precision):
     """20 steps: theta, phi and every loss bitwise equal with and without the overlap; a
     sequential-vs-sequential control tells nondeterministic kernels apart from an ordering bug."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -269,7 +270,8 @@ def test_overlapped_equals_sequential_on_cuda(accum):
             runs = {}
             for name, overlap in (("overlap", True), ("seq", False), ("seq2", False)):
                 t = _cuda_trainer(strategy="two_phase", overlap=overlap, steps=20, grad_accum=accum,
-                                  batch_size=8 // accum, log_every=5, probe_every=5)
+                                  batch_size=8 // accum, log_every=5, probe_every=5,
+                                  precision=precision)
                 assert t.streams.enabled == overlap
                 if overlap:
                     t.timer.history = []

@@ -204,3 +204,49 @@ def test_policy_that_does_not_import_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "run.policy (--policy): cannot import 'no_such_module:make'" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_users_factory_from_the_command_line(tmp_path, capsys):
+    """--policy module:factory with its own checked [policy] options."""
+    import json
+
+    from energy_train.cli import main
+    out = tmp_path / "run"
+    args = ["train", "--policy", "hf_policy:factory", "--steps", "2", "--batch-size", "4",
+            "--no-progress", "--set", "energy.hidden=32", "--set", "energy.heads=2"]
+    assert main([*args, "--set", "policy.d=4", "--out", str(out)]) == 2
+    assert "policy.d: expected an integer >= 8, got 4" in capsys.readouterr().err
+    assert main([*args, "--set", "policy.lora=true", "--set", "probe_every=1",
+                 "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["run"]["policy"] == "hf_policy:factory" and cfg["policy"] == {"d": 32, "layers": 2,
+                                                                             "lora": True}
+    assert (out / "complete.json").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_llama_policy_overlapped_equals_sequential_on_cuda_bf16():
+    """The Llama policy with LoRA, bf16 autocast, on CUDA: overlapped == sequential bitwise
+    (deterministic kernels; a sequential-vs-sequential control tells nondeterminism apart)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(overlap):
+        policy = make_policy(lora=True)
+        for m in policy.modules().values():
+            m.cuda()
+        t = make_trainer(cfg(device="cuda", overlap=overlap, steps=6, precision="bf16"),
+                         policy=policy, data=PromptData())
+        assert t.streams.enabled == overlap
+        ms = [t.train_step() for _ in range(6)]
+        t.flush()
+        return [float(m["l1"]) for m in ms], snapshot(t.theta), snapshot(t.phi)
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            a, b, c = run(True), run(False), run(False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert b[0] == c[0] and same(b[1], c[1]), "sequential runs differ: nondeterministic kernels"
+    assert a[0] == b[0] and same(a[1], b[1]) and same(a[2], b[2])
