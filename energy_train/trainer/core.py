@@ -247,6 +247,15 @@ class Trainer:
                 return losses.explicit_infonce(self.energy, context, pad, expert, cand, tau=e.tau)
             return losses.margin_ranking(self.energy, context, pad, expert, cand)
 
+    def energy_micro(self, context: torch.Tensor, mb: Micro, negs, m: Mean) -> None:
+        """One micro-batch of an energy-only phase: the loss (warm-up weighted, divided by the
+        micro-batch count), its backward (audited on the first micro-batch), its metrics."""
+        out = self.energy_loss(context, mb, negs)
+        d = self.energy_backward(self.energy_weight() * out.loss / m.n, audit=mb.index == 0)
+        if d is not None:
+            m.set(energy_grad_theta=d)
+        m.add(energy_loss=out.loss, rank_acc=losses.ranking_accuracy(out))
+
     def energy_weight(self) -> float:
         w = self.cfg.energy.warmup_steps
         return 1.0 if w <= 0 else min(1.0, (self.step + 1) / w)
@@ -313,11 +322,7 @@ class Trainer:
                     negs = self.negatives(fwd)
                 if mb.last:
                     self.streams.theta_released()  # the last read of theta in this phase
-                out = self.energy_loss(fwd.captured.context, mb, negs)
-                d = self.energy_backward(self.energy_weight() * out.loss / m.n, audit=mb.index == 0)
-                if d is not None:
-                    m.set(energy_grad_theta=d)
-                m.add(energy_loss=out.loss, rank_acc=losses.ranking_accuracy(out))
+                self.energy_micro(fwd.captured.context, mb, negs, m)
             m.set(grad_norm_phi=self.step_phi())
         return m.values
 

@@ -40,6 +40,7 @@ class Blocks(Protocol):
     def context(self, fwd, detach: bool = True) -> torch.Tensor: ...
     def negatives(self, fwd) -> torch.Tensor | None: ...
     def energy_loss(self, context, mb: Micro, negs) -> losses.EnergyLoss: ...
+    def energy_micro(self, context, mb: Micro, negs, m) -> None: ...
     def energy_weight(self) -> float: ...
     def energy_backward(self, loss, *, audit: bool, retain_graph: bool = False): ...
     def joint_backward(self, e_loss, l1_loss, *, detached: bool, audit: bool): ...
@@ -112,18 +113,13 @@ class SharedForward(Strategy):
         with t.timer("phase1"):
             for mb in t.micro(batch, "theta"):
                 l1, fwd = t.forward_l1(mb, capture=True)
-                snaps.append((fwd.captured.context, mb, t.negatives(fwd)))  # head_theta_k
+                snaps.append((fwd.captured.context, t.negatives(fwd)))  # head_theta_k, detached
                 (l1 / m.n).backward()
                 m.add(l1=l1)
             m.set(grad_norm_theta=t.step_theta())
         with t.timer("phase2"):
-            for ctx, mb, negs in snaps:
-                with t.dp.no_sync("phi", sync=mb.last):
-                    out = t.energy_loss(ctx, mb, negs)
-                    d = t.energy_backward(t.energy_weight() * out.loss / m.n, audit=mb.index == 0)
-                if d is not None:
-                    m.set(energy_grad_theta=d)
-                m.add(energy_loss=out.loss, rank_acc=losses.ranking_accuracy(out))
+            for mb, (ctx, negs) in zip(t.micro(batch, "phi"), snaps):  # micro() first: it ends the zip
+                t.energy_micro(ctx, mb, negs, m)
             m.set(grad_norm_phi=t.step_phi())
         return m.values
 
