@@ -58,7 +58,7 @@ class RunConfig:
                        what="auto, cpu, cuda or cuda:N")
     precision: str = knob("fp32", choices=("fp32", "bf16"))  # autocast of the policy forwards
     log_every: int = knob(25, ge=1, resumable=True)       # metrics read back once per interval
-    ckpt_every: int = knob(0, ge=0, resumable=True)       # 0 = at the end (and at stop_after) only
+    ckpt_every: int = knob(200, ge=0, resumable=True)     # every N steps (and at the end); 0 = end only
     probe_every: int = knob(25, ge=0)                     # held-out metrics + drift; 0 = off
     progress: bool = knob(True, resumable=True)
     threads: int = knob(1, ge=0, resumable=True)          # CPU intra-op threads; 0 = torch's default
@@ -204,7 +204,8 @@ def check_value(key: str, kind: type, meta: dict, value: Any) -> Any:
             value = float(value)
         if ((meta.get("ge") is not None and value < meta["ge"]) or
                 (meta.get("gt") is not None and value <= meta["gt"]) or
-                (meta.get("le") is not None and value > meta["le"])):
+                (meta.get("le") is not None and value > meta["le"]) or
+                (meta.get("choices") and value not in meta["choices"])):
             raise bad()
         return value
     if not isinstance(value, str):

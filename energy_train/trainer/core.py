@@ -23,6 +23,7 @@ side stream first.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -51,6 +52,19 @@ class Forward:
     mb: Micro
     last_hidden: torch.Tensor | None  # (B, T, D); carries the graph when run with grad
     captured: CapturedStates | None   # action rows (L+1, B, H*Da, D) + context (B, S, D), detached
+
+
+class WallClock:
+    """Wall seconds of a run over all its parts: a resumed run continues the count."""
+
+    def __init__(self):
+        self.offset, self._t0 = 0.0, None
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.offset + (0.0 if self._t0 is None else time.perf_counter() - self._t0)
 
 
 class Mean:
@@ -125,6 +139,7 @@ class Trainer:
         self.telemetry = GpuTelemetry(device)
         self._gen = torch.Generator(device=device)  # re-seeded per micro-batch (no sync)
         self.meter = Meter()
+        self.clock = WallClock()
         self.dp = LOCAL                  # data-parallel hooks; distributed.Parallel under torchrun
         self.step = 0                    # optimizer steps done
         self._probe: Micro | None = None
@@ -408,6 +423,7 @@ class Trainer:
                 "opt_phi": self.opt_phi.state_dict(), "sched_theta": self.sched_theta.state_dict(),
                 "sched_phi": self.sched_phi.state_dict(), "rng": rng,
                 "strategy": self.strategy.state_dict(), "config": self.cfg.to_dict(),
+                "wall_seconds": self.clock.seconds(),
                 # the drift reference, so the first drift after a resume is the uninterrupted one
                 "probe_prev": (None if self._probe_prev is None else
                                {"context": self._probe_prev[0], "negatives": self._probe_prev[1],
@@ -425,6 +441,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.strategy.load_state_dict(state["strategy"], self.device)
         self.step = int(state["step"])
+        self.clock.offset = float(state.get("wall_seconds", 0.0))
         prev = state.get("probe_prev")
         if prev is not None:
             self._probe_prev = (prev["context"].to(self.device), prev["negatives"].to(self.device))

@@ -6,7 +6,11 @@
 <run>/curves.png         L1, energy loss, ranking accuracy, per-phase time
 <run>/summary.md|json    the summary table
 <run>/complete.json      written LAST: only a run with this file is complete
-<run>/error.txt          why a run failed (no complete.json then)
+<run>/error.txt          why a run failed (no complete.json then); a failed --resume appends,
+                         a resume that gets going moves it to error.history.txt
+<run>/metrics.discarded.jsonl  rows a resume took out of metrics.jsonl (after its checkpoint,
+                         or torn by a crash): moved here, never deleted
+<run>/.lock              held (flock) by the process that runs it: one process at a time
 
 Under torchrun (WORLD_SIZE > 1) every rank runs the loop on its shard of each global batch;
 rank 0 alone writes the run directory (checkpoints after every rank's state is gathered;
@@ -67,11 +71,17 @@ def prepare_run_dir(cfg: TrainConfig, out, resume: bool, overrides: dict | None)
         run_dir = Path(out)
         if not (run_dir / "config.json").is_file():
             raise RunError(f"--resume: {str(run_dir)!r} holds no run (no config.json)")
-        saved = build(json.loads((run_dir / "config.json").read_text()), [])
+        _lock(run_dir)
+        try:
+            saved = build(json.loads((run_dir / "config.json").read_text()), [])
+        except ValueError as e:
+            _unlock(run_dir)
+            raise RunError(f"--resume: {run_dir / 'config.json'} is not a valid config ({e})") from None
         flat = {f"{sec}.{k}": v for sec, vals in saved.to_dict().items() for k, v in vals.items()}
         changed = {k: v for k, v in (overrides or {}).items() if flat.get(k) != v}
         locked = sorted(set(changed) - set(resumable_keys()))
         if locked:
+            _unlock(run_dir)
             raise RunError(f"--resume: cannot change {locked} of an existing run (only "
                            f"{resumable_keys()})")
         return run_dir, saved.with_values(changed, "--resume")  # config.json: after load
@@ -83,18 +93,93 @@ def prepare_run_dir(cfg: TrainConfig, out, resume: bool, overrides: dict | None)
                        "that run, or choose another --out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _lock(run_dir)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
     except OSError as e:
+        _unlock(run_dir)
         raise RunError(f"--out {str(run_dir)!r}: cannot write the run directory "
                        f"({e.strerror or e})") from None
     return run_dir, cfg
 
 
 def read_metrics(run_dir) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The records of metrics.jsonl; a line that is not JSON (torn by a crash) is skipped."""
+    return _split_metrics(Path(run_dir) / "metrics.jsonl")[0]
+
+
+def _split_metrics(path: Path) -> tuple[list[dict], list[str]]:
+    """(records, lines that do not parse)."""
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], []
+    good, bad = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("not a metrics record")
+            good.append(rec)
+        except ValueError:
+            bad.append(line)
+    return good, bad
+
+
+def _keep_metrics_before(run_dir: Path, step: int) -> int:
+    """Resume at ``step``: metrics.jsonl keeps the records of steps < step; the others (and
+    torn lines) are appended to metrics.discarded.jsonl. Returns how many moved."""
+    path = run_dir / "metrics.jsonl"
+    records, torn = _split_metrics(path)
+    kept = [r for r in records if r["step"] < step]
+    moved = [json.dumps(r) for r in records if r["step"] >= step] + torn
+    if moved:
+        _append_lines(run_dir / "metrics.discarded.jsonl", moved)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(moved)
+
+
+class RunLock:
+    """An exclusive flock on ``<run>/.lock`` for the life of a run (released by close or at
+    process exit): a second process on the same run directory stops with a clear error."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        self.file = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise RunError(f"--out {str(run_dir)!r} is in use by another process (pid {holder}); "
+                           "wait for it to end or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()  # closing the descriptor releases the lock
+
+
+_LOCKS: dict[str, RunLock] = {}
+
+
+def _lock(run_dir: Path) -> None:
+    _LOCKS[str(run_dir)] = RunLock(run_dir)
+
+
+def _unlock(run_dir) -> None:
+    lock = _LOCKS.pop(str(run_dir), None)
+    if lock is not None:
+        lock.close()
+
+
+def _append_lines(path: Path, lines: list[str]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -198,6 +283,7 @@ def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=No
     device_name = ov.get("run.device", cfg.run.device)
     resolve_device(device_name)  # fail before any directory exists
     ctx = distributed.setup(device_name, float(ov.get("dist.timeout", cfg.dist.timeout)))
+    run_dir = None
     try:
         if ctx is None:
             run_dir, cfg = prepare_run_dir(cfg.validate(), out, resume, ov)
@@ -206,6 +292,8 @@ def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=No
                 lambda: prepare_run_dir(cfg.validate(), out, resume, ov))
         distributed.check_config(cfg, 1 if ctx is None else ctx.world_size)
     except BaseException:
+        if run_dir is not None:
+            _unlock(run_dir)
         distributed.teardown(ctx)
         raise
     threads = torch.get_num_threads()
@@ -219,15 +307,38 @@ def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=No
     except BaseException as e:
         e2 = e if ctx is None else distributed.explain(e, ctx, cfg.dist.timeout)
         if ctx is None or ctx.rank == 0:
-            if not is_complete(run_dir):  # e.g. a failed --resume of a finished run stays finished
-                atomic_write_text(run_dir / "error.txt",
-                                  f"{type(e2).__name__}: {e2}\n\n{traceback.format_exc()}")
+            _record_error(run_dir, resume, e2)
         if e2 is not e:
             raise e2 from e
         raise
     finally:
+        _unlock(run_dir)
         torch.set_num_threads(threads)
         distributed.teardown(ctx)
+
+
+def _retire_error(run_dir: Path) -> None:
+    """A resume continues past a failure: error.txt moves to the end of error.history.txt."""
+    path = run_dir / "error.txt"
+    if path.is_file():
+        _append_lines(run_dir / "error.history.txt", [path.read_text().rstrip(), "-" * 40])
+        path.unlink()
+
+
+def _record_error(run_dir: Path, resume: bool, e: BaseException) -> None:
+    """error.txt: why the run failed. A failed --resume appends (the original error stays); a
+    finished run stays finished (no error.txt beside complete.json). Never raises."""
+    if is_complete(run_dir):
+        return
+    text = f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"
+    try:
+        path = run_dir / "error.txt"
+        if resume and path.is_file():
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            text = path.read_text() + f"\n--- --resume at {stamp} failed ---\n" + text
+        atomic_write_text(path, text)
+    except OSError:  # e.g. a read-only or full filesystem: the raised error still says why
+        pass
 
 
 def build_trainer(cfg: TrainConfig, device: torch.device, ctx=None, *, policy=None, energy=None,
@@ -254,29 +365,42 @@ def build_trainer(cfg: TrainConfig, device: torch.device, ctx=None, *, policy=No
 
 
 def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: bool = False) -> RunResult:
-    t_start = time.perf_counter()
+    trainer.clock.start()
     cfg = trainer.cfg
     main = ctx is None or ctx.rank == 0
     if not main:
         echo = lambda *a, **k: None  # noqa: E731 - rank 0 speaks for the run
     metrics_path = run_dir / "metrics.jsonl"
+    loaded = None
     if resume:
-        step = checkpoint.restore(trainer, run_dir)  # every rank
+        try:
+            loaded = checkpoint.restore(trainer, run_dir)  # every rank
+        except checkpoint.CheckpointError as e:
+            if any((run_dir / "checkpoints").glob("step_*")):
+                raise  # checkpoints exist but none is intact: never start over silently
+            # the run died before its first checkpoint: nothing to lose, start it over
+            echo(f"{e}; the run died before its first checkpoint: starting it over from step 0 "
+                 "with its saved config")
         trainer.dp.barrier()  # every rank has read the files before rank 0 rewrites any
+    step = 0 if loaded is None else loaded.step
+    if resume:
+        for why in (loaded.skipped if loaded is not None else []):
+            echo(f"warning: skipped a newer checkpoint: {why}")
         if cfg.run.stop_after and cfg.run.stop_after <= step and not keep_stop:
             # the saved stop point is reached: a plain --resume continues to run.steps (else it
             # would stop at once and suggest the same --resume again)
             cfg = trainer.cfg = cfg.with_values({"run.stop_after": 0}, "--resume")
         if main:
-            for name in ("complete.json", "error.txt"):
-                (run_dir / name).unlink(missing_ok=True)
+            (run_dir / "complete.json").unlink(missing_ok=True)
+            _retire_error(run_dir)
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-            kept = [r for r in read_metrics(run_dir) if r["step"] < step]
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            moved = _keep_metrics_before(run_dir, step if loaded is not None else -1)
+            if moved:
+                echo(f"moved {moved} metrics row(s) after step {step} to metrics.discarded.jsonl")
         note = "" if trainer.feed.exact_resume else (" (iterable data: the consumed batches are "
                                                      "skipped; exact only if it replays its order)")
         echo(f"resumed {run_dir} at step {step}{note}")
-    elif cfg.run.probe_every:
+    if loaded is None and cfg.run.probe_every:
         trainer.meter.add(-1, trainer.probe())  # the probe before training, logged as step -1
     target = cfg.run.stop_after or cfg.run.steps
     bar = tqdm(total=cfg.run.steps, initial=trainer.step, disable=not (cfg.run.progress and main),
@@ -305,7 +429,7 @@ def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: 
     if not main:
         return RunResult(run_dir, True, None, trainer)
     records = read_metrics(run_dir)
-    summary = summarize(cfg, records, time.perf_counter() - t_start)
+    summary = summarize(cfg, records, trainer.clock.seconds())
     plot_run(records, run_dir / "curves.png",
              title=f"{cfg.run.policy} / {cfg.run.strategy} (seed {cfg.run.seed})",
              chance=chance_level(cfg))
