@@ -336,7 +336,7 @@ def _memory_cell(r: dict) -> str:
 
 def _short_status(status) -> str:
     """A table cell for a record that was not timed: 'skipped', 'n/a', 'error (TypeError)',
-    'did not compile within 90 s', 'timed out after 60 s'."""
+    'did not compile within 90 s', 'timed out after 60 s', 'not run: budget'."""
     s = str(status or "")
     if "skipped" in s:
         return "skipped"
@@ -344,6 +344,8 @@ def _short_status(status) -> str:
         kind = s.split(":")[1].strip() if s.count(":") >= 1 else ""
         return f"error ({kind})" if kind else "error"
     if s.startswith(("did not compile", "timed out")):
+        return s.split(" (")[0]
+    if s.startswith("not run"):
         return s.split(" (")[0]
     return "n/a"
 

@@ -468,19 +468,26 @@ class Check:
                        "-p", "no:cacheprovider"], timeout, self.log, self.env(True), "  collect| ")
         ids = [ln.strip() for ln in pr.output.splitlines()
                if ln.startswith("tests/") and "::" in ln]
-        if pr.rc != 0 or not ids:
+        if not ids:
             return dict(status=_failed(pr, timeout), detail=_tail(pr.output))
         self.test_ids = group_tests(ids)
         for name, title, _ in TEST_GROUPS:
             self.tests[name] = dict(title=title, collected=len(self.test_ids[name]),
                                     status="pending")
-        return dict(status="ok", detail=", ".join(f"{g} {len(v)}" for g, v in
-                                                  self.test_ids.items()) + f" ({len(ids)} tests)")
+        detail = (", ".join(f"{g} {len(v)}" for g, v in self.test_ids.items())
+                  + f" ({len(ids)} tests)")
+        if pr.rc != 0:  # e.g. a test module that does not import: the others still run
+            return dict(status=f"failed: collection errors (rc {pr.rc})",
+                        detail=detail + "; " + _tail(pr.output, 3))
+        return dict(status="ok", detail=detail)
 
     def step_tests(self, group):
         def run(step, timeout):
             ids = self.test_ids.get(group, [])
             rec = self.tests.setdefault(group, dict(title=group, collected=0))
+            if not self.test_ids:
+                rec["status"] = "not run: the collection failed"
+                return dict(status=rec["status"], detail="")
             if not ids:
                 rec["status"] = "no tests"
                 return dict(status="ok", detail="no tests in this group")
@@ -520,6 +527,7 @@ class Check:
                 b["parts"][group] = [dict(case=c, params=sel["params"][r], provider=p,
                                           status="skipped on the CPU (dry run)")
                                      for r, c in sel["cases"].items() for p in providers]
+                b["rerun"].add(group)
                 b["records"] = merge_records(sel, list(b["parts"].values()))
                 return dict(status="skipped on the CPU",
                             detail="the harness skips these providers on a CPU: not launched")
@@ -536,12 +544,15 @@ class Check:
             pr = run_proc(cmd, timeout, self.log, self.env(False), f"  {op}:{group}| ")
             part = next(iter(sorted((self.work / "parts").glob(f"{op}-*-part-{group}.json"))),
                         None)
-            if part is not None and pr.rc == 0:
+            if part is not None:  # written: keep the records even if a later stage failed
                 data = json.loads(part.read_text())
                 b["meta"] = data["meta"]
                 recs = data["records"]
                 part.unlink()
-                status = "ok"
+                status = ("ok" if pr.rc == 0 else
+                          f"timed out after {timeout:.0f} s, after writing its results"
+                          if pr.timed_out else
+                          f"failed after writing its results (rc {pr.rc}): {_tail(pr.output, 1)}")
             else:
                 recs = []
                 for role, case in sel["cases"].items():
@@ -627,6 +638,21 @@ class Check:
         shutil.copyfile(self.work / "gpu-check.log", stem.with_suffix(".log"))
         if self.out is not None:
             self.copy_out(stem)
+
+    def not_run(self, name: str, status: str) -> None:
+        """Mark a step's tests or benchmark records as not run (kept records stay)."""
+        kind, _, rest = name.partition(":")
+        if kind == "tests" and rest in self.tests:
+            self.tests[rest]["status"] = status
+        elif kind == "bench":
+            op, group = rest.split(":")
+            b = self.benches[op]
+            providers = next(p for g, p, _ in b["sel"]["groups"] if g == group)
+            if group not in b["parts"]:
+                b["parts"][group] = [dict(case=c, params=b["sel"]["params"][r], provider=p,
+                                          status=status)
+                                     for r, c in b["sel"]["cases"].items() for p in providers]
+                b["records"] = merge_records(b["sel"], list(b["parts"].values()))
 
     def carry_over(self) -> None:
         """--only: keep, from an earlier run's <op>-<dev>.json, the records of the provider
@@ -715,6 +741,7 @@ class Check:
             if timeout < step.min_s:
                 res = dict(status="not run: budget", seconds=0,
                            detail=f"{max(left, 0):.0f} s left of the {self.budget:.0f} s budget")
+                self.not_run(step.name, res["status"])
             else:
                 self.log(f"== {step.name} (cap {timeout:.0f} s)")
                 t = time.time()
@@ -727,8 +754,6 @@ class Check:
             self.log(f"   {step.name}: {res['status']} ({res['seconds']} s) {res.get('detail', '')}")
             if step.name.startswith("bench:"):
                 self.benches[step.name.split(":")[1]]["dirty"] = True
-            if step.name == "device" and "name" not in self.device:
-                self.tag = device_tag({}, self.dry)
             if step.name == "device" and only:
                 self.carry_over()
             try:
@@ -774,7 +799,7 @@ def device_tag(device: dict, dry: bool) -> str:
 def exit_code(summary: dict) -> int:
     """1 when a test failed, a step failed or a provider raised; timeouts of compiling
     providers and steps left out for the budget are reported, not failures."""
-    bad = any(s["status"].startswith(("error", "failed", "timed out"))
+    bad = any(s["status"].startswith(("error", "failed", "timed out", "not run: the collection"))
               or s["status"] == "ok (tests failed)" for s in summary["steps"])
     bad |= any(str(r.get("status", "")).startswith("error")
                for b in summary["benches"].values() for r in b["records"])

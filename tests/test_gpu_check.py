@@ -207,3 +207,20 @@ def test_device_tag():
     assert gc.device_tag({"name": "NVIDIA H200"}, False) == "h200"
     assert gc.device_tag({"name": "NVIDIA A100-SXM4-80GB"}, False) == "a100"
     assert gc.device_tag({"name": "NVIDIA H100 80GB HBM3"}, True) == "cpu-dry"
+
+
+def test_steps_left_out_for_the_budget_are_reported(tmp_path):
+    check = gc.Check(dry=True, deadline=0, t0=0, results=tmp_path, out=None, work=tmp_path,
+                     budget=1)
+    sel = dict(op="energy", cases={"h512": "E"}, params={"h512": {}}, baseline="eager_once",
+               providers=["eager_once", "triton"],
+               groups=[("main", ["eager_once"], "main"), ("triton", ["triton"], "gpu_only")])
+    check.benches["energy"] = dict(sel=sel, parts={"main": [_rec("E", "eager_once", 1.0)]},
+                                   records=[], rerun=set())
+    check.tests["overlap"] = dict(collected=2, status="pending")
+    check.not_run("bench:energy:triton", "not run: budget")
+    check.not_run("bench:energy:main", "not run: budget")  # kept records stay
+    check.not_run("tests:overlap", "not run: budget")
+    by = {r["provider"]: r["status"] for r in check.benches["energy"]["records"]}
+    assert by == {"eager_once": "ok", "triton": "not run: budget"}
+    assert check.tests["overlap"]["status"] == "not run: budget"
