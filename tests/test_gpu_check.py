@@ -144,11 +144,15 @@ def test_run_proc_kills_the_whole_process_group(tmp_path):
     t = time.monotonic()
     pr = gc.run_proc([sys.executable, "-c", code], 3, lines.append, dict(os.environ), "| ")
     assert pr.timed_out and time.monotonic() - t < 30 and "| started" in lines
-    child = int(pid_file.read_text())
-    for _ in range(50):  # reaped by init shortly after the kill
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+
+    def dead():  # gone, or a zombie where nothing reaps orphans (containers)
         try:
-            os.kill(child, 0)
-        except ProcessLookupError:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+    for _ in range(50):
+        if dead():
             break
         time.sleep(0.1)
     else:
