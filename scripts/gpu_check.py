@@ -97,17 +97,22 @@ STATUS_RE = re.compile(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(tests/\S+:
 # worker: device information and ceilings (runs in its own process)
 # --------------------------------------------------------------------------------------------
 def _nvidia_smi() -> dict:
-    fields = ("name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
-              "power.limit,memory.total,pstate,temperature.gpu,compute_mode")
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError) as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-    if out.returncode != 0:
-        return {"error": (out.stderr or out.stdout).strip()[:300]}
-    first = out.stdout.strip().splitlines()[0]
-    return dict(zip(fields.split(","), (v.strip() for v in first.split(","))))
+    """Clocks, driver and limits as nvidia-smi reads them (read-only queries); a smaller field
+    set if this nvidia-smi rejects a name of the first."""
+    err = ""
+    for fields in ("name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
+                   "power.limit,memory.total,pstate,temperature.gpu,compute_mode",
+                   "name,driver_version,clocks.sm,clocks.max.sm"):
+        try:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+        if out.returncode == 0 and out.stdout.strip():
+            first = out.stdout.strip().splitlines()[0]
+            return dict(zip(fields.split(","), (v.strip() for v in first.split(","))))
+        err = (out.stderr or out.stdout).strip()[:300]
+    return {"error": err}
 
 
 def _cpu_ceilings() -> dict:
