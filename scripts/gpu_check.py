@@ -469,8 +469,8 @@ class Check:
                     f"{c['bf16_matmul_tflops']:.4g} TFLOP/s, copy {c['copy_gbps']:.4g} GB/s")
 
     def step_collect(self, step, timeout):
-        pr = run_proc([self.py, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",
-                       "-p", "no:cacheprovider"], timeout, self.log, self.env(True), "  collect| ")
+        pr = run_proc([self.py, "-m", "pytest", "-m", "gpu", "--collect-only", "-q"], timeout,
+                      self.log, self.env(True), "  collect| ")
         ids = [ln.strip() for ln in pr.output.splitlines()
                if ln.startswith("tests/") and "::" in ln]
         if not ids:
@@ -497,7 +497,7 @@ class Check:
                 rec["status"] = "no tests"
                 return dict(status="ok", detail="no tests in this group")
             junit = self.work / f"junit-{group}.xml"
-            cmd = [self.py, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "gpu",
+            cmd = [self.py, "-m", "pytest", "-v", "-m", "gpu",
                    f"--junitxml={junit}", *ids]
             if (not self.dry and len(ids) >= 8 and group == "parity"
                     and _has_module("xdist")):
