@@ -43,13 +43,19 @@ def _run(model, ctx, pad, cand, backend):
     return e.detach(), grads, ctx.grad, cand.grad
 
 
+def _poisoned(ctx, pad):
+    """ctx with NaN, +inf and -inf (in turn, element by element) at every masked position."""
+    bad = torch.tensor([float("nan"), float("inf"), float("-inf")], device=ctx.device)
+    fill = bad[torch.arange(ctx.numel(), device=ctx.device) % 3].view(ctx.shape)
+    return torch.where(pad[..., None], fill, ctx)
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
-@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")],
-                         ids=["nan", "+inf", "-inf"])
-def test_masked_context_rows_contribute_nothing(backend, poison):
+def test_masked_context_rows_contribute_nothing(backend):
     model, ctx, pad, cand = _setup(1)
     clean = ctx.masked_fill(pad[..., None], 0.0)
-    dirty = ctx.masked_fill(pad[..., None], poison)
+    dirty = _poisoned(ctx, pad)
+    assert dirty[pad].isnan().any() and dirty[pad].isposinf().any() and dirty[pad].isneginf().any()
     e0, g0, dctx0, dcand0 = _run(model, clean, pad, cand, backend)
     e1, g1, dctx1, dcand1 = _run(model, dirty, pad, cand, backend)
     assert torch.isfinite(e0).all()
@@ -63,7 +69,7 @@ def test_masked_context_rows_contribute_nothing(backend, poison):
 
 def test_masked_keys_leave_the_swap_loss_unchanged_across_backends():
     model, ctx, pad, _ = _setup(2)
-    dirty = ctx.masked_fill(pad[..., None], float("nan"))
+    dirty = _poisoned(ctx, pad)
     expert = torch.randn(B, H, Da, generator=torch.Generator().manual_seed(2)).to(DEV)
     eager = swap_infonce(model, dirty, pad, expert, backend="eager")
     fused = swap_infonce(model, dirty, pad, expert, backend="triton")
@@ -95,7 +101,7 @@ def test_attention_kernel_never_reads_a_padded_key(shared):
         return energy_attention_reference(qq, kk[..., :E], kk[..., E:], pad, HEADS)
 
     clean = kv.masked_fill(pad[..., None], 0.0)
-    dirty = kv.masked_fill(pad[..., None], float("nan"))
+    dirty = _poisoned(kv, pad)
     for fn in (fused, reference):
         want, got = run(clean, fn), run(dirty, fn)
         for name, a, b in zip(("out", "dq", "dkv"), want, got):
