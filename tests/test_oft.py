@@ -25,21 +25,13 @@ from energy_train.integrations.openvla_oft import standin as S  # noqa: E402
 from energy_train.models import load_oft_state_dict  # noqa: E402
 from energy_train.trainer import read_metrics  # noqa: E402
 from energy_train.trainer.feed import prepare  # noqa: E402
-from trainer_helpers import grads, make_trainer, same, snapshot  # noqa: E402
+from trainer_helpers import make_trainer, same, snapshot, spy_isolation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = dict(echo=lambda *a: None)
 BASE = dict(batch_size=4, steps=3, warmup_steps=1, log_every=1, probe_every=0, progress=False,
             energy_hidden=32, energy_heads=2, energy_loss="explicit")
 SMALL = dict(llm_dim=32, llm_heads=4, vision_dims=(16, 8), vision_blocks=3)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cfg(**kw):
@@ -205,23 +197,7 @@ def test_strategies_with_lora_keep_the_invariants(strategy):
     assert frozen and all("lora_" in n for n in names if n.startswith("backbone."))
     assert not any("lm_head" in n for n in names) and any("proprio_projector" in n for n in names)
     t = make_trainer(cfg(strategy=strategy), policy=p, data=data())
-    theta0, phi0, seen = snapshot(t.theta), snapshot(t.phi), []
-    step_phi, energy_backward = t.step_phi, t.energy_backward
-
-    def spy_step_phi():
-        before = snapshot(t.theta)
-        out = step_phi()
-        seen.append(same(before, snapshot(t.theta)))
-        return out
-
-    def spy_backward(loss, *, audit, retain_graph=False):
-        before = grads(t.theta)
-        out = energy_backward(loss, audit=audit, retain_graph=retain_graph)
-        seen.append(all((a is None and b is None) or torch.equal(a, b)
-                        for a, b in zip(before, grads(t.theta))))
-        return out
-
-    t.step_phi, t.energy_backward = spy_step_phi, spy_backward
+    theta0, phi0, seen = snapshot(t.theta), snapshot(t.phi), spy_isolation(t)
     metrics = [t.train_step() for _ in range(3)]
     assert seen and all(seen)
     assert all(float(m["energy_grad_theta"]) == 0.0 for m in metrics if "energy_grad_theta" in m)
