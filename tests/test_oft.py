@@ -297,8 +297,11 @@ def test_correct_actions_lowers_the_energy_of_a_perturbed_chunk():
     fixed = correct_actions(t.energy, ctx, pad, perturbed, alpha=0.05, steps=3)
     e1 = t.energy(ctx, fixed, pad)
     assert (e1 < e0).all(), (e0.flatten(), e1.flatten())
-    _, corrected = p.correct(t.energy, b, alpha=0.05, steps=1)
-    assert corrected.shape == b["actions"].shape
+    pred, corrected = p.correct(t.energy, b, alpha=0.05, steps=1)
+    assert corrected.shape == b["actions"].shape and not torch.equal(pred, corrected)
+    pred16, fixed16 = p.correct(t.energy, b, alpha=0.05, steps=1, autocast=torch.bfloat16)
+    assert pred16.dtype == torch.bfloat16 and fixed16.dtype == torch.float32
+    assert torch.isfinite(fixed16).all()
     cands = torch.stack([perturbed, fixed, b["actions"]], dim=1)
     best, idx, e = rerank(t.energy, ctx, pad, cands)
     assert torch.equal(idx, e.argmin(1))

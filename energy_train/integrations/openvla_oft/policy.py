@@ -227,6 +227,7 @@ class OFTPolicy(Policy):
         self._D = self._hidden(base, action_head, self._shape[1])
         self._check_head()
         self._last = _LastHidden(self.decoder()[1])
+        self._checked_on_device = False
 
     # ---- construction -------------------------------------------------------------------------
     def _count_patches(self, base) -> int:
@@ -321,7 +322,8 @@ class OFTPolicy(Policy):
                   labels=batch["labels"].to(dev, non_blocking=True),
                   proprio=None, proprio_projector=None, use_film=self.use_film)
         if self.proprio_projector is not None:
-            kw.update(proprio=batch["proprio"].to(dev, non_blocking=True),
+            pp_dtype = next(self.proprio_projector.parameters()).dtype
+            kw.update(proprio=batch["proprio"].to(dev, pp_dtype, non_blocking=True),
                       proprio_projector=self.proprio_projector)
         if output_hidden_states:
             out = self.backbone(**kw, output_hidden_states=True)
@@ -370,7 +372,9 @@ class OFTPolicy(Policy):
     def check_batch(self, batch: dict) -> None:
         """Every check of a batch, with host reads (the trainer calls it before moving the
         batch: a DataLoader's CPU batch costs no device sync): keys and shapes, the expert
-        chunk against the head's (H, Da), the pad id inside labels, H*Da action tokens per row."""
+        chunk against the head's (H, Da), the pad id inside labels, H*Da action tokens per row.
+        A batch already on the GPU is read back in full only the first time (later ones get
+        the shape checks): every other read would synchronise a step."""
         if not isinstance(batch, dict):
             return  # the trainer's own error names it
         self._check_keys(batch)
@@ -380,6 +384,10 @@ class OFTPolicy(Policy):
         if tuple(a.shape) != (B, H, Da):
             raise OFTInputError(f"batch['actions']: expected (B, H, Da) = ({B}, {H}, {Da}) from "
                                 f"the action head, got {tuple(a.shape)}")
+        on_device = batch["labels"].device.type != "cpu"
+        if on_device and self._checked_on_device:
+            return  # host reads of a device batch would synchronise: the first one only
+        self._checked_on_device |= on_device
         labels = batch["labels"]
         padded = (labels >= self.pad_id).any(dim=1)
         if bool(padded.any()):
@@ -416,29 +424,36 @@ class OFTPolicy(Policy):
 
     # ---- test time -------------------------------------------------------------------------------
     @torch.no_grad()
-    def act(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def act(self, batch: dict, *, autocast: torch.dtype | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (normalised actions (B, H, Da), context (B, S, D), pad_mask (B, S)) of a batch
         (:func:`prepare_inference` for test time; a training batch works too), the context by
-        :func:`context_and_mask`: the rows the verifier was trained on."""
-        h = self.forward(batch)
-        index = build_action_index(num_tokens=self.num_action_tokens, labels=batch["labels"].to(h.device),
-                                   action_token_begin_idx=self.begin, offset=self.num_patches - 1)
-        rows = h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))
-        actions = self.predict_action(rows)
-        ctx, pad = context_and_mask(h, batch["labels"].to(h.device),
-                                    batch["attention_mask"].to(h.device), self.num_patches,
-                                    self.context, num_action_tokens=self.num_action_tokens,
+        :func:`context_and_mask`: the rows the verifier was trained on. ``autocast``: the
+        dtype the policy was trained under (``torch.bfloat16`` for run.precision = bf16)."""
+        dev = next(self.backbone.parameters()).device
+        with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            h = self.forward(batch)
+            labels = batch["labels"].to(h.device)
+            index = build_action_index(num_tokens=self.num_action_tokens, labels=labels,
+                                       action_token_begin_idx=self.begin, offset=self.num_patches - 1)
+            actions = self.predict_action(h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1])))
+        ctx, pad = context_and_mask(h, labels, batch["attention_mask"].to(h.device),
+                                    self.num_patches, self.context,
+                                    num_action_tokens=self.num_action_tokens,
                                     action_token_begin_idx=self.begin)
         return actions, ctx, pad
 
     def correct(self, energy, batch: dict, *, alpha: float = 0.1, steps: int = 1,
-                clip_frac: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted, corrected) normalised actions (B, H, Da): :meth:`act`, then
-        ``correct_actions`` on the same context. Un-normalise after this."""
-        actions, ctx, pad = self.act(batch)
+                clip_frac: float = 0.2, autocast: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted, corrected) normalised actions (B, H, Da): :meth:`act` (under
+        ``autocast``), then ``correct_actions`` on the same context in the energy model's
+        dtype with autocast off (as the trainer runs it). Un-normalise after this."""
+        actions, ctx, pad = self.act(batch, autocast=autocast)
         e_dtype = next(energy.parameters()).dtype
-        fixed = correct_actions(energy, ctx.to(e_dtype), pad, actions.to(e_dtype), alpha=alpha,
-                                steps=steps, clip_frac=clip_frac)
+        with torch.autocast(ctx.device.type, enabled=False):
+            fixed = correct_actions(energy, ctx.to(e_dtype), pad, actions.to(e_dtype),
+                                    alpha=alpha, steps=steps, clip_frac=clip_frac)
         return actions, fixed
 
 
