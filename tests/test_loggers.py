@@ -38,6 +38,26 @@ def test_tensorboard_events_hold_the_metrics_jsonl_records(tmp_path):
     assert recs[0]["step"] == -1  # the probe before training, at step -1
 
 
+def test_tensorboard_resume_purges_the_steps_it_recomputes(tmp_path):
+    """A run that died after its step-2 checkpoint had logged steps 2 and 3: the resume from
+    step 2 logs them again, and TensorBoard keeps each step once (purge_step)."""
+    pytest.importorskip("tensorboard")
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    c = cfg(log="tensorboard", log_every=1, probe_every=0, ckpt_every=2)
+    train(c, out, **QUIET)
+    latest = out / "checkpoints" / "latest.json"  # as if it had died before the final save
+    latest.write_text(json.dumps({"step": 2, "dir": "step_0000002"}))
+    train(c, out, resume=True, **QUIET)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    recs = read_metrics(out)
+    assert [e.step for e in acc.Scalars("l1")] == [r["step"] for r in recs] == [0, 1, 2, 3]
+    assert [e.value for e in acc.Scalars("l1")] == pytest.approx([r["l1"] for r in recs], rel=1e-6)
+
+
 class FakeRun:
     def __init__(self, kwargs):
         self.kwargs, self.logged, self.metrics, self.finished = kwargs, [], [], False
