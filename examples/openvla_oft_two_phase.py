@@ -174,7 +174,7 @@ def build_oft(args, device):
 def build_standin(args, device):
     """The stand-in VLA / head / projector, and its episodes through OFT's collator and a
     DataLoader: the same path as build_oft, with nothing downloaded."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
     from energy_train.integrations.openvla_oft import standin
     policy = standin.make_standin(0, num_images=max(1, min(2, args.num_images_in_input)),
@@ -185,9 +185,11 @@ def build_standin(args, device):
         m.to(device)
     dataset = standin.StandinEpisodes(96, 16, seed=0, wrist=args.num_images_in_input > 1)
     collator = standin.PaddedCollatorForActionPrediction(512, standin.PAD_TOKEN_ID, padding_side="right")
-    g = torch.Generator().manual_seed(0)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, generator=g,
-                        collate_fn=collator, num_workers=0, drop_last=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sampler = (DistributedSampler(dataset, num_replicas=world, rank=int(os.environ["RANK"]), seed=0)
+               if world > 1 else RandomSampler(dataset, generator=torch.Generator().manual_seed(0)))
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collator,
+                        num_workers=0, drop_last=True)  # each rank its own share of the episodes
     return policy, loader
 
 
