@@ -343,6 +343,8 @@ def test_ofts_own_head_is_accepted_and_its_weights_convert():
     with pytest.raises(OFTInputError, match=r"action_head: predict_action\(\(1, H\*Da=35, D=32\)\) "
                                             r"failed for H=5, Da=7"):
         OFTPolicy(p.backbone, head, p.proprio_projector, num_actions_chunk=5)
+    with pytest.raises(OFTInputError, match=r"failed for H=5, Da=7"):  # this package's head
+        OFTPolicy(p.backbone, p.action_head, p.proprio_projector, num_actions_chunk=5)
     with pytest.raises(OFTInputError, match="action_head: expected input width D = the VLA's "
                                             "hidden size 32, got 16"):
         OFTPolicy(p.backbone, L1RegressionActionHead(16, 16, 7, 8), p.proprio_projector)

@@ -276,7 +276,7 @@ class OFTPolicy(Policy):
         try:
             with torch.no_grad():
                 out = self.action_head.predict_action(x)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             raise OFTInputError(f"action_head: predict_action((1, H*Da={H * Da}, D={self._D})) "
                                 f"failed for H={H}, Da={Da} ({e})") from None
         if tuple(out.shape) != (1, H, Da):
