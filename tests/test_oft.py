@@ -238,6 +238,12 @@ def test_oft_layout_checkpoint_is_written_and_loads_back(tmp_path):
     ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
     theta = load_file(ckpt / "theta.safetensors")
     assert set(theta) == {n for n, _ in p.named_trainable()}
+    # FiLM's extra file (the whole vision backbone) goes the same way
+    from energy_train.integrations.openvla_oft import save_oft_checkpoint
+    film = save_oft_checkpoint(tmp_path / "film", 7, vision_backbone=p.backbone.vision_backbone)
+    vb = fresh.backbone.vision_backbone
+    load_oft_checkpoint(film, vision_backbone=vb)
+    assert same(list(vb.state_dict().values()), list(p.backbone.vision_backbone.state_dict().values()))
     wrong = policy(seed=5, lora_rank=2)  # another LoRA rank: the adapter does not fit
     with pytest.raises((ValueError, RuntimeError)):
         load_oft_checkpoint(d, vla=wrong.backbone)
