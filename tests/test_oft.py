@@ -77,7 +77,7 @@ def fork_context_mask(labels, num_patches, action_dim=7):
 
 
 def oft_action_rows(hidden, labels, num_patches, n):
-    """OFT's finetune.py: hidden[:, P:-1][current | next action mask of labels[:, 1:]]."""
+    """OFT's fine-tuning: hidden[:, P:-1][current | next action mask of labels[:, 1:]]."""
     gt = labels[:, 1:]
     mask = S.get_current_action_mask(gt, 7) | S.get_next_actions_mask(gt, 7)
     return hidden[:, num_patches:-1][mask].reshape(labels.shape[0], n, -1)

@@ -1,7 +1,7 @@
-"""LoRA as OFT's finetune.py configures it, and checkpoints in OFT's own file layout.
+"""LoRA as OFT's fine-tuning configures it, and checkpoints in OFT's own file layout.
 
 One OFT-layout checkpoint directory (what OFT's evaluation code reads, after OFT's
-``merge_lora_weights_and_save.py`` has merged the adapter into the base model there)::
+LoRA-merge script has merged the adapter into the base model there)::
 
     lora_adapter/                              peft save_pretrained (adapter_config.json + weights)
     action_head--{step}_checkpoint.pt          state_dict, keys prefixed "module." (DDP's, as OFT saves)
@@ -12,7 +12,7 @@ One OFT-layout checkpoint directory (what OFT's evaluation code reads, after OFT
 
 The trainer writes one per checkpoint at ``<run>/oft/step_<N>/`` beside its own
 ``<run>/checkpoints/`` (:meth:`OFTPolicy.save_extra`); :func:`load_oft_checkpoint` loads such
-a directory (or one written by OFT's finetune.py) into fresh modules with strict keys.
+a directory (or one written by OFT's own fine-tuning) into fresh modules with strict keys.
 """
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ class _LastHidden:
 
 class OFTPolicy(Policy):
     """OpenVLA-OFT (``OpenVLAForActionPrediction``, peft-wrapped or not, any dtype) with its L1
-    head and proprio projector, run the way OFT's ``finetune.py`` runs them.
+    head and proprio projector, run the way OFT's fine-tuning runs them.
 
     Args:
         vla: the VLA; its forward takes OFT's keyword arguments (``input_ids, attention_mask,
@@ -189,7 +189,7 @@ class OFTPolicy(Policy):
             ``L1RegressionActionHead`` or OFT's own (whose H is the global NUM_ACTIONS_CHUNK;
             ``energy_train.models.load_oft_state_dict`` loads one's weights into the other).
         proprio_projector: OFT's ``ProprioProjector`` (``fc1, fc2``) or None (no proprio).
-        num_patches: P, the rows between BOS and the text; default as finetune.py computes it:
+        num_patches: P, the rows between BOS and the text; default as OFT's fine-tuning counts it:
             patches per image x images (+1 with a proprio projector).
         num_actions_chunk: H; default the head's ``num_actions_chunk`` or OFT's global.
         context: "fork" | "prompt" (see the module docstring).
@@ -309,7 +309,7 @@ class OFTPolicy(Policy):
         return find_decoder(self.language_model)
 
     def forward(self, batch: dict, output_hidden_states: bool = False):
-        """OFT's training forward (finetune.py's keyword arguments) -> (B, T, D) last hidden
+        """OFT's training forward (its keyword arguments) -> (B, T, D) last hidden
         state, read by a hook on the final norm (``hidden_states[-1]``)."""
         self._check_keys(batch)
         p = next(self.backbone.parameters())

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers.modeling_outputs import ModelOutput
 
-from ...data import COLOURS, MAX_ROT, MAX_STEP, VOCAB as TASK_VOCAB, generate_scenes
+from ...data import MAX_ROT, MAX_STEP, VOCAB as TASK_VOCAB, generate_scenes
 from ...models import L1RegressionActionHead
 from .policy import IGNORE_INDEX, OFTPolicy
 
