@@ -12,6 +12,9 @@ actions):
   hook capture (shows what keeping L+1 full hidden states costs in peak memory).
 Backbones (cases):
 - tiny: the embedded default (TinyVLA d=64, 4 layers, batch 16, T=79);
+- oftstandin: ``--policy oft-standin``, the OpenVLA-OFT stand-in with OFT's LoRA (r=16) on a
+  frozen random base (a Llama d=64, 2 layers, two 3-block ViTs per image, 2 images + proprio:
+  T = 104-106), batch 16 (energy_train/integrations/openvla_oft/standin.py);
 - llama1b (GPU only): a Llama-style decoder, hidden 2048, 16 layers, 32 heads / 8 KV heads,
   FFN 8192 (~1.0B parameters), T=591 (529 patches), B=8, bf16, random weights (bench/llama_like.py);
 - prodhead (GPU only): the production action head (D=4096, H*Da=56, hidden 4096, ~151M
@@ -48,6 +51,7 @@ PROVIDERS = {
 }
 BACKBONES = {
     "tiny": dict(kind="tiny", B=16),
+    "oftstandin": dict(kind="oft-standin", B=16),
     "llama1b": dict(kind="decoder", B=8, d_model=2048, n_layers=16, n_heads=32, kv_heads=8,
                     ffn=8192, head_hidden=2048, image_size=92),
     "prodhead": dict(kind="decoder", B=8, d_model=4096, n_layers=2, n_heads=32, kv_heads=32,
@@ -62,6 +66,8 @@ def make_trainer(spec: dict, provider: str, device: torch.device) -> Trainer:
                          energy_loss="explicit", device=str(device))
     if spec["kind"] == "tiny":
         return build_trainer(cfg, device)
+    if spec["kind"] == "oft-standin":
+        return build_trainer(cfg.with_values({"run.policy": "oft-standin"}, "bench"), device)
     torch.manual_seed(0)
     with torch.device(device):
         model = DecoderVLA(d_model=spec["d_model"], n_layers=spec["n_layers"], n_heads=spec["n_heads"],
@@ -189,7 +195,7 @@ def draw_timeline(res: dict, path: Path) -> None:
 
 
 def make_benchmark(device: torch.device, quick: bool, cpu_shapes: bool) -> Benchmark:
-    names = ["tiny"] if (cpu_shapes or device.type != "cuda") else (
+    names = ["tiny", "oftstandin"] if (cpu_shapes or device.type != "cuda") else (
         ["tiny", "llama1b"] if quick else ["tiny", "llama1b", "prodhead"])
     cases = [Case(name, dict(BACKBONES[name]),
                   make=lambda dev, spec=BACKBONES[name]: dict(spec=spec, device=torch.device(dev),

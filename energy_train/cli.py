@@ -96,7 +96,7 @@ def _compare(args) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", help="a registered policy (tiny, the default) or module:factory "
+    p.add_argument("--policy", help="a registered policy (tiny, the default; oft-standin) or module:factory "
                    "(your own: factory(cfg, device) -> energy_train.policies.Setup)")
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--batch-size", dest="batch_size", type=int)

@@ -65,6 +65,7 @@ class RunConfig:
     overlap: bool = knob(True, resumable=True)            # CUDA: phase 2(k) beside phase 1(k+1)
     capture: str = knob("hooks", choices=("hooks", "hidden_states"))
     check_data: bool = knob(True)                         # step-indexed data: NaN/inf check at start
+    log: str = knob("none", choices=("none", "wandb", "tensorboard"), resumable=True)  # + metrics.jsonl
 
 
 @dataclass

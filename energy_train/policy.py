@@ -80,6 +80,17 @@ class Policy(abc.ABC):
         """(B, H*Da, D) action rows -> (B, H, Da)."""
         return self.action_head.predict_action(rows)
 
+    def check_batch(self, batch: dict) -> None:
+        """Optional: check a batch as the data gives it, before the trainer moves it to the
+        device (a DataLoader's batch is still on the CPU: host reads cost no device sync).
+        Raise a ValueError naming the key; default: no check."""
+
+    def save_extra(self, run_dir, step: int, theta: dict, phi: dict) -> None:
+        """Optional: called on the main process after each trainer checkpoint of ``run_dir``
+        at ``step``, with the saved tensors (``theta``: trainable tensors by checkpoint name,
+        ``phi``: the energy model's state_dict), to write files in the policy's own layout
+        (e.g. OpenVLA-OFT's). Default: nothing."""
+
     @property
     def chunk_shape(self) -> tuple[int, int]:
         """(H, Da) of the action chunk."""

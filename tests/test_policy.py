@@ -14,7 +14,7 @@ from energy_train.config import default_config  # noqa: E402
 from energy_train.trainer import STRATEGIES, PolicyError, read_metrics, split_theta  # noqa: E402
 from hf_policy import LlamaPolicy, PromptData, make_policy  # noqa: E402
 from test_overlap import plain_two_phase  # noqa: E402
-from trainer_helpers import grads, make_trainer, same, snapshot  # noqa: E402
+from trainer_helpers import make_trainer, same, snapshot, spy_isolation  # noqa: E402
 
 QUIET = dict(echo=lambda *a: None)
 BASE = dict(batch_size=4, steps=3, warmup_steps=1, log_every=1, probe_every=0, progress=False,
@@ -37,23 +37,7 @@ def test_every_strategy_trains_the_llama_policy(strategy):
     """phase 2 / the phi step leave theta bitwise unchanged, the energy backward deposits
     nothing into theta, theta and phi move."""
     t = trainer(strategy=strategy, alternate_every=1, cache_refresh=2, adaptive_window=2)
-    theta0, phi0, seen = snapshot(t.theta), snapshot(t.phi), []
-    step_phi, energy_backward = t.step_phi, t.energy_backward
-
-    def spy_step_phi():
-        before = snapshot(t.theta)
-        out = step_phi()
-        seen.append(same(before, snapshot(t.theta)))
-        return out
-
-    def spy_backward(loss, *, audit, retain_graph=False):
-        before = grads(t.theta)
-        out = energy_backward(loss, audit=audit, retain_graph=retain_graph)
-        seen.append(all((a is None and b is None) or torch.equal(a, b)
-                        for a, b in zip(before, grads(t.theta))))
-        return out
-
-    t.step_phi, t.energy_backward = spy_step_phi, spy_backward
+    theta0, phi0, seen = snapshot(t.theta), snapshot(t.phi), spy_isolation(t)
     metrics = [t.train_step() for _ in range(3)]
     assert seen and all(seen)
     assert all(float(m["energy_grad_theta"]) == 0.0 for m in metrics if "energy_grad_theta" in m)

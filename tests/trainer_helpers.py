@@ -33,6 +33,29 @@ def grads(params):
     return [None if p.grad is None else p.grad.detach().clone() for p in params]
 
 
+def spy_isolation(t: Trainer) -> list[bool]:
+    """Wrap ``t.step_phi`` and ``t.energy_backward``: each call appends to the returned list
+    whether it left theta (resp. theta's gradients) bitwise unchanged."""
+    seen: list[bool] = []
+    step_phi, energy_backward = t.step_phi, t.energy_backward
+
+    def spy_step_phi():
+        before = snapshot(t.theta)
+        out = step_phi()
+        seen.append(same(before, snapshot(t.theta)))
+        return out
+
+    def spy_backward(loss, *, audit, retain_graph=False):
+        before = grads(t.theta)
+        out = energy_backward(loss, audit=audit, retain_graph=retain_graph)
+        seen.append(all((a is None and b is None) or torch.equal(a, b)
+                        for a, b in zip(before, grads(t.theta))))
+        return out
+
+    t.step_phi, t.energy_backward = spy_step_phi, spy_backward
+    return seen
+
+
 def deepcopy_policy(t: Trainer):
     """A frozen copy of theta_k: the policy with copies of its modules."""
     return copy.deepcopy(t.policy)

@@ -18,6 +18,7 @@ from ..policy import Policy
 
 REGISTRY = {
     "tiny": "energy_train.policies.tiny:build",
+    "oft-standin": "energy_train.integrations.openvla_oft.options:build_standin",
 }
 
 

@@ -270,6 +270,7 @@ def save(trainer, run_dir: str | Path) -> None:
     out = payload(trainer)
     if trainer.dp.is_main:
         save_checkpoint(run_dir, trainer.step, *out)
+        trainer.policy.save_extra(Path(run_dir), trainer.step, out[0], out[1])  # its own layout
     trainer.dp.barrier()
 
 

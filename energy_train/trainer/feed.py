@@ -79,6 +79,7 @@ def sample_ids(batch: dict) -> list[int] | None:
 
 def prepare(policy: Policy, batch: dict, device: torch.device, index: int, last: bool) -> Micro:
     ids_host = sample_ids(batch)
+    policy.check_batch(batch)  # before the move: host reads of a CPU batch need no sync
     batch = to_device(batch, device)
     return Micro(batch, policy.layout(batch), policy.expert(batch), index, last, ids_host)
 

@@ -38,6 +38,7 @@ from . import checkpoint
 from .checkpoint import atomic_write_text
 from .core import Trainer, resolve_device
 from .feed import Feed
+from .loggers import NullLogger, open_logger
 from .metrics import check_finite_records
 from .validate import check_policy
 
@@ -402,6 +403,8 @@ def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: 
         echo(f"resumed {run_dir} at step {step}{note}")
     if loaded is None and cfg.run.probe_every:
         trainer.meter.add(-1, trainer.probe())  # the probe before training, logged as step -1
+    logger = (open_logger(cfg.run.log, run_dir, cfg.to_dict(), trainer.step if resume else None)
+              if main else NullLogger())  # W&B / TensorBoard beside metrics.jsonl (run.log)
     target = cfg.run.stop_after or cfg.run.steps
     bar = tqdm(total=cfg.run.steps, initial=trainer.step, disable=not (cfg.run.progress and main),
                desc=cfg.run.strategy, dynamic_ncols=True, leave=False)
@@ -414,6 +417,7 @@ def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: 
             records = trainer.flush()  # under torchrun: a collective (mean over ranks)
             if main:
                 _append(metrics_path, records)
+                logger.log(records)
             check_finite_records(records)
             last = {k: v for r in records for k, v in r.items() if k in ("l1", "energy_loss", "rank_acc")}
             bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
@@ -421,6 +425,7 @@ def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: 
         if ckpt_due:
             checkpoint.save(trainer, run_dir)
     bar.close()
+    logger.close()
     checkpoint.save(trainer, run_dir)
     if trainer.step < cfg.run.steps:
         echo(f"stopped after step {trainer.step} of {cfg.run.steps} (checkpointed); continue with "
