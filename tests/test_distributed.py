@@ -1,4 +1,4 @@
-"""Data-parallel training (design section 6, issue 7) on the CPU: gloo backend, 2 processes
+"""Data-parallel training on the CPU: gloo backend, 2 processes
 launched by the tests themselves on 127.0.0.1 (a free port), every job under a timeout.
 
 One job (tests/dist_worker.py) runs all trainer-level scenarios in one process group, to pay

@@ -1,4 +1,4 @@
-"""Trainer invariants (design section 6), on the CPU with tiny models and a few steps."""
+"""Trainer invariants (README "Training"), on the CPU with tiny models and a few steps."""
 from __future__ import annotations
 
 import pytest

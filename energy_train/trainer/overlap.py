@@ -1,4 +1,4 @@
-"""Overlap of the two phases on CUDA streams, ordered by events (design section 6).
+"""Overlap of the two phases on CUDA streams, ordered by events.
 
 Phase 2 of step k (no-grad forward with theta_k+1, negatives, energy fwd/bwd/step on phi)
 runs on a SIDE stream while phase 1 of step k+1 runs on the MAIN stream::
