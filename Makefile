@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-gpu bench resources runtime runtime-test clean
+.PHONY: setup train test test-gpu bench resources gpu-check runtime runtime-test clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -28,6 +28,13 @@ bench: $(STAMP)
 # registers / spills / shared memory / wgmma (TRITON_INTERPRET must be unset).
 resources: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m bench.resources
+
+# One time-boxed command that proves and measures everything on a GPU (scripts/gpu_check.py):
+# 8 minutes from here, set-up included; results in bench/results/*-<device>.*, a compact set
+# in --out DIR (GPU_CHECK_ARGS="--out $$OUT"). GPU_CHECK_DRY=1: the same on the CPU, reduced.
+gpu-check:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory setup && \
+	  $(PY) scripts/gpu_check.py --t0 $$t0 $(GPU_CHECK_ARGS)
 
 # The C++ runtime of the trained verifier (CMakeLists.txt, runtime/): libenergy_train_runtime,
 # et-verify and runtime_tests in $(RUNTIME_BUILD), against the venv's torch (libtorch from the wheel).

@@ -1,4 +1,4 @@
-"""Energy scoring + contrastive losses (issue 5): ``python -m bench.run energy [--quick]``.
+"""Energy scoring + contrastive losses: ``python -m bench.run energy [--quick]``.
 
 Providers (what is timed is what tests/test_kernel_energy.py proves equal):
   reference_replicated  the public fork: context copied B*B (swap) / B*(1+M) (explicit) times

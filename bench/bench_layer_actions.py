@@ -19,7 +19,8 @@ import torch
 from bench.baselines import public_layer_actions_loop
 from bench.harness import Benchmark, Case, Provider
 from energy_train import L1RegressionActionHead, build_action_index, layer_actions
-from energy_train.ops import _layer_actions_eager
+from energy_train.kernels.layer_actions import layer_actions_reference
+from energy_train.models import action_head_weights
 
 
 def _flops_bytes(L1, B, H, Da, D, hidden, nb, esize):
@@ -77,7 +78,7 @@ def _compiled(mode):
             def batched(hs, mask, head):
                 idx = build_action_index(num_tokens=head.num_actions_chunk * head.action_dim,
                                          mask=mask)
-                return _layer_actions_eager(list(hs), idx, head, None, [False] * len(hs))
+                return layer_actions_reference(list(hs), idx, action_head_weights(head))
             _COMPILED[mode] = torch.compile(batched, mode=mode, dynamic=False)
         fn = _COMPILED[mode]
         return lambda: torch.no_grad()(fn)(inp["hs"], inp["mask"], head)

@@ -12,6 +12,9 @@ actions):
   hook capture (shows what keeping L+1 full hidden states costs in peak memory).
 Backbones (cases):
 - tiny: the embedded default (TinyVLA d=64, 4 layers, batch 16, T=79);
+- oftstandin: ``--policy oft-standin``, the OpenVLA-OFT stand-in with OFT's LoRA (r=16) on a
+  frozen random base (a Llama d=64, 2 layers, two 3-block ViTs per image, 2 images + proprio:
+  T = 104-106), batch 16 (energy_train/integrations/openvla_oft/standin.py);
 - llama1b (GPU only): a Llama-style decoder, hidden 2048, 16 layers, 32 heads / 8 KV heads,
   FFN 8192 (~1.0B parameters), T=591 (529 patches), B=8, bf16, random weights (bench/llama_like.py);
 - prodhead (GPU only): the production action head (D=4096, H*Da=56, hidden 4096, ~151M
@@ -32,11 +35,12 @@ import torch
 
 from bench.harness import Benchmark, Case, Provider
 from bench.llama_like import DecoderVLA
-from energy_train.config import TrainConfig, apply
+from energy_train.config import default_config
 from energy_train.data import TaskData
 from energy_train.models import EnergyModel, L1RegressionActionHead
+from energy_train.policies.tiny import TinyPolicy
 from energy_train.telemetry import GpuTelemetry
-from energy_train.trainer import Trainer, build_models
+from energy_train.trainer import Trainer, build_trainer
 
 PROVIDERS = {
     "joint": dict(strategy="joint"),
@@ -47,6 +51,7 @@ PROVIDERS = {
 }
 BACKBONES = {
     "tiny": dict(kind="tiny", B=16),
+    "oftstandin": dict(kind="oft-standin", B=16),
     "llama1b": dict(kind="decoder", B=8, d_model=2048, n_layers=16, n_heads=32, kv_heads=8,
                     ffn=8192, head_hidden=2048, image_size=92),
     "prodhead": dict(kind="decoder", B=8, d_model=4096, n_layers=2, n_heads=32, kv_heads=32,
@@ -56,29 +61,22 @@ PHASES = ("step", "phase1", "opt_theta", "phase2", "phase2_read")
 
 
 def make_trainer(spec: dict, provider: str, device: torch.device) -> Trainer:
-    cfg = apply(TrainConfig(), dict(PROVIDERS[provider], batch_size=spec["B"], steps=100_000,
-                                    warmup_steps=0, probe_every=0, log_every=10 ** 9,
-                                    progress=False, energy_loss="explicit", device=str(device)),
-                "bench").validate()
+    cfg = default_config(**PROVIDERS[provider], batch_size=spec["B"], steps=100_000,
+                         warmup_steps=0, probe_every=0, log_every=10 ** 9, progress=False,
+                         energy_loss="explicit", device=str(device))
     if spec["kind"] == "tiny":
-        data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size,
-                        device=device)
-        return Trainer(cfg, *build_models(cfg, device), data, device)
+        return build_trainer(cfg, device)
+    if spec["kind"] == "oft-standin":
+        return build_trainer(cfg.with_values({"run.policy": "oft-standin"}, "bench"), device)
     torch.manual_seed(0)
     with torch.device(device):
         model = DecoderVLA(d_model=spec["d_model"], n_layers=spec["n_layers"], n_heads=spec["n_heads"],
                            kv_heads=spec["kv_heads"], ffn=spec["ffn"], image_size=spec["image_size"])
         head = L1RegressionActionHead(spec["d_model"], spec["head_hidden"], 7, 8)
         energy = EnergyModel(spec["d_model"], 7, hidden=512, heads=8)
-    model, head = model.to(torch.bfloat16), head.to(torch.bfloat16)
-    data = TaskData(0, 64, 8, image_size=spec["image_size"], device=device)
-    return Trainer(cfg, model, head, energy, data, device)
-
-
-def _forget(t: Trainer) -> None:
-    """Drop the kept metrics/events without reading them back (no sync)."""
-    t.meter._steps.clear()
-    t.timer._pending.clear()
+    policy = TinyPolicy(model.to(torch.bfloat16), head.to(torch.bfloat16))
+    data = TaskData(0, 64, 8, batch_size=spec["B"], image_size=spec["image_size"], device=device)
+    return build_trainer(cfg, device, policy=policy, energy=energy, data=data)
 
 
 def _factory(provider: str):
@@ -93,7 +91,7 @@ def _factory(provider: str):
         def step():
             t.train_step()
             if t.step % 32 == 0:
-                _forget(t)
+                t.discard_metrics()  # no read-back (no sync) while timing
         return step
     return factory
 
@@ -197,7 +195,7 @@ def draw_timeline(res: dict, path: Path) -> None:
 
 
 def make_benchmark(device: torch.device, quick: bool, cpu_shapes: bool) -> Benchmark:
-    names = ["tiny"] if (cpu_shapes or device.type != "cuda") else (
+    names = ["tiny", "oftstandin"] if (cpu_shapes or device.type != "cuda") else (
         ["tiny", "llama1b"] if quick else ["tiny", "llama1b", "prodhead"])
     cases = [Case(name, dict(BACKBONES[name]),
                   make=lambda dev, spec=BACKBONES[name]: dict(spec=spec, device=torch.device(dev),

@@ -21,7 +21,9 @@ API (for a new benchmark ``bench/bench_<op>.py``)::
    peaks;
 2. warms EVERY (case, provider) up (compiles, autotunes, caches) before timing any: inputs are
    built by ``Case.make`` for the warm-up pass and again for the timed pass (so two huge
-   cases never live at once);
+   cases never live at once); each warm-up's seconds (compile time included) land in the
+   record as ``warmup_s``; a provider that raises (warm-up or timing) is recorded with status
+   ``error: <exception>`` and the others still run;
 3. times each provider: on a GPU ``triton.testing.do_bench`` quantiles (median, p20, p80) and
    the extra peak device memory of one call; on the CPU ``time.perf_counter`` repeats (median,
    p20, p80), skipping ``gpu_only`` providers (interpreter timings mean nothing) and reporting
@@ -178,10 +180,15 @@ def _active(bench: Benchmark, device) -> list:
     return [p for p in bench.providers if device.type == "cuda" or (p.cpu_ok and not p.gpu_only)]
 
 
+def _error(e: BaseException) -> str:
+    return f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | None = RESULTS,
-                  tag: str | None = None, log=print) -> list[dict]:
+                  tag: str | None = None, log=print, ceilings: dict | None = None) -> list[dict]:
+    """``ceilings``: measured earlier on this device (measure_ceilings' dict); None measures them."""
     device = torch.device(device)
-    ceilings = measure_ceilings(device)
+    ceilings = measure_ceilings(device) if ceilings is None else ceilings
     if ceilings:
         log(f"ceilings: bf16 matmul {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, "
             f"copy {ceilings['copy_gbps']:.0f} GB/s")
@@ -190,14 +197,23 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
 
     # 1. warm every (case, provider) up before timing any
     t_warm = time.perf_counter()
+    warm, failed = {}, {}
     for case in bench.cases:
         inputs = case.make(device)
         for p in providers:
-            fn = p.factory(inputs)
-            if fn is not None:
-                fn()
+            t0 = time.perf_counter()
+            try:
+                fn = p.factory(inputs)
+                if fn is not None:
+                    fn()
+                    _sync(device)  # an asynchronous fault is charged to this provider
+            except Exception as e:  # recorded; the other providers still run
+                failed[(case.name, p.name)] = _error(e)
+                log(f"warm-up {case.name} / {p.name}: {failed[(case.name, p.name)]}")
+                continue
+            warm[(case.name, p.name)] = time.perf_counter() - t0
+            log(f"warm-up {case.name} / {p.name}: {warm[(case.name, p.name)]:.1f} s")
         del inputs
-        _sync(device)
     log(f"warm-up of {len(bench.cases)} cases x {len(providers)} providers: "
         f"{time.perf_counter() - t_warm:.1f} s")
 
@@ -207,17 +223,31 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
         inputs = case.make(device)
         row = {}
         for p in providers:
-            fn = p.factory(inputs)
             rec = dict(case=case.name, params=case.params, provider=p.name, flops=case.flops,
                        bytes=case.bytes)
+            if (case.name, p.name) in warm:
+                rec["warmup_s"] = warm[(case.name, p.name)]
+            row[p.name] = rec
+            records.append(rec)
+            if (case.name, p.name) in failed:
+                rec["status"] = failed[(case.name, p.name)]
+                continue
+            try:
+                fn = p.factory(inputs)
+                if fn is not None:
+                    _sync(device)
+                    t = time_gpu(fn, device) if device.type == "cuda" else time_cpu(fn)
+                    rec.update(t)
+                    if bench.annotate is not None:
+                        rec.update(bench.annotate(case, p.name, inputs, rec, device))
+            except Exception as e:
+                rec["status"] = _error(e)
+                log(f"  {case.name} / {p.name}: {rec['status']}")
+                continue
             if fn is None:
                 rec["status"] = "not applicable"
             else:
-                _sync(device)
-                t = time_gpu(fn, device) if device.type == "cuda" else time_cpu(fn)
-                rec.update(t, status="ok")
-                if bench.annotate is not None:
-                    rec.update(bench.annotate(case, p.name, inputs, rec, device))
+                rec["status"] = "ok"
                 sec = t["median_ms"] * 1e-3
                 if case.flops:
                     rec["tflops"] = case.flops / sec / 1e12
@@ -227,8 +257,6 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
                     rec["gbps"] = case.bytes / sec / 1e9
                     if ceilings:
                         rec["pct_peak_bw"] = 100 * rec["gbps"] / ceilings["copy_gbps"]
-            row[p.name] = rec
-            records.append(rec)
         if bench.memory is not None:
             for p in bench.providers:
                 extra = bench.memory(case, p.name, inputs)
@@ -306,6 +334,22 @@ def _memory_cell(r: dict) -> str:
     return s
 
 
+def _short_status(status) -> str:
+    """A table cell for a record that was not timed: 'skipped', 'n/a', 'error (TypeError)',
+    'did not compile within 90 s', 'timed out after 60 s', 'not run: budget'."""
+    s = str(status or "")
+    if "skipped" in s:
+        return "skipped"
+    if s.startswith("error"):
+        kind = s.split(":")[1].strip() if s.count(":") >= 1 else ""
+        return f"error ({kind})" if kind else "error"
+    if s.startswith(("did not compile", "timed out")):
+        return s.split(" (")[0]
+    if s.startswith("not run"):
+        return s.split(" (")[0]
+    return "n/a"
+
+
 def markdown_table(meta: dict, records: list) -> str:
     providers = list(dict.fromkeys(meta.get("providers", []) + [r["provider"] for r in records]))
     cases = list(dict.fromkeys(r["case"] for r in records))
@@ -329,7 +373,7 @@ def markdown_table(meta: dict, records: list) -> str:
             r = by.get((case, p), {})
             mem = _memory_cell(r)
             if r.get("status") != "ok":
-                cells.append(("skipped" if "skipped" in str(r.get("status")) else "n/a") + mem)
+                cells.append(_short_status(r.get("status")) + mem)
                 continue
             s = f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
             if "speedup_vs_baseline" in r:

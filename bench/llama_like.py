@@ -9,8 +9,9 @@ it, for the step benchmark and the capture tests.
   with the HF convention: (embeddings, outputs of layers 0..L-2, normed output of layer L-1).
 - :class:`DecoderVLA`: the TinyVLA interface (``layout``, ``norm``, ``d_model``,
   ``forward(images, proprio, tokens, output_hidden_states)``) with TinyVLA's token embedding
-  in front of a LlamaLikeModel, so the Trainer runs on it unchanged; its hidden states are
-  found by :func:`energy_train.capture.find_decoder` (``decoder.layers`` + ``decoder.norm``).
+  in front of a LlamaLikeModel, so :class:`energy_train.policies.tiny.TinyPolicy` wraps it
+  unchanged; its decoder is found by :func:`energy_train.capture.find_decoder`
+  (``decoder.layers`` + ``decoder.norm``).
 """
 from __future__ import annotations
 

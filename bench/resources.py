@@ -4,14 +4,16 @@ registers, spills (local memory / stack), shared memory and whether the PTX uses
 ``python -m bench.resources [--filter SUBSTR] [--json PATH]`` (or ``make resources``).
 TRITON_INTERPRET must be unset (the command re-executes itself without it).
 
-Registering configs: every ``energy_train.kernels.<op>.fused`` module may expose
-``RESOURCE_CONFIGS``, a list of dicts::
+Registering configs: every op's ``energy_train.kernels.<op>.configs`` module may define
+``resource_configs()``, a list of dicts built with the same pickers its launchers use::
 
-    dict(name="op.pass.dtype", kernel=<@triton.jit fn>,
-         args={"x_ptr": "*bf16", "M": 2112, "eps": 1e-5, ...},   # every runtime argument:
-               # pointer type strings, or example ints / floats (ints equal to 1 become the
-               # constexpr 1 and multiples of 16 get the divisibility hint, as the JIT does)
-         constexprs={"BLOCK_M": 128, "DOT_DTYPE": "bf16", ...},  # dtype constexprs as strings
+    dict(name="op.pass.dtype", kernel=<@triton.jit fn, optionally under @triton.heuristics>,
+         args={"x_ptr": "*bf16", "b_ptr": None, "M": 2112, "eps": 1e-5, ...},  # every runtime
+               # argument: pointer type strings, None (an absent optional pointer), or example
+               # ints / floats (ints equal to 1 become the constexpr 1 and multiples of 16 get
+               # the divisibility hint, as the JIT does)
+         constexprs={"BLOCK_M": 128, "DOT_DTYPE": "bf16", ...},  # dtype constexprs as strings;
+               # flags a @triton.heuristics derives are computed from args, as at launch
          num_warps=8, num_stages=4,
          expect_wgmma=True)   # optional: the report flags (and the test fails) a GEMM without it
 
@@ -46,10 +48,11 @@ def collect_configs() -> list[dict]:
         if not info.ispkg:
             continue
         try:
-            mod = importlib.import_module(f"energy_train.kernels.{info.name}.fused")
+            mod = importlib.import_module(f"energy_train.kernels.{info.name}.configs")
         except ModuleNotFoundError:
             continue
-        out += list(getattr(mod, "RESOURCE_CONFIGS", []))
+        if hasattr(mod, "resource_configs"):
+            out += list(mod.resource_configs())
     return out
 
 
@@ -66,12 +69,17 @@ def compile_config(cfg: dict):
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Heuristics
 
-    fn = cfg["kernel"]
+    fn, given = cfg["kernel"], dict(cfg.get("constexprs", {}))
+    if isinstance(fn, Heuristics):  # derive its flags from the arguments, as a launch would
+        for name, rule in fn.values.items():
+            given[name] = rule({**cfg["args"], **given})
+        fn = fn.fn
     signature, constexprs, attrs = {}, {}, {}
     for name in fn.arg_names:
-        if name in cfg.get("constexprs", {}):
-            v = cfg["constexprs"][name]
+        if name in given:
+            v = given[name]
             if isinstance(v, str) and v in ("bf16", "fp16", "fp32"):
                 v = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[v]
             signature[name] = "constexpr"
@@ -79,7 +87,10 @@ def compile_config(cfg: dict):
             continue
         v = cfg["args"][name]
         i = fn.arg_names.index(name)
-        if isinstance(v, str):
+        if v is None:  # an absent optional pointer: a constexpr None, as the JIT specialises it
+            signature[name] = "constexpr"
+            constexprs[name] = None
+        elif isinstance(v, str):
             signature[name] = v
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
@@ -113,6 +124,12 @@ def resource_usage(cubin: bytes) -> dict:
     return res
 
 
+def _kernel_name(kernel) -> str:
+    while hasattr(kernel, "fn"):  # @triton.heuristics -> @triton.jit -> the Python function
+        kernel = kernel.fn
+    return kernel.__name__
+
+
 def report(configs: list[dict], log=print) -> list[dict]:
     rows = []
     for cfg in configs:
@@ -120,7 +137,7 @@ def report(configs: list[dict], log=print) -> list[dict]:
         use = resource_usage(k.asm["cubin"])
         ptx = k.asm["ptx"]
         smem = getattr(k.metadata, "shared", None)
-        row = dict(name=cfg["name"], kernel=cfg["kernel"].__name__, num_warps=cfg["num_warps"],
+        row = dict(name=cfg["name"], kernel=_kernel_name(cfg["kernel"]), num_warps=cfg["num_warps"],
                    num_stages=cfg["num_stages"], registers=use["registers"], stack=use["stack"],
                    local=use["local"], shared_static=use["shared"], shared_dynamic=smem,
                    wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,

@@ -5,11 +5,11 @@ The energy phase needs the action-token rows of every hidden state (the negative
 context rows of the last one. ``output_hidden_states=True`` keeps L+1 full (B, T, D) tensors
 alive for that; :class:`HiddenStateCapture` copies just those rows as each layer finishes::
 
-    cap = HiddenStateCapture.for_model(model)     # TinyVLA, or any HF-style decoder
-    with cap.armed(action_index, context_len, slot=("phase2", k % 2)) as got:
+    cap = HiddenStateCapture.for_decoder(*policy.decoder())   # or .for_model(model)
+    with cap.armed(action_index, context_index, slot=("phase2", k % 2)) as got:
         model(...)                                # no output_hidden_states
     got.action_rows   # (L+1, B, N, D): row j of state l = state_l[b, action_index[b, j]]
-    got.context       # (B, S, D): the last state's first S rows
+    got.context       # (B, S, D): row s = the last state's row context_index[b, s]
 
 The L+1 capture points follow the Hugging Face ``output_hidden_states`` convention, so the
 rows are bitwise the ones :func:`gather_hidden_states` takes from that tuple:
@@ -76,10 +76,10 @@ def _hidden(out) -> torch.Tensor:
 
 
 class _Armed:
-    __slots__ = ("index", "context_len", "out", "fired", "thread", "slot")
+    __slots__ = ("index", "context_index", "out", "fired", "thread", "slot")
 
-    def __init__(self, index, context_len, out, slot):
-        self.index, self.context_len, self.out, self.slot = index, context_len, out, slot
+    def __init__(self, index, context_index, out, slot):
+        self.index, self.context_index, self.out, self.slot = index, context_index, out, slot
         self.fired = []
         self.thread = threading.get_ident()
 
@@ -149,16 +149,15 @@ class HiddenStateCapture:
         if a.out.action_rows is None:
             self._allocate(a, h)
         with torch.no_grad():
-            idx = a.index[:, :, None].expand(-1, -1, h.shape[-1])
-            torch.gather(h, 1, idx, out=a.out.action_rows[i])
+            _gather_rows(h, a.index, a.out.action_rows[i])
             if i == self.num_states - 1:
-                a.out.context.copy_(h[:, : a.context_len])
+                _gather_rows(h, a.context_index, a.out.context)
         a.fired.append(i)
 
     def _allocate(self, a: _Armed, h: torch.Tensor) -> None:
         """Buffers shaped from the first captured state (its dtype, device and D)."""
-        B, N = a.index.shape
-        shapes = ((self.num_states, B, N, h.shape[-1]), (B, a.context_len, h.shape[-1]))
+        (B, N), S = a.index.shape, a.context_index.shape[1]
+        shapes = ((self.num_states, B, N, h.shape[-1]), (B, S, h.shape[-1]))
         if a.slot is not None:
             buf = self._pool.get(a.slot)
             if buf is None or (tuple(buf.action_rows.shape), tuple(buf.context.shape)) != shapes \
@@ -171,15 +170,17 @@ class HiddenStateCapture:
 
     # ---- arming ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def armed(self, action_index: torch.Tensor, context_len: int, dtype: torch.dtype | None = None,
-              d_model: int | None = None, *, slot: Hashable | None = None):
+    def armed(self, action_index: torch.Tensor, context_index: torch.Tensor | int,
+              dtype: torch.dtype | None = None, d_model: int | None = None, *,
+              slot: Hashable | None = None):
         """Capture during the forward(s) run inside; yields a :class:`CapturedStates`.
-        action_index (B, N) int64 positions; context_len S. ``dtype``/``d_model`` given:
-        allocate now (else from the first captured state). ``slot``: reuse that slot's
-        buffers (overwritten by the next forward armed with the same slot)."""
+        action_index (B, N) int64 positions; context_index (B, S) int64 positions of the
+        context rows (an int S: the first S rows). ``dtype``/``d_model`` given: allocate now
+        (else from the first captured state). ``slot``: reuse that slot's buffers (overwritten
+        by the next forward armed with the same slot)."""
         if self._active() is not None:
             raise RuntimeError("capture: already armed on this thread (nested forwards?)")
-        a = _Armed(action_index, int(context_len), CapturedStates(), slot)
+        a = _Armed(action_index, _context_index(context_index, action_index), CapturedStates(), slot)
         if dtype is not None and d_model is not None:
             self._allocate(a, torch.empty(0, d_model, dtype=dtype, device=action_index.device))
         self._armed = a
@@ -200,10 +201,28 @@ class HiddenStateCapture:
         self._pool.clear()
 
 
+def _context_index(context_index, action_index: torch.Tensor) -> torch.Tensor:
+    if isinstance(context_index, torch.Tensor):
+        return context_index
+    B = action_index.shape[0]
+    return torch.arange(int(context_index), device=action_index.device).expand(B, int(context_index))
+
+
+def _gather_rows(h: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """out (B, N, D) <- h[b, index[b, n]] (cast to out's dtype where the state's differs)."""
+    idx = index[:, :, None].expand(-1, -1, h.shape[-1])
+    if h.dtype == out.dtype:
+        torch.gather(h, 1, idx, out=out)
+    else:
+        out.copy_(torch.gather(h, 1, idx))
+
+
 def gather_hidden_states(hidden_states: Sequence[torch.Tensor], action_index: torch.Tensor,
-                         context_len: int) -> CapturedStates:
+                         context_index: torch.Tensor | int) -> CapturedStates:
     """The ``output_hidden_states`` path: the same rows taken from L+1 full (B, T, D) states."""
-    idx = action_index[:, :, None].expand(-1, -1, hidden_states[0].shape[-1])
+    cidx = _context_index(context_index, action_index)
     with torch.no_grad():
-        rows = torch.stack([h.gather(1, idx) for h in hidden_states])
-        return CapturedStates(rows, hidden_states[-1][:, :context_len].detach().clone())
+        rows = torch.stack([h.gather(1, action_index[:, :, None].expand(-1, -1, h.shape[-1]))
+                            for h in hidden_states])
+        last = hidden_states[-1]
+        return CapturedStates(rows, last.gather(1, cidx[:, :, None].expand(-1, -1, last.shape[-1])))

@@ -1,44 +1,18 @@
-"""Argument checks that name the argument, the expected and the received shape or dtype.
+"""The one home of argument checks: each error names the argument the caller passed, what was
+expected and what came.
 
 Shape and dtype checks read only tensor metadata (no host synchronisation); value checks
-(NaN/inf, all-masked rows) read data and therefore sit behind ``validate=True``.
+(NaN/inf, all-masked rows) read data and therefore sit behind ``validate=True``. The tensor
+checks are the kernels' own (``energy_train.kernels._utils``): one definition for both.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import math
+import numbers
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_tensor(name: str, t, *, ndim: int | None = None, shape: Mapping[int, int] | None = None,
-                 dtype: torch.dtype | tuple | None = None, floating: bool = False,
-                 integer: bool = False, device: torch.device | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
-    for dim, size in (shape or {}).items():
-        if size is not None and t.shape[dim] != size:
-            raise ValueError(
-                f"{name}: expected size {size} at dim {dim}, got shape {tuple(t.shape)}")
-    if floating and t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
-    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{name}: expected an integer dtype, got {t.dtype}")
-    if dtype is not None:
-        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
-        if t.dtype not in allowed:
-            raise TypeError(f"{name}: expected dtype {allowed}, got {t.dtype}")
-    if device is not None and t.device != torch.device(device):
-        raise ValueError(f"{name}: expected device {device}, got {t.device}")
-
-
-def check_same_device(**tensors) -> None:
-    devices = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"expected all tensors on one device, got {devices}")
+from .kernels._utils import FLOAT_DTYPES, check_same_device, check_tensor  # noqa: F401
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -47,3 +21,55 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name}: holds {int(bad.sum())} non-finite values (first at {first})")
+
+
+# --------------------------------------------------------------------------------------------
+# scalar arguments: each error names the argument, what was expected and what came
+# --------------------------------------------------------------------------------------------
+def _bounds(low, high, low_open: bool) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}]"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    return f" <= {high}" if high is not None else ""
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` is an int (not a bool) within [low, high]; returns it as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int{_bounds(low, high, False)}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}: expected an int{_bounds(low, high, False)}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False) -> float:
+    """``value`` is a finite real number (not a bool, not NaN or inf) within its bounds
+    (``low_open``: strictly above ``low``); returns it as a float."""
+    want = f"a finite number{_bounds(low, high, low_open)}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {want}, got {value!r}")
+    v = float(value)
+    if (not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low))
+            or (high is not None and v > high)):
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
+    return v
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def check_nonempty(name: str, t: torch.Tensor, dim: int, what: str) -> None:
+    """``t`` has at least one entry along ``dim`` (``what`` names them: "sample", "key")."""
+    if t.shape[dim] == 0:
+        raise ValueError(f"{name}: expected at least one {what} (dim {dim}), got shape "
+                         f"{tuple(t.shape)}")

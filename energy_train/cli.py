@@ -2,7 +2,8 @@
 
   energy-train train                  the embedded default (tiny VLA, CPU: about two minutes)
   energy-train train --strategy joint --steps 300 --out runs/j
-  energy-train train --config my.toml --set lr=3e-4 --set energy_loss=explicit
+  energy-train train --config my.toml --set optim.lr=3e-4 --set energy.loss=explicit
+  energy-train train --policy mypkg.policies:make_policy  your own policy
   energy-train train --resume --out runs/j [--steps 600]
   energy-train compare                several strategies, same seed/data -> stability report
   energy-train demo                   the ops once on random tensors
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from .config import build, default_config, load_toml
 
 
 def _demo(args) -> int:
@@ -35,63 +38,74 @@ def _demo(args) -> int:
     return 0
 
 
-def _overrides(args) -> dict:
-    """Explicit CLI flags and --set key=value pairs (flags win over --set)."""
+FLAGS = {"policy": "run.policy", "strategy": "run.strategy", "steps": "run.steps",
+         "batch_size": "run.batch_size", "device": "run.device", "seed": "run.seed",
+         "stop_after": "run.stop_after", "log_every": "run.log_every"}
+
+
+def _sets(args) -> dict:
+    """--set key=value pairs (flat or section.key)."""
     out = {}
     for item in args.set or []:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--set: expected key=value, got {item!r}")
         out[key.strip()] = value.strip()
-    for flag in ("strategy", "steps", "batch_size", "device", "seed", "stop_after", "log_every"):
-        v = getattr(args, flag, None)
-        if v is not None:
-            out[flag] = v
-    if getattr(args, "no_progress", False):
-        out["progress"] = False
     return out
 
 
+def _flags(args) -> dict:
+    """The explicit CLI flags as {"section.key": value} (they win over --set)."""
+    out = {key: getattr(args, flag) for flag, key in FLAGS.items()
+           if getattr(args, flag, None) is not None}
+    if getattr(args, "no_progress", False):
+        out["run.progress"] = False
+    return out
+
+
+def _layers(args, extra: dict | None = None) -> list:
+    layers = []
+    if getattr(args, "config", None):
+        layers.append((load_toml(args.config), f"--config {args.config}"))
+    if extra:
+        layers.append((extra, "compare defaults"))
+    layers += [(_sets(args), "--set"), (_flags(args), "command line")]
+    return layers
+
+
 def _train(args) -> int:
-    from .config import TrainConfig, apply, check_keys, load_toml, resolve
     from .trainer import train
 
-    overrides = _overrides(args)
     if args.resume:
         if args.config:
             raise ValueError("--resume continues a run with its saved config; drop --config")
-        check_keys(overrides, "command line")
-        cfg = apply(TrainConfig(), overrides, "command line")  # coerced values for comparison
-        ov = {k: getattr(cfg, k) for k in overrides}
-        train(TrainConfig(), args.out, resume=True, overrides=ov)
+        train(default_config(), args.out, resume=True, overrides={**_sets(args), **_flags(args)})
     else:
-        if args.config:
-            load_toml(args.config)  # a clear error for a missing/invalid file first
-        cfg = resolve(args.config, overrides)
-        train(cfg, args.out)
+        train(build({}, _layers(args)), args.out)
     return 0
 
 
 def _compare(args) -> int:
-    from .config import resolve
     from .trainer.compare import DEFAULT_SPECS, compare
 
-    base = {"steps": 150, "log_every": 50, "probe_every": 1, "progress": False}
-    base.update(_overrides(args))
-    cfg = resolve(args.config, base)
+    base = {"run.steps": 150, "run.log_every": 50, "run.probe_every": 1, "run.progress": False}
+    cfg = build({}, _layers(args, base))
     specs = [s for s in args.strategies.split(";")] if args.strategies else list(DEFAULT_SPECS)
     compare(cfg, specs, args.out, k=args.k)
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", help="a registered policy (tiny, the default; oft-standin) or module:factory "
+                   "(your own: factory(cfg, device) -> energy_train.policies.Setup)")
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--device", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int)
-    p.add_argument("--config", help="a TOML file of flat `key = value` config entries")
+    p.add_argument("--config", help="a TOML file: tables [run] [optim] [energy] [strategy] "
+                   "[dist] [policy] (flat keys are mapped to their section)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="set any config key (repeatable), e.g. --set energy_loss=explicit")
+                   help="set any config key (repeatable), e.g. --set energy.loss=explicit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

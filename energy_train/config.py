@@ -1,14 +1,29 @@
-"""Training configuration: one flat dataclass, filled by defaults < TOML file < CLI flags.
+"""Training configuration: sections of typed, range-checked keys, filled by defaults < TOML
+file < ``--set`` < explicit CLI flags.
 
-Unknown keys are errors that suggest the closest known key.
+Sections (TOML tables; ``--set section.key=value``)::
+
+    [run]       what to train and how long: policy, strategy, steps, batch, device, precision, ...
+    [optim]     theta's and phi's AdamW, schedules, clipping
+    [energy]    the energy model and its loss
+    [strategy]  per-strategy knobs
+    [dist]      several processes (torchrun)
+    [policy]    the options of the policy named by run.policy (e.g. the tiny VLA's sizes)
+
+Every key is declared once, with its type and range (:func:`knob`); a value is checked where
+it enters (TOML, ``--set``, flags, ``compare`` specs), before a run directory exists, and the
+error names the key: ``optim.lr: expected a number >= 0, got -0.1``. Unknown keys are errors
+that suggest the closest known key. The flat keys of earlier versions (``lr``, ``d_model``,
+``energy_hidden``, ...) are mapped to their section (:data:`FLAT`); they keep working.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,151 +35,301 @@ else:  # pragma: no cover
 STRATEGIES = ("joint", "two_phase", "shared_forward", "alternating", "adaptive_weights",
               "cached_negatives")
 ENERGY_LOSSES = ("swap", "explicit", "margin")
-SCHEDULES = ("cosine", "constant")
+
+
+def knob(default, *, ge=None, gt=None, le=None, choices=None, resumable: bool = False,
+         pattern: str | None = None, what: str | None = None):
+    """A config key: its default, its range (``ge``/``gt``/``le``, ``choices``, a regex
+    ``pattern`` for strings, described by ``what``) and whether ``--resume`` may change it."""
+    return field(default=default, metadata=dict(ge=ge, gt=gt, le=le, choices=choices,
+                                                resumable=resumable, pattern=pattern, what=what))
+
+
+@dataclass
+class RunConfig:
+    policy: str = knob("tiny", what="a registered policy name or module:factory")
+    strategy: str = knob("two_phase", choices=STRATEGIES)
+    steps: int = knob(800, ge=1, resumable=True)          # optimizer steps (the schedules' length)
+    stop_after: int = knob(0, ge=0, resumable=True)       # stop (checkpointed) after this step; 0 = off
+    batch_size: int = knob(16, ge=1)                      # the GLOBAL batch (split over ranks)
+    grad_accum: int = knob(1, ge=1)                       # micro-batches per optimizer step
+    seed: int = knob(0, ge=0)
+    device: str = knob("auto", resumable=True, pattern=r"auto|cpu|cuda(:\d+)?",
+                       what="auto, cpu, cuda or cuda:N")
+    precision: str = knob("fp32", choices=("fp32", "bf16"))  # autocast of the policy forwards
+    log_every: int = knob(25, ge=1, resumable=True)       # metrics read back once per interval
+    ckpt_every: int = knob(200, ge=0, resumable=True)     # every N steps (and at the end); 0 = end only
+    probe_every: int = knob(25, ge=0)                     # held-out metrics + drift; 0 = off
+    progress: bool = knob(True, resumable=True)
+    threads: int = knob(1, ge=0, resumable=True)          # CPU intra-op threads; 0 = torch's default
+    overlap: bool = knob(True, resumable=True)            # CUDA: phase 2(k) beside phase 1(k+1)
+    capture: str = knob("hooks", choices=("hooks", "hidden_states"))
+    check_data: bool = knob(True)                         # step-indexed data: NaN/inf check at start
+    log: str = knob("none", choices=("none", "wandb", "tensorboard"), resumable=True)  # + metrics.jsonl
+
+
+@dataclass
+class OptimConfig:
+    lr: float = knob(1e-3, ge=0.0)                        # theta: backbone + head + extras
+    weight_decay: float = knob(0.0, ge=0.0)
+    grad_clip: float = knob(0.0, ge=0.0)                  # theta; 0 = off
+    energy_lr: float = knob(1e-3, ge=0.0)                 # phi: the energy model
+    energy_weight_decay: float = knob(0.0, ge=0.0)
+    energy_grad_clip: float = knob(1.0, ge=0.0)           # the public fork's value; 0 = off
+    warmup_steps: int = knob(20, ge=0)                    # linear LR warm-up (both optimizers)
+    schedule: str = knob("cosine", choices=("cosine", "constant"))
+    min_lr_ratio: float = knob(0.1, ge=0.0, le=1.0)       # cosine floor, a fraction of lr
+
+
+@dataclass
+class EnergyConfig:
+    hidden: int = knob(64, ge=1)
+    heads: int = knob(4, ge=1)
+    output: str = knob("unbounded", choices=("unbounded", "sigmoid", "softplus"))
+    loss: str = knob("swap", choices=ENERGY_LOSSES)       # swap | explicit | margin
+    tau: float = knob(0.5, gt=0.0)                        # InfoNCE temperature
+    warmup_steps: int = knob(0, ge=0)                     # energy-loss weight ramps 0 -> 1
+    logit_lens: bool = knob(True)                         # final norm on intermediate layers' rows
+    precision: str = knob("fp32", choices=("fp32", "bf16"))  # fp32 as the public fork runs it
+
+
+@dataclass
+class StrategyConfig:
+    detach_context: bool = knob(True)    # joint: False = the leaky diagnostic variant
+    phase2_every: int = knob(1, ge=1)    # two_phase: phase 2 on every k-th step (its batch)
+    alternate_every: int = knob(10, ge=1)  # alternating: N theta steps, then N phi steps
+    cache_refresh: int = knob(64, ge=1)    # cached_negatives: refresh an entry after K steps
+    adaptive_window: int = knob(10, ge=2)  # adaptive_weights: losses in the variance window
+
+
+@dataclass
+class DistConfig:
+    global_negatives: bool = knob(True)  # swap InfoNCE against the expert chunks of EVERY rank
+    fsdp: bool = knob(False)             # shard the policy's decoder layers with FSDP2
+    find_unused_parameters: bool = knob(False)  # DDP: needed when some theta gets no grad (OFT)
+    timeout: float = knob(300.0, gt=0.0, resumable=True)  # seconds a collective may wait
+
+
+SECTIONS = {"run": RunConfig, "optim": OptimConfig, "energy": EnergyConfig,
+            "strategy": StrategyConfig, "dist": DistConfig}
+
+# flat keys of earlier versions -> section.key (others: a field name unique across sections)
+FLAT = {"energy_hidden": "energy.hidden", "energy_heads": "energy.heads",
+        "energy_output": "energy.output", "energy_loss": "energy.loss", "tau": "energy.tau",
+        "energy_warmup_steps": "energy.warmup_steps", "logit_lens": "energy.logit_lens",
+        "warmup_steps": "optim.warmup_steps", "precision": "run.precision",
+        "dist_timeout": "dist.timeout"}
 
 
 @dataclass
 class TrainConfig:
-    # --- run --------------------------------------------------------------------------------
-    strategy: str = "two_phase"
-    steps: int = 800                 # total optimizer steps (the LR schedule's length)
-    stop_after: int = 0              # stop (checkpointed, not complete) after this step; 0 = off
-    batch_size: int = 16
-    grad_accum: int = 1              # micro-batches per optimizer step
-    seed: int = 0
-    device: str = "auto"             # auto = cuda if available, else cpu
-    log_every: int = 25              # metrics are read back from the device once per interval
-    ckpt_every: int = 0              # 0 = a checkpoint at the end (and at stop_after) only
-    probe_every: int = 25            # context/negative drift + held-out metrics; 0 = off
-    progress: bool = True
-    threads: int = 1                 # CPU intra-op threads (0 = torch's default). One thread is
-                                     # the fastest for the tiny default on a shared 2-core box
-    overlap: bool = True             # CUDA: phase 2 of step k on a side stream beside phase 1 of
-                                     # step k+1 (same numbers); the CPU always runs in order
-    capture: str = "hooks"           # hooks: keep only action/context rows (preallocated,
-                                     # double-buffered); hidden_states: output_hidden_states=True
-    # --- task -------------------------------------------------------------------------------
-    dataset_size: int = 1024
-    probe_size: int = 32
-    num_objects: int = 3
-    image_size: int = 16
-    chunk: int = 8                   # H
-    action_dim: int = 7              # Da
-    check_data: bool = True          # host-side NaN/inf check of the data
-    # --- tiny VLA + action head ---------------------------------------------------------------
-    d_model: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    patch_size: int = 4
-    mlp_ratio: int = 2
-    head_hidden: int = 128
-    # --- energy model and loss ------------------------------------------------------------------
-    energy_hidden: int = 64
-    energy_heads: int = 4
-    energy_output: str = "unbounded"
-    energy_loss: str = "swap"        # swap | explicit (structured negatives) | margin
-    # Caveat for explicit/margin: EnergyModel's action encoder starts with a LayerNorm over the
-    # Da dims of each step, so the fork's amplitude negatives (x0.3, x1.7) get EXACTLY the
-    # expert's energy (up to LN eps); ranking accuracy counts those ties as misses.
-    tau: float = 0.5
-    logit_lens: bool = True          # apply the final norm to intermediate layers' rows
-    # --- optimisation -------------------------------------------------------------------------
-    lr: float = 1e-3                 # theta: backbone + action head
-    energy_lr: float = 1e-3          # phi: energy model
-    weight_decay: float = 0.0
-    energy_weight_decay: float = 0.0
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    energy_warmup_steps: int = 0     # energy loss weight ramps 0 -> 1 over these steps
-    energy_grad_clip: float = 1.0    # the fork's value; 0 = off
-    grad_clip: float = 0.0           # theta; 0 = off
-    # --- strategy knobs -----------------------------------------------------------------------
-    detach_context: bool = True      # joint only: False = the leaky diagnostic variant
-    alternate_every: int = 10        # alternating: N theta steps, then N phi steps
-    cache_refresh: int = 64          # cached_negatives: refresh an entry after K steps
-    adaptive_window: int = 10        # adaptive_weights: losses in the variance window
-    # --- several processes (torchrun; see energy_train/distributed.py) -------------------------
-    # batch_size is the GLOBAL batch: each of the N ranks takes batch_size / N rows of it
-    global_negatives: bool = True    # swap InfoNCE scores against the expert chunks of EVERY rank
-    fsdp: bool = False               # shard the backbone with FSDP2 fully_shard (head, phi: DDP)
-    dist_timeout: float = 300.0      # seconds a collective may wait for the other ranks
-
-    def validate(self) -> "TrainConfig":
-        def one_of(name, allowed):
-            v = getattr(self, name)
-            if v not in allowed:
-                close = difflib.get_close_matches(str(v), allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"{name}: expected one of {allowed}, got {v!r}{hint}")
-        one_of("strategy", STRATEGIES)
-        one_of("energy_loss", ENERGY_LOSSES)
-        one_of("schedule", SCHEDULES)
-        one_of("energy_output", ("unbounded", "sigmoid", "softplus"))
-        one_of("capture", ("hooks", "hidden_states"))
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "d_model", "n_layers",
-                     "chunk", "action_dim", "alternate_every", "cache_refresh", "adaptive_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if self.dist_timeout <= 0:
-            raise ValueError(f"dist_timeout: expected > 0 seconds, got {self.dist_timeout}")
-        if not 0 <= self.stop_after <= self.steps:
-            raise ValueError(f"stop_after: expected 0..steps={self.steps}, got {self.stop_after}")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
-            raise ValueError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
-        return self
+    run: RunConfig = field(default_factory=RunConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    policy: Any = None  # the options of run.policy: its options dataclass, or a dict
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        p = self.policy
+        out["policy"] = dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p or {})
+        return out
+
+    def with_values(self, values: dict[str, Any], where: str) -> "TrainConfig":
+        """A copy with ``values`` ({"section.key" or flat key: value}) set and checked."""
+        return build(self.to_dict(), [(values, where)])
+
+    def validate(self) -> "TrainConfig":
+        """Checks between keys (each key alone is checked where it is set)."""
+        if self.run.stop_after > self.run.steps:
+            raise ValueError(f"run.stop_after: expected 0..run.steps={self.run.steps}, "
+                             f"got {self.run.stop_after}")
+        if self.energy.hidden % self.energy.heads:
+            raise ValueError(f"energy.hidden: expected a multiple of energy.heads="
+                             f"{self.energy.heads}, got {self.energy.hidden}")
+        check = getattr(self.policy, "validate", None)
+        if check is not None:
+            check(self)
+        return self
 
 
-def field_names() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
+# --------------------------------------------------------------------------------------------
+# one value
+# --------------------------------------------------------------------------------------------
+def _describe(kind, meta) -> str:
+    if meta.get("what"):
+        return meta["what"]
+    if meta.get("choices"):
+        return f"one of {tuple(meta['choices'])}"
+    base = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}[kind]
+    bounds = [f">= {meta['ge']}" if meta.get("ge") is not None else None,
+              f"> {meta['gt']}" if meta.get("gt") is not None else None,
+              f"<= {meta['le']}" if meta.get("le") is not None else None]
+    return " ".join([base, " and ".join(b for b in bounds if b)]).strip()
 
 
-def _coerce(name: str, value: Any) -> Any:
-    kind = {f.name: f.type for f in fields(TrainConfig)}[name]
-    kind = {"int": int, "float": float, "bool": bool, "str": str}[kind]
+def check_value(key: str, kind: type, meta: dict, value: Any) -> Any:
+    """The value coerced to ``kind`` (strings from the CLI parse) and range-checked; a
+    ValueError ``key: expected ..., got ...`` otherwise."""
+    def bad():
+        extra = ""
+        if meta.get("choices") and isinstance(value, str):
+            close = difflib.get_close_matches(value, meta["choices"], n=1)
+            extra = f" (did you mean {close[0]!r}?)" if close else ""
+        return ValueError(f"{key}: expected {_describe(kind, meta)}, got {value!r}{extra}")
+
     if kind is bool:
-        if isinstance(value, str):
-            low = value.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{name}: expected a boolean, got {value!r}")
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
         if not isinstance(value, bool):
-            raise ValueError(f"{name}: expected a boolean, got {value!r}")
+            raise bad()
         return value
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, bool):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
-    try:
-        out = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from None
-    if kind is int and isinstance(value, float) and out != value:
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, str):
+            try:
+                value = float(value.strip()) if kind is float else int(value.strip())
+            except ValueError:
+                raise bad() from None
+        if not isinstance(value, (int, float)) or value != value or value in (float("inf"), -float("inf")):
+            raise bad()
+        if kind is int:
+            if value != int(value):
+                raise bad()
+            value = int(value)
+        else:
+            value = float(value)
+        if ((meta.get("ge") is not None and value < meta["ge"]) or
+                (meta.get("gt") is not None and value <= meta["gt"]) or
+                (meta.get("le") is not None and value > meta["le"]) or
+                (meta.get("choices") and value not in meta["choices"])):
+            raise bad()
+        return value
+    if not isinstance(value, str):
+        raise bad()
+    if meta.get("choices") and value not in meta["choices"]:
+        raise bad()
+    if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
+        raise bad()
+    return value
+
+
+def _kind(f) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str)
+                                                                   else f.type.__name__]
+
+
+def section_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(cls)}
+
+
+# --------------------------------------------------------------------------------------------
+# building a config from layers of values
+# --------------------------------------------------------------------------------------------
+def policy_options_class(name: str):
+    """The options dataclass of a policy (None: a free-form dict)."""
+    from .policies import options_class
+    return options_class(name)
+
+
+def key_map(policy_cls) -> dict[str, str]:
+    """Every accepted key spelling -> "section.key"."""
+    out = {}
+    count: dict[str, int] = {}
+    sections = dict(SECTIONS, **({"policy": policy_cls} if policy_cls is not None else {}))
+    for sec, cls in sections.items():
+        for name in section_fields(cls):
+            out[f"{sec}.{name}"] = f"{sec}.{name}"
+            count[name] = count.get(name, 0) + 1
+    for sec, cls in sections.items():
+        for name in section_fields(cls):
+            if count[name] == 1 and name not in FLAT:
+                out.setdefault(name, f"{sec}.{name}")
+    out.update(FLAT)
     return out
 
 
-def check_keys(keys, where: str) -> None:
-    known = field_names()
-    for k in keys:
-        if k not in known:
-            close = difflib.get_close_matches(k, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{where}: unknown config key {k!r}{hint}")
+def _resolve_key(key: str, keys: dict[str, str], where: str, free_policy: bool) -> str:
+    if key in keys:
+        return keys[key]
+    if free_policy and key.startswith("policy."):
+        return key
+    close = difflib.get_close_matches(key, list(keys), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{where}: unknown config key {key!r}{hint}")
 
 
-def apply(cfg: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
-    """A copy of cfg with ``values`` set (keys checked, values coerced to the field's type)."""
-    check_keys(values, where)
-    return dataclasses.replace(cfg, **{k: _coerce(k, v) for k, v in values.items()})
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; flat keys stay flat."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and not prefix and (k in SECTIONS or k == "policy"):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def build(base: dict, layers: list[tuple[dict, str]]) -> TrainConfig:
+    """A config from a nested ``base`` (e.g. to_dict() of another config) and layers of values
+    ({key: value}, where) applied in order. Each value is checked as it is applied (so an
+    overridden bad value is still an error); the policy section follows run.policy."""
+    flat = flatten(base)
+    policy_name = flat.get("run.policy", RunConfig.policy)
+    for values, where in layers:  # run.policy decides the policy section's keys: find it first
+        for k, v in flatten(values).items():
+            if k in ("policy", "run.policy"):
+                policy_name = check_value("run.policy", str, {}, v)
+    pcls = policy_options_class(policy_name)
+    keys = key_map(pcls)
+    if flat.get("run.policy", policy_name) != policy_name:  # another policy: its own defaults
+        flat = {k: v for k, v in flat.items() if not k.startswith("policy.")}
+    checked: dict[str, Any] = {}
+    for values, where in [(flat, "config")] + layers:
+        for k, v in flatten(values).items():
+            key = _resolve_key(k, keys, where, pcls is None)
+            checked[key] = _check(key, v, pcls)
+    checked["run.policy"] = policy_name
+    sections = {}
+    for sec, cls in SECTIONS.items():
+        sections[sec] = cls(**{k.split(".", 1)[1]: v for k, v in checked.items()
+                               if k.startswith(sec + ".")})
+    popts = {k.split(".", 1)[1]: v for k, v in checked.items() if k.startswith("policy.")}
+    policy = pcls(**popts) if pcls is not None else popts
+    return TrainConfig(**sections, policy=policy).validate()
+
+
+def _check(key: str, value, pcls):
+    sec, name = key.split(".", 1)
+    cls = SECTIONS.get(sec) or pcls
+    if cls is None:  # a free-form policy section: passed through as given
+        return value
+    f = section_fields(cls)[name]
+    return check_value(key, _kind(f), dict(f.metadata), value)
+
+
+def resumable_keys() -> tuple[str, ...]:
+    return tuple(f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in fields(cls)
+                 if f.metadata.get("resumable"))
+
+
+def canonical(values: dict[str, Any], policy: str, where: str) -> dict[str, Any]:
+    """{flat or dotted key: value} -> {"section.key": checked value}."""
+    pcls = policy_options_class(policy)
+    keys = key_map(pcls)
+    out = {}
+    for k, v in flatten(values).items():
+        key = _resolve_key(k, keys, where, pcls is None)
+        out[key] = _check(key, v, pcls)
+    return out
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's values: tables are sections; top-level keys may be flat (mapped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config: no such file {str(path)!r}")
@@ -173,9 +338,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"--config {path}: not valid TOML ({e})") from None
     for k, v in data.items():
-        if isinstance(v, dict):
-            raise ValueError(f"--config {path}: expected flat `key = value` entries, got a table "
-                             f"[{k}]")
+        if isinstance(v, dict) and k not in SECTIONS and k != "policy":
+            close = difflib.get_close_matches(k, [*SECTIONS, "policy"], n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else ""
+            raise ValueError(f"--config {path}: unknown table [{k}]{hint}")
     return data
 
 
@@ -183,10 +349,17 @@ def load_json(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def resolve(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    cfg = TrainConfig()
+def resolve(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+            base: dict | None = None) -> TrainConfig:
+    """defaults (or ``base``) < TOML file < overrides, each value checked."""
+    layers = []
     if toml_path is not None:
-        cfg = apply(cfg, load_toml(toml_path), f"--config {toml_path}")
+        layers.append((load_toml(toml_path), f"--config {toml_path}"))
     if overrides:
-        cfg = apply(cfg, overrides, "command line")
-    return cfg.validate()
+        layers.append((overrides, "command line"))
+    return build(base or {}, layers)
+
+
+def default_config(**values) -> TrainConfig:
+    """The defaults with ``values`` set (flat or dotted keys): a helper for scripts and tests."""
+    return build({}, [(values, "default_config")])

@@ -18,8 +18,6 @@ of the epoch's permutation (seeded by (seed, epoch)). That is what makes resume 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 PAD, STOP = 0, 1
@@ -41,30 +39,6 @@ def _tokens(template: int, colour: int) -> list[int]:
     words = [w.format(c=list(COLOURS)[colour]) for w in TEMPLATES[template]]
     ids = [VOCAB.index(w) for w in words]
     return ids + [PAD] * (INSTR_LEN - len(ids))
-
-
-@dataclass
-class Batch:
-    """One micro-batch on the training device. ``ids`` (dataset rows) also kept on the host."""
-    images: torch.Tensor       # (B, 3, R, R) float
-    proprio: torch.Tensor      # (B, 4) float
-    tokens: torch.Tensor       # (B, INSTR_LEN) int64
-    expert: torch.Tensor       # (B, H, Da) float
-    ids: torch.Tensor          # (B,) int64, on the device
-    ids_host: list[int]        # the same, on the host (no sync needed to read them)
-    step: int
-    micro: int = 0             # which micro-batch of the step (gradient accumulation)
-
-    @property
-    def size(self) -> int:
-        return len(self.ids_host)
-
-    def pad_mask(self, context_len: int) -> torch.Tensor:
-        """(B, S) bool, True = ignore: the instruction's PAD tokens (patches/proprio never)."""
-        B = self.tokens.shape[0]
-        head = torch.zeros(B, context_len - self.tokens.shape[1], dtype=torch.bool,
-                           device=self.tokens.device)
-        return torch.cat([head, self.tokens == PAD], dim=1)
 
 
 def generate_scenes(n: int, seed: int, *, num_objects: int = 3, image_size: int = 16,
@@ -123,20 +97,34 @@ def scripted_expert(grip: torch.Tensor, target_xy: torch.Tensor, target_yaw: tor
 
 
 class TaskData:
-    """A finite dataset of ``size`` scenes (ids 0..size-1) plus a disjoint probe set, both
-    made from ``seed`` and held on ``device``. ``batch(step, batch_size, accum)`` returns the
-    ``accum`` micro-batches of optimizer step ``step``: a pure function of (seed, step)."""
+    """A step-indexed source of the embedded task: ``size`` scenes (ids 0..size-1) plus a
+    disjoint probe set, made from ``seed`` and held on ``device``.
 
-    def __init__(self, seed: int, size: int = 1024, probe_size: int = 32, *, num_objects: int = 3,
-                 image_size: int = 16, chunk: int = 8, device="cpu"):
+    ``batch(step, rank, world)`` returns the ``grad_accum`` micro-batches of optimizer step
+    ``step`` - rank ``rank``'s shard (batch_size / world rows) of each - as dicts::
+
+        images (B, 3, R, R) float, proprio (B, 4) float, tokens (B, INSTR_LEN) int64,
+        actions (B, H, 7) float (the expert chunk), ids (B,) int64 on the CPU (dataset rows)
+
+    A pure function of (seed, step): that is what makes resume exact.
+    """
+
+    def __init__(self, seed: int, size: int = 1024, probe_size: int = 32, *, batch_size: int = 16,
+                 grad_accum: int = 1, num_objects: int = 3, image_size: int = 16, chunk: int = 8,
+                 device="cpu"):
         self.seed, self.size, self.device = int(seed), int(size), torch.device(device)
+        self.batch_size, self.grad_accum = int(batch_size), int(grad_accum)
+        if self.batch_size * self.grad_accum > self.size:
+            raise ValueError(f"batch_size*grad_accum: expected <= the dataset size {self.size}, "
+                             f"got {self.batch_size * self.grad_accum}")
         data = generate_scenes(size + probe_size, seed, num_objects=num_objects,
                                image_size=image_size, chunk=chunk)
+        self.host = data  # the CPU copy, for check()
         self.train = {k: v[:size].to(self.device) for k, v in data.items()}
         self.probe_data = {k: v[size:].to(self.device) for k, v in data.items()}
         self.probe_size = probe_size
         self._perm_epoch, self._perm = None, None
-        self._probe: Batch | None = None
+        self._probe: dict | None = None
 
     def _order(self, epoch: int) -> list[int]:
         """The epoch's permutation, made on the host once per epoch (a host list)."""
@@ -147,40 +135,47 @@ class TaskData:
 
     def indices(self, step: int, n: int) -> list[int]:
         """The n dataset rows of optimizer step ``step`` (epochs wrap, never a partial batch)."""
-        if n > self.size:
-            raise ValueError(f"batch_size*grad_accum: expected <= dataset size {self.size}, got {n}")
         per_epoch = self.size // n
         epoch, slot = divmod(step, per_epoch)
         return self._order(epoch)[slot * n:(slot + 1) * n]
 
-    def batch(self, step: int, batch_size: int, accum: int = 1, rank: int = 0,
-              world_size: int = 1) -> list[Batch]:
-        """Rank ``rank``'s shard (batch_size / world_size rows) of each of the step's
-        ``accum`` global micro-batches: world_size ranks x B/world_size hold exactly the rows
-        of one rank x B, whatever world_size is."""
-        if batch_size % world_size:
-            raise ValueError(f"batch_size: expected a multiple of world_size={world_size}, "
-                             f"got {batch_size}")
-        rows = self.indices(step, batch_size * accum)
-        per = batch_size // world_size
-        out = []
-        for a in range(accum):
-            ids_host = rows[a * batch_size + rank * per:a * batch_size + (rank + 1) * per]
-            ids = to_device(ids_host, self.device)
-            out.append(self._make(self.train, ids, ids_host, step, a))
-        return out
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> list[dict]:
+        """Rank ``rank``'s shard (batch_size / world rows) of each of the step's micro-batches:
+        world ranks x B/world hold exactly the rows of one rank x B, whatever world is."""
+        B = self.batch_size
+        if B % world:
+            raise ValueError(f"run.batch_size: expected a multiple of the world size {world}, "
+                             f"got {B}")
+        rows = self.indices(step, B * self.grad_accum)
+        per = B // world
+        return [self._make(self.train, rows[a * B + rank * per:a * B + (rank + 1) * per])
+                for a in range(self.grad_accum)]
 
-    def probe(self) -> Batch:
+    def probe(self) -> dict:
         """The fixed probe batch (made once)."""
         if self._probe is None:
-            ids_host = list(range(self.probe_size))
-            self._probe = self._make(self.probe_data, to_device(ids_host, self.device), ids_host, -1)
+            self._probe = self._make(self.probe_data, list(range(self.probe_size)))
         return self._probe
 
-    @staticmethod
-    def _make(src, ids, ids_host, step, micro=0) -> Batch:
-        return Batch(src["images"][ids], src["proprio"][ids], src["tokens"][ids],
-                     src["expert"][ids], ids, ids_host, step, micro)
+    def check(self) -> None:
+        """Host-side check of every scene (train and probe) for NaN/inf, naming the field and
+        the rows; the trainer runs it once at start-up (``run.check_data``)."""
+        for name in ("images", "proprio", "expert"):
+            t = self.host[name]
+            bad = ~torch.isfinite(t.flatten(1)).all(dim=1)
+            if bool(bad.any()):
+                rows = bad.nonzero().flatten().tolist()
+                train = [r for r in rows if r < self.size]
+                probe = [r - self.size for r in rows if r >= self.size]
+                where = (f"dataset rows {train[:8]}{'...' if len(train) > 8 else ''}" if train
+                         else f"probe rows {probe[:8]}")
+                raise ValueError(f"data: {name} holds NaN/inf in {where}")
+
+    def _make(self, src, ids_host: list[int]) -> dict:
+        ids = torch.tensor(ids_host, dtype=torch.int64)
+        dev = to_device(ids_host, self.device)
+        return {"images": src["images"][dev], "proprio": src["proprio"][dev],
+                "tokens": src["tokens"][dev], "actions": src["expert"][dev], "ids": ids}
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -190,19 +185,3 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def check_batch_finite(batch: Batch) -> None:
-    """Host-side data check: raises naming the step, field and rows when a batch holds NaN/inf.
-
-    Call it while the batch is still on the host (here: the source tensors before they move,
-    or CPU batches); on a CUDA batch it would synchronise, so the trainer checks CUDA data
-    once when the dataset is built and relies on the loss read-back for the rest.
-    """
-    for name in ("images", "proprio", "expert"):
-        t = getattr(batch, name)
-        bad = ~torch.isfinite(t.flatten(1)).all(dim=1)
-        if bool(bad.any()):
-            rows = [batch.ids_host[i] for i in bad.nonzero().flatten().tolist()]
-            raise ValueError(f"batch of step {batch.step}: {name} holds NaN/inf in dataset rows "
-                             f"{rows[:8]}{'...' if len(rows) > 8 else ''}")

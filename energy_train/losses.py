@@ -11,7 +11,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .checks import check_tensor
+from .checks import check_bool, check_int, check_nonempty, check_real, check_tensor
+from .models import EnergyModel
 from .ops import energy_scores
 
 
@@ -26,8 +27,30 @@ def ranking_accuracy(out: EnergyLoss) -> torch.Tensor:
     return (out.energies.argmin(dim=1) == out.target).float().mean()
 
 
+def _check_chunks(energy_model, context, name: str, t, ndim: int = 3,
+                  allow_empty: bool = False) -> None:
+    """The chunks a loss scores, named as the caller passed them: expert/actions (B, H, Da) or
+    negatives (B, M, H, Da), B = the context's batch (at least one sample unless
+    ``allow_empty``)."""
+    if not isinstance(energy_model, EnergyModel):
+        raise TypeError(f"energy_model: expected an EnergyModel, got {type(energy_model).__name__}")
+    check_tensor("context", context, ndim=3)
+    energy_model.check_chunks(name, t, ndim, context.shape[0])
+    if not allow_empty:
+        check_nonempty(name, t, 0, "sample")
+
+
+def _check_negatives(energy_model, context, expert, negatives, at_least: int) -> None:
+    _check_chunks(energy_model, context, "negatives", negatives, 4)
+    check_tensor("negatives", negatives, shape={2: expert.shape[1]})
+    if negatives.shape[1] < at_least:
+        raise ValueError(f"negatives: expected at least {at_least} negative(s) (dim 1), got "
+                         f"shape {tuple(negatives.shape)}")
+
+
 def infonce_from_energies(energies: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
-    """Cross-entropy over logits -E / tau (in fp32 at least; fp64 stays fp64)."""
+    """Cross-entropy over logits -E / tau (in fp32 at least; fp64 stays fp64); tau > 0."""
+    tau = check_real("tau", tau, low=0, low_open=True)
     if energies.dtype in (torch.float16, torch.bfloat16):
         energies = energies.float()
     return F.cross_entropy(-energies / tau, target)
@@ -40,13 +63,21 @@ def swap_infonce(energy_model, context, pad_mask, expert, *, tau: float = 0.5,
     its own is the positive. logits = -E / tau.
 
     expert (B, H, Da). For negatives gathered across ranks pass ``all_expert`` (N, H, Da), the
-    chunks of every rank, and ``offset``, where this rank's chunks start in it.
+    chunks of every rank, and ``offset``, where this rank's chunks start in it (an int in
+    [0, N - B]; a tensor offset is taken as given: checking its value would sync the host).
     """
-    check_tensor("expert", expert, ndim=3, floating=True)
+    tau = check_real("tau", tau, low=0, low_open=True)
+    _check_chunks(energy_model, context, "expert", expert)
     B = expert.shape[0]
-    pool = expert if all_expert is None else all_expert
-    check_tensor("all_expert", pool, ndim=3, shape={1: expert.shape[1], 2: expert.shape[2]},
-                 floating=True)
+    pool = expert
+    if all_expert is not None:
+        check_tensor("all_expert", all_expert, ndim=3,
+                     shape={1: expert.shape[1], 2: expert.shape[2]}, floating=True)
+        pool = all_expert
+    if isinstance(offset, torch.Tensor):
+        check_tensor("offset", offset, ndim=0, integer=True)
+    else:
+        check_int("offset", offset, low=0, high=pool.shape[0] - B)
     candidates = pool.unsqueeze(0).expand(B, *pool.shape)  # a view: no copy per sample
     energies = energy_scores(energy_model, context, pad_mask, candidates, backend=backend)
     target = torch.arange(B, device=expert.device) + offset
@@ -56,10 +87,10 @@ def swap_infonce(energy_model, context, pad_mask, expert, *, tau: float = 0.5,
 def explicit_infonce(energy_model, context, pad_mask, expert, negatives, *, tau: float = 0.5,
                      backend: str = "auto") -> EnergyLoss:
     """InfoNCE with explicit negatives: candidate 0 is the expert (B, H, Da), then the
-    negatives (B, M, H, Da)."""
-    check_tensor("expert", expert, ndim=3, floating=True)
-    check_tensor("negatives", negatives, ndim=4, shape={0: expert.shape[0], 2: expert.shape[1],
-                                                        3: expert.shape[2]}, floating=True)
+    negatives (B, M, H, Da), M >= 0."""
+    tau = check_real("tau", tau, low=0, low_open=True)
+    _check_chunks(energy_model, context, "expert", expert)
+    _check_negatives(energy_model, context, expert, negatives, at_least=0)
     candidates = torch.cat([expert.unsqueeze(1), negatives.to(expert.dtype)], dim=1)
     energies = energy_scores(energy_model, context, pad_mask, candidates, backend=backend)
     target = torch.zeros(expert.shape[0], dtype=torch.int64, device=expert.device)
@@ -71,10 +102,12 @@ def margin_ranking(energy_model, context, pad_mask, expert, negatives, *, m0: fl
                    backend: str = "auto") -> EnergyLoss:
     """mean over (b, m) of relu(m0 + kappa * |A_neg - A*| + E_pos - E_neg), |.| the L2 norm of
     the flattened chunk. ``detach_positive`` (the fork's choice) stops the gradient through
-    E_pos, so only the negatives are pushed up."""
-    check_tensor("expert", expert, ndim=3, floating=True)
-    check_tensor("negatives", negatives, ndim=4, shape={0: expert.shape[0], 2: expert.shape[1],
-                                                        3: expert.shape[2]}, floating=True)
+    E_pos, so only the negatives are pushed up. m0 >= 0, kappa >= 0, M >= 1."""
+    m0 = check_real("m0", m0, low=0)
+    kappa = check_real("kappa", kappa, low=0)
+    check_bool("detach_positive", detach_positive)
+    _check_chunks(energy_model, context, "expert", expert)
+    _check_negatives(energy_model, context, expert, negatives, at_least=1)
     candidates = torch.cat([expert.unsqueeze(1), negatives.to(expert.dtype)], dim=1)
     energies = energy_scores(energy_model, context, pad_mask, candidates, backend=backend)
     e_pos, e_neg = energies[:, :1], energies[:, 1:]
@@ -102,14 +135,24 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
     Caveat (the energy fork's architecture, kept for state_dict compatibility): its action
     encoder starts with a LayerNorm over each step's Da values, so the energy is invariant to
     a positive rescaling (and a shift) of every step: the amplitude negatives (x0.3, x1.7) tie
-    with the expert by construction. They are kept because the design lists them; they carry
-    signal only for an energy model without that normalisation."""
+    with the expert by construction. They are kept as the fork's negatives; they carry signal
+    only for an energy model without that normalisation."""
     check_tensor("expert", expert, ndim=3, floating=True)
     B, H, Da = expert.shape
+    sigma = check_real("sigma", sigma, low=0)
+    amplitudes = [check_real(f"amplitudes[{i}]", a) for i, a in enumerate(amplitudes)]
+    check_bool("sign_flip", sign_flip)
     negs = []
-    if layer_actions is not None:
+    if layer_actions is None:
+        if layer_picks is not None:
+            raise ValueError("layer_picks: given without layer_actions")
+    else:
         check_tensor("layer_actions", layer_actions, ndim=4, shape={1: B, 2: H, 3: Da}, floating=True)
-        picks = layer_picks if layer_picks is not None else (0, layer_actions.shape[0] // 2)
+        L = layer_actions.shape[0]
+        check_nonempty("layer_actions", layer_actions, 0, "layer")
+        picks = layer_picks if layer_picks is not None else (0, L // 2)
+        for i, p in enumerate(picks):
+            check_int(f"layer_picks[{i}]", p, low=-L, high=L - 1)
         negs += [layer_actions[p].to(expert.dtype) for p in picks]
     noise = torch.randn(expert.shape, generator=generator, device=expert.device,
                         dtype=torch.float32).to(expert.dtype)
@@ -131,8 +174,12 @@ def correct_actions(energy_model, context, pad_mask, actions, *, alpha: float = 
                     steps: int = 1, clip_frac: float = 0.2, backend: str = "auto") -> torch.Tensor:
     """Test-time correction: ``steps`` times A <- A - alpha * dE/dA, each step's norm clipped
     to ``clip_frac`` of |A| (per sample, over the flattened chunk, as the fork does).
-    actions (B, H, Da) -> corrected (B, H, Da), detached. Context gets no gradient."""
-    check_tensor("actions", actions, ndim=3, floating=True)
+    actions (B, H, Da) -> corrected (B, H, Da), detached (B = 0: an empty result). Context gets
+    no gradient. alpha >= 0, steps an int >= 0, clip_frac > 0."""
+    alpha = check_real("alpha", alpha, low=0)
+    steps = check_int("steps", steps, low=0)
+    clip_frac = check_real("clip_frac", clip_frac, low=0, low_open=True)
+    _check_chunks(energy_model, context, "actions", actions, allow_empty=True)
     context = context.detach()
     a = actions.detach()
     with torch.enable_grad():

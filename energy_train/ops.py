@@ -1,4 +1,6 @@
-"""The one place that dispatches between the eager oracles and the Triton kernels.
+"""The one place that dispatches between each op's eager reference
+(``kernels/<op>/reference.py``) and its fused Triton path. Both take tensors: the ops here take
+the modules and map them through the one walker, :mod:`energy_train.models.weights`.
 
 ``backend``: ``"auto"`` picks Triton on CUDA tensors when the op's kernel is available and
 eager otherwise; ``"eager"`` forces the PyTorch path; ``"triton"`` forces the kernel (on a
@@ -6,55 +8,45 @@ CPU tensor only under ``TRITON_INTERPRET=1``; otherwise a clear error).
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Sequence
 
 import torch
 
-from .checks import check_finite, check_same_device, check_tensor
+from .checks import check_bool, check_finite, check_int, check_same_device, check_tensor
+from .kernels._utils import interpreting
+from .kernels.energy import energy_scores_reference, energy_scores_triton
+from .kernels.layer_actions import layer_actions_reference, layer_actions_triton
 from .models import EnergyModel, L1RegressionActionHead
+from .models.weights import action_head_weights, energy_weights
 
 BACKENDS = ("auto", "eager", "triton")
+#: the ops with a fused path: (reference, fused) each
+_PATHS = {"layer_actions": (layer_actions_reference, layer_actions_triton),
+          "energy": (energy_scores_reference, energy_scores_triton)}
 
 
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _kernel(op: str, attr: str):
-    """The Triton launcher ``energy_train.kernels.<op>.<attr>``, or None if it has not landed.
-
-    Plain import statements (not importlib, which torch.compile refuses to trace): a user's
-    ``torch.compile(fullgraph=True)`` traces through the dispatch without a graph break."""
-    try:
-        if op == "energy":
-            from .kernels import energy as module
-        elif op == "layer_actions":
-            from .kernels import layer_actions as module
-        else:
-            return None
-    except ImportError:
-        return None
-    return getattr(module, attr, None)
-
-
-def resolve_backend(op: str, backend: str, device: torch.device, attr: str) -> str:
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """'eager' or 'triton' for ``op`` on ``device``; raises a clear error when impossible."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "eager":
         return "eager"
-    available = _kernel(op, attr) is not None
+    available = op in _PATHS
     if backend == "auto":
         return "triton" if (device.type == "cuda" and available) else "eager"
     if not available:
-        raise NotImplementedError(
-            f"{op}: the Triton kernel is not available in this install; use backend='eager'")
-    if device.type != "cuda" and not interpreter_on():
+        raise NotImplementedError(f"{op}: no Triton kernel for this op; use backend='eager'")
+    if device.type != "cuda" and not interpreting():
         raise RuntimeError(
             f"{op}: backend='triton' needs CUDA tensors (got {device}); on the CPU set "
             "TRITON_INTERPRET=1 to run the kernel under the Triton interpreter")
     return "triton"
+
+
+def _path(op: str, backend: str, device: torch.device):
+    """The function that computes ``op``: its reference (eager) or its fused path."""
+    reference, fused = _PATHS[op]
+    return fused if resolve_backend(op, backend, device) == "triton" else reference
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,9 +70,13 @@ def build_action_index(*, num_tokens: int, mask: torch.Tensor | None = None,
     given = [x is not None for x in (mask, labels, start)]
     if sum(given) != 1:
         raise ValueError("build_action_index: give exactly one of mask=, labels=, start=")
+    check_int("num_tokens", num_tokens, low=1)
+    check_int("offset", offset)
+    check_bool("validate", validate)
     if labels is not None:
         if action_token_begin_idx is None:
             raise ValueError("build_action_index: labels= needs action_token_begin_idx=")
+        check_int("action_token_begin_idx", action_token_begin_idx)
         check_tensor("labels", labels, ndim=2, integer=True)
         mask = labels > action_token_begin_idx
     if mask is not None:
@@ -102,6 +98,8 @@ def build_action_index(*, num_tokens: int, mask: torch.Tensor | None = None,
     else:
         if batch_size is None:
             raise ValueError("build_action_index: start=<int> needs batch_size=")
+        check_int("start", start, low=0)
+        check_int("batch_size", batch_size, low=0)
         base = torch.full((batch_size, 1), int(start), dtype=torch.int64, device=device)
         dev = base.device
     return base + torch.arange(num_tokens, device=dev, dtype=torch.int64)[None, :] + offset
@@ -126,11 +124,11 @@ def select_layers(n_states: int, layers: Iterable[int] | None, include_embedding
     if layers is None:
         return list(range(0 if include_embeddings else 1, n_states)) or [0]
     out = []
-    for l in layers:
-        l = int(l)
+    for i, l in enumerate(layers):
+        check_int(f"layers[{i}]", l)
         if not -n_states <= l < n_states:
             raise ValueError(f"layers: index {l} out of range for {n_states} hidden states")
-        out.append(l % n_states)
+        out.append(int(l) % n_states)
     if not out:
         raise ValueError("layers: expected at least one layer")
     return out
@@ -151,10 +149,15 @@ def layer_actions(hidden_states, action_index: torch.Tensor | None, head: L1Regr
       unless ``include_embeddings``.
     final_norm: the backbone's final norm, applied "logit-lens" style to every selected layer
       except the last hidden state (which the backbone has already normalised).
-    Runs under no_grad; output dtype is the head's.
+    Runs under no_grad; output dtype is the head's; B = 0 gives an empty (L', 0, H, Da) result.
+    An ``action_index`` entry outside [0, T) reads a row of zeros, on both backends (the fused
+    path bounds its loads: it never reads outside that sample's row of that layer);
+    ``validate=True`` raises instead (a host sync).
     """
     if not isinstance(head, L1RegressionActionHead):
         raise TypeError(f"head: expected an L1RegressionActionHead, got {type(head).__name__}")
+    check_bool("include_embeddings", include_embeddings)
+    check_bool("validate", validate)
     states = _as_layers(hidden_states)
     H, Da, D = head.num_actions_chunk, head.action_dim, head.input_dim
     B = states[0].shape[0] if states[0].dim() == 3 else None
@@ -173,26 +176,9 @@ def layer_actions(hidden_states, action_index: torch.Tensor | None, head: L1Regr
                 raise ValueError(f"action_index: positions must lie in [0, {T})")
     idx = select_layers(len(states), layers, include_embeddings)
     norm_mask = [final_norm is not None and l != len(states) - 1 for l in idx]
-    if resolve_backend("layer_actions", backend, states[0].device, "layer_actions_triton") == "triton":
-        fn = _kernel("layer_actions", "layer_actions_triton")
-        return fn([states[l] for l in idx], action_index, head, final_norm=final_norm,
-                  norm_mask=norm_mask)
-    return _layer_actions_eager([states[l] for l in idx], action_index, head, final_norm, norm_mask)
-
-
-def _layer_actions_eager(states, action_index, head, final_norm, norm_mask):
-    dtype = head.model.fc1.weight.dtype
-    rows = []
-    for h, use_norm in zip(states, norm_mask):
-        if action_index is not None:
-            h = h.gather(1, action_index[:, :, None].expand(-1, -1, h.shape[-1]))
-        if use_norm:
-            h = final_norm(h)
-        rows.append(h.to(dtype))
-    rows = torch.stack(rows)  # (L', B, H*Da, D): only the action rows, never the full states
-    Lp, B = rows.shape[:2]
-    return head.predict_action(rows.reshape(Lp * B, *rows.shape[2:])).reshape(
-        Lp, B, head.num_actions_chunk, head.action_dim)
+    fn = _path("layer_actions", backend, states[0].device)
+    return fn([states[l] for l in idx], action_index, action_head_weights(head),
+              final_norm=final_norm, norm_mask=norm_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +188,7 @@ def check_energy_inputs(energy_model, context, pad_mask, candidates, validate: b
     if not isinstance(energy_model, EnergyModel):
         raise TypeError(f"energy_model: expected an EnergyModel, got {type(energy_model).__name__}")
     energy_model.check_inputs(context, pad_mask, candidates)
-    if validate:
+    if check_bool("validate", validate):
         check_finite("context", context)
         check_finite("candidates", candidates)
         if pad_mask is not None and bool(pad_mask.all(dim=1).any()):
@@ -222,6 +208,5 @@ def energy_scores(energy_model: EnergyModel, context: torch.Tensor, pad_mask: to
     context and candidates for NaN/inf (these value checks synchronise with the host).
     """
     check_energy_inputs(energy_model, context, pad_mask, candidates, validate)
-    if resolve_backend("energy", backend, context.device, "energy_scores_triton") == "triton":
-        return _kernel("energy", "energy_scores_triton")(energy_model, context, pad_mask, candidates)
-    return energy_model.score(context, pad_mask, candidates)
+    fn = _path("energy", backend, context.device)
+    return fn(energy_weights(energy_model), context, pad_mask, candidates)

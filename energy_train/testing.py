@@ -1,14 +1,14 @@
 """Numerics parity helpers: compare a fused op against its float64 eager reference.
 
 ``assert_close(name, ref, out, dtype)`` fails on any NaN and when the relative error
-``max|out - ref| / max(max|ref|, floor)`` exceeds the tolerance of ``dtype`` (design section 8),
-with a message that names the tensor, the worst index and both values.
+``max|out - ref| / max(max|ref|, floor)`` exceeds the tolerance of ``dtype`` (README,
+"Numerics"), with a message that names the tensor, the worst index and both values.
 """
 from __future__ import annotations
 
 import torch
 
-#: relative-error tolerances per compute dtype (design section 8)
+#: relative-error tolerances per compute dtype
 TOLERANCES = {
     "fp64": 1e-12,
     "fp32": 1e-5,   # ieee

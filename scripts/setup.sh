@@ -11,9 +11,17 @@ cd "$(dirname "$0")/.."
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "setup: CUDA torch found in $("$PY" -c 'import torch; print(torch.__version__)'); reusing it"
-  "$PY" -m venv --system-site-packages "$VENV"
-  # The GPU image may have no registry: install the package alone, its deps come from the system.
-  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
+  # --without-pip: no ensurepip needed (a distribution python may lack it); pip comes from $PY.
+  "$PY" -m venv --without-pip --system-site-packages "$VENV"
+  # --system-site-packages reaches the BASE interpreter's packages; where $PY is itself a venv
+  # (the GPU image's python3 is /opt/torch/.venv/bin/python3) torch and pip live in $PY's own
+  # site-packages, so list those in a .pth file of the new venv.
+  "$PY" -c "import site; print('\n'.join(site.getsitepackages()))" \
+    > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_system_python.pth"
+  # The GPU image has no registry: install the package alone, from here, without an index;
+  # its dependencies come from the system.
+  export PIP_DISABLE_PIP_VERSION_CHECK=1
+  "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
     || "$VENV/bin/python" -m pip install -q --no-deps -e .
   # headers for the C++ runtime (CMakeLists.txt); without them its tests are skipped
   "$VENV/bin/python" -m pip install -q --timeout 5 --retries 0 "nlohmann-json>=3.11" 2>/dev/null \

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from energy_train import distributed
-from energy_train.data import TaskData
-from energy_train.trainer import Trainer, build_models, train
+from energy_train.policies.tiny import build as build_tiny
+from energy_train.trainer import Trainer, train
 from trainer_helpers import grads, tiny_cfg
 
 # (name, config) of the trainer variants whose ranks must agree after a few steps
@@ -29,6 +29,9 @@ AGREE = {
     "two_phase-fsdp": dict(strategy="two_phase", fsdp=True),
     "shared_forward-fsdp-accum2": dict(strategy="shared_forward", fsdp=True, grad_accum=2),
     "two_phase-fork": dict(strategy="two_phase"),  # phi left unwrapped, as the public fork does
+    # the Llama policy, LoRA adapters on a frozen base, find_unused_parameters as OFT runs DDP
+    "llama-lora-two_phase": dict(strategy="two_phase", find_unused_parameters=True),
+    "llama-lora-joint-accum2": dict(strategy="joint", grad_accum=2, batch_size=8),
 }
 
 
@@ -38,21 +41,19 @@ def full(p: torch.Tensor) -> torch.Tensor:
 
 
 def build(cfg, ctx, dtype=None) -> Trainer:
-    dev = ctx.device
-    data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, num_objects=cfg.num_objects,
-                    image_size=cfg.image_size, chunk=cfg.chunk, device=dev)
-    model, head, energy = build_models(cfg, dev)
-    if cfg.fsdp:
-        distributed.shard_backbone(model)
+    setup = build_tiny(cfg, ctx.device)
+    policy, data = setup.policy, setup.data
+    if cfg.dist.fsdp:
+        distributed.shard_backbone(policy)
     if dtype is not None:
-        for m in (model, head, energy):
+        for m in (policy.backbone, policy.action_head, setup.energy):
             m.to(dtype)
         for split in (data.train, data.probe_data):
             for k, v in split.items():
                 if v.is_floating_point():
                     split[k] = v.to(dtype)
-    t = Trainer(cfg, model, head, energy, data, dev)
-    return distributed.distribute(t, ctx, fsdp=cfg.fsdp)
+    t = Trainer(cfg, policy, setup.energy, data, ctx.device)
+    return distributed.distribute(t, ctx)
 
 
 def record_grads(t: Trainer) -> dict:
@@ -64,12 +65,26 @@ def record_grads(t: Trainer) -> dict:
     return seen
 
 
+def build_llama(cfg, ctx) -> Trainer:
+    """The transformers Llama policy with LoRA on a frozen base (tests/hf_policy.py)."""
+    from energy_train.models import EnergyModel
+    from hf_policy import PromptData, make_policy
+    policy = make_policy(lora=True)
+    energy = EnergyModel(32, 7, hidden=32, heads=2)
+    t = Trainer(cfg, policy, energy, PromptData(batch_size=cfg.run.batch_size,
+                                                grad_accum=cfg.run.grad_accum), ctx.device)
+    return distributed.distribute(t, ctx)
+
+
 def agree(ctx) -> dict:
     out = {}
     for name, kw in AGREE.items():
-        t = build(tiny_cfg(steps=3, **kw), ctx)
+        if name.startswith("llama"):
+            t = build_llama(tiny_cfg(steps=3, **kw), ctx)
+        else:
+            t = build(tiny_cfg(steps=3, **kw), ctx)
         if name.endswith("-fork"):
-            del t.dp.wrapped[id(t.energy)]
+            del t.dp.wrapped["phi"]
         phi0, theta0 = [full(p) for p in t.phi], [full(p) for p in t.theta]
         local = [float(t.train_step().get("l1", float("nan"))) for _ in range(3)]
         out[name] = {"theta": [full(p) for p in t.theta], "phi": [full(p) for p in t.phi],

@@ -58,7 +58,7 @@ class ForkPE(nn.Module):
 
 
 class ForkEnergy(nn.Module):
-    """The fork's parameter tree; maths of design section 4 (head per step, mean over H),
+    """The fork's parameter tree and maths (head per step, mean over H),
     attention through nn.MultiheadAttention itself."""
 
     def __init__(self, state_dim, act_dim, hidden, heads):

@@ -102,10 +102,10 @@ def test_losses_bad_input(model):
 
 def test_backend_errors():
     with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'eager', 'triton'\), got 'cuda'"):
-        resolve_backend("layer_actions", "cuda", torch.device("cpu"), "layer_actions_triton")
-    with pytest.raises(NotImplementedError, match="no_such_op: the Triton kernel is not available"):
-        resolve_backend("no_such_op", "triton", torch.device("cpu"), "fn")
-    assert resolve_backend("no_such_op", "auto", torch.device("cpu"), "fn") == "eager"
+        resolve_backend("layer_actions", "cuda", torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="no_such_op: no Triton kernel for this op"):
+        resolve_backend("no_such_op", "triton", torch.device("cpu"))
+    assert resolve_backend("no_such_op", "auto", torch.device("cpu")) == "eager"
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])

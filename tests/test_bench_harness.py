@@ -64,3 +64,31 @@ def test_harness_memory_hook_and_saved_bytes(tmp_path):
     assert "skipped" in by["gpu_kernel"]["status"] and by["gpu_kernel"]["saved_bytes"] == 123
     md = (tmp_path / "toym-cpu.md").read_text()
     assert md.count("(1.00x ctx)") == 2
+
+
+def test_harness_records_a_failing_provider_and_runs_the_others(tmp_path):
+    """A provider that raises in its warm-up or its timing is recorded as an error; the others
+    are still timed, and warm-up seconds are kept per provider."""
+    state = {"calls": 0}
+
+    def flaky(x):
+        def run():
+            state["calls"] += 1
+            if state["calls"] > 1:  # warm-up passes, timing fails
+                raise RuntimeError("timing broke")
+            return x
+        return run
+
+    def broken(x):
+        raise ValueError("no kernel for this shape\nsecond line")
+
+    bench = Benchmark("toye", [Case("c", {}, lambda d: torch.randn(8, 8))],
+                      [Provider("mm", lambda x: (lambda: x @ x)), Provider("broken", broken),
+                       Provider("flaky", flaky)], baseline="mm")
+    recs = {r["provider"]: r for r in run_benchmark(bench, torch.device("cpu"), tmp_path,
+                                                    log=lambda *_: None, ceilings={})}
+    assert recs["mm"]["status"] == "ok" and recs["mm"]["warmup_s"] >= 0
+    assert recs["broken"]["status"] == "error: ValueError: no kernel for this shape"
+    assert recs["flaky"]["status"] == "error: RuntimeError: timing broke"
+    md = (tmp_path / "toye-cpu.md").read_text()
+    assert "error (ValueError)" in md and "error (RuntimeError)" in md

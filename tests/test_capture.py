@@ -146,7 +146,7 @@ def test_trainer_hooks_equal_hidden_states_path_on_a_decoder_vla():
     output_hidden_states path."""
     from energy_train.data import TaskData
     from energy_train.models import EnergyModel, L1RegressionActionHead
-    from energy_train.trainer import Trainer
+    from energy_train.policies.tiny import TinyPolicy
 
     def run(capture):
         cfg = tiny_cfg(capture=capture, image_size=8, steps=3)
@@ -154,8 +154,8 @@ def test_trainer_hooks_equal_hidden_states_path_on_a_decoder_vla():
         model = DecoderVLA(d_model=32, n_layers=2, n_heads=4, kv_heads=2, ffn=48, image_size=8)
         head = L1RegressionActionHead(32, 32, 7, 8)
         energy = EnergyModel(32, 7, hidden=32, heads=2)
-        data = TaskData(0, 32, 6, image_size=8)
-        t = Trainer(cfg, model, head, energy, data, torch.device("cpu"))
+        data = TaskData(0, 32, 6, batch_size=4, image_size=8)
+        t = make_trainer(cfg, policy=TinyPolicy(model, head), energy=energy, data=data)
         losses = [t.train_step() for _ in range(3)]
         return t, [float(m["energy_loss"]) for m in losses]
 

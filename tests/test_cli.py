@@ -30,7 +30,7 @@ def test_train_end_to_end_learns(tmp_path, seed):
                  "curves.png", "checkpoints/latest.json"):
         assert (out / name).is_file(), name
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())["run"]
     assert cfg["seed"] == seed and cfg["strategy"] == "two_phase" and cfg["steps"] == 120
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["step"] >= 0] == list(range(120))
@@ -74,6 +74,9 @@ def test_misspelled_config_key(tmp_path, capsys):
     assert main(["train", "--config", str(toml), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'batch_sise'" in err and "did you mean 'batch_size'" in err
+    toml.write_text('[optim]\nlr = 0.1\nlrr = 2\n')
+    assert main(["train", "--config", str(toml), "--out", str(out)]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
     assert not out.exists()
     assert main(["train", "--set", "lerning_rate=1", "--out", str(out)]) == 2
     assert "unknown config key 'lerning_rate'" in capsys.readouterr().err
@@ -112,12 +115,16 @@ def test_toml_config_fills_the_dataclass_and_flags_win(tmp_path):
     toml = tmp_path / "c.toml"
     body = "\n".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
                      for k, v in TINY.items())
-    toml.write_text(body + '\nstrategy = "alternating"\nalternate_every = 1\nseed = 5\n')
+    toml.write_text(body + '\nstrategy = "alternating"\nalternate_every = 1\nseed = 5\n'
+                    '[optim]\nenergy_lr = 0.002\n[policy]\nhead_hidden = 24\n')
     out = tmp_path / "run"
-    assert main(["train", "--config", str(toml), "--seed", "6", "--steps", "2", "--out", str(out)]) == 0
+    assert main(["train", "--config", str(toml), "--seed", "6", "--steps", "2", "--out", str(out),
+                 "--set", "strategy.alternate_every=2"]) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["strategy"] == "alternating" and cfg["alternate_every"] == 1
-    assert cfg["seed"] == 6 and cfg["steps"] == 2 and cfg["d_model"] == TINY["d_model"]
+    assert cfg["run"]["strategy"] == "alternating" and cfg["strategy"]["alternate_every"] == 2
+    assert cfg["run"]["seed"] == 6 and cfg["run"]["steps"] == 2
+    assert cfg["policy"]["d_model"] == TINY["d_model"] and cfg["policy"]["head_hidden"] == 24
+    assert cfg["optim"]["energy_lr"] == 0.002
 
 
 def test_plain_resume_continues_a_stopped_run(tmp_path):
@@ -128,4 +135,4 @@ def test_plain_resume_continues_a_stopped_run(tmp_path):
     assert main([*args, "--stop-after", "2"]) == 0
     assert main(["train", "--resume", "--out", str(out)]) == 0
     assert (out / "complete.json").is_file()
-    assert json.loads((out / "config.json").read_text())["stop_after"] == 0
+    assert json.loads((out / "config.json").read_text())["run"]["stop_after"] == 0

@@ -1,4 +1,4 @@
-"""Data-parallel training (design section 6, issue 7) on the CPU: gloo backend, 2 processes
+"""Data-parallel training on the CPU: gloo backend, 2 processes
 launched by the tests themselves on 127.0.0.1 (a free port), every job under a timeout.
 
 One job (tests/dist_worker.py) runs all trainer-level scenarios in one process group, to pay
@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from energy_train import distributed
+from energy_train.data import TaskData
 from energy_train.trainer import read_metrics
 from trainer_helpers import TINY, grads, make_trainer, tiny_cfg
 
@@ -133,9 +134,9 @@ def _one_rank_reference(global_negatives=True):
     cfg = tiny_cfg(strategy="two_phase", energy_loss="swap", batch_size=8, steps=2,
                    global_negatives=global_negatives)
     t = make_trainer(cfg)
-    for m in (t.model, t.head, t.energy):
+    for m in (t.policy.backbone, t.policy.action_head, t.energy):
         m.double()
-    for split in (t.data.train, t.data.probe_data):
+    for split in (t.feed.data.train, t.feed.data.probe_data):
         for k, v in split.items():
             if v.is_floating_point():
                 split[k] = v.double()
@@ -264,13 +265,13 @@ def test_bad_distributed_config_is_a_clear_error():
 
 def test_data_shards_make_up_the_global_batch():
     """world ranks x B/world rows == the rows of one rank x B, for each micro-batch."""
-    t = make_trainer(tiny_cfg())
     for accum in (1, 2):
-        whole = t.data.batch(3, 8, accum)
+        data = TaskData(0, 32, 4, batch_size=8, grad_accum=accum, image_size=8)
+        whole = data.batch(3)
         for w in (2, 4):
-            shards = [t.data.batch(3, 8, accum, r, w) for r in range(w)]
+            shards = [data.batch(3, r, w) for r in range(w)]
             for a in range(accum):
-                assert sum((s[a].ids_host for s in shards), []) == whole[a].ids_host
-                assert torch.equal(torch.cat([s[a].expert for s in shards]), whole[a].expert)
-    with pytest.raises(ValueError, match="multiple of world_size=3"):
-        t.data.batch(0, 8, 1, 0, 3)
+                for key in ("ids", "actions", "images"):
+                    assert torch.equal(torch.cat([s[a][key] for s in shards]), whole[a][key])
+    with pytest.raises(ValueError, match="batch_size: expected a multiple of the world size 3"):
+        data.batch(0, 0, 3)

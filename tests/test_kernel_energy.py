@@ -18,7 +18,7 @@ import torch
 from bench.baselines import (replicated_energy_scores, replicated_explicit_infonce,
                              replicated_swap_infonce)
 from energy_train import losses, ops
-from energy_train.models import EnergyModel
+from energy_train.models import EnergyModel, energy_weights
 from energy_train.testing import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -35,8 +35,8 @@ FP32_TOL = 1e-5
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    import energy_train.kernels.energy.attention as attention
-    monkeypatch.setattr(attention, "POISON", True)
+    from energy_train.kernels._utils import POISON_ENV
+    monkeypatch.setenv(POISON_ENV, "1")
 
 
 def make_model(seed, output="unbounded", device="cpu", dtype=torch.float32):
@@ -72,8 +72,8 @@ def grads(model, extra=()):
 @needs_triton
 @pytest.mark.parametrize("shared", [False, True], ids=["per-sample-q", "shared-q"])
 def test_attention_kernels_match_reference(shared):
-    from energy_train.kernels.energy.attention import energy_attention
-    from energy_train.kernels.energy.reference import energy_attention_reference
+    from energy_train.kernels.energy import energy_attention
+    from energy_train.kernels.energy import energy_attention_reference
     torch.manual_seed(3)
     Q, E = C * H, HIDDEN
     q = torch.randn(1 if shared else B, Q, E, dtype=torch.float64, requires_grad=True)
@@ -136,7 +136,7 @@ def test_energy_scores_no_padding_and_context_without_grad():
 @needs_triton
 def test_shared_candidate_pool_is_encoded_once(monkeypatch):
     """An expanded (stride-0) pool reaches the attention kernel as ONE (1, C*H, E) query set."""
-    import energy_train.kernels.energy as energy
+    import energy_train.kernels.energy.op as energy
     seen = []
     real = energy.energy_attention
 
@@ -229,7 +229,7 @@ def test_context_encoder_paths_values_and_grads(recompute, chunk_rows):
     ref = ops.energy_scores(m64, ctx64, pad, cand64, backend="eager")
     (ref * g).sum().backward()
     ctx32, cand32 = ctx.clone().requires_grad_(), cand.clone().requires_grad_()
-    out = energy_scores_triton(m, ctx32, pad, cand32, input_precision="ieee",
+    out = energy_scores_triton(energy_weights(m), ctx32, pad, cand32, input_precision="ieee",
                                recompute_context=recompute, chunk_rows=chunk_rows)
     (out * g.float()).sum().backward()
     assert_close("energies", ref, out, tol=FP32_TOL)
@@ -256,7 +256,7 @@ def test_saved_bytes_are_the_encoded_context_plus_the_query_side():
     exclude = [*m.parameters(), ctx, pad, cand]
 
     def measure(recompute):
-        return saved_bytes(lambda: energy_scores_triton(m, ctx, pad, cand,
+        return saved_bytes(lambda: energy_scores_triton(energy_weights(m), ctx, pad, cand,
                                                         recompute_context=recompute).sum(),
                            exclude=exclude)["bytes"]
 
@@ -310,8 +310,8 @@ def test_torch_compile_traces_loss_and_backward_without_graph_breaks(kind):
 def test_registered_ops_pass_opcheck():
     """torch.library.opcheck: schema, fake vs real outputs, autograd registration, AOT dispatch
     of the six custom ops behind energy_scores (tiny shapes)."""
-    from energy_train.kernels.energy.attention import energy_attn_bwd, energy_attn_fwd
-    from energy_train.kernels.mlp.backward import ln_linear_bwd_op, ln_linear_fwd_op
+    from energy_train.kernels.energy import energy_attention_bwd, energy_attention_fwd
+    from energy_train.kernels.mlp import ln_linear_bwd_op, ln_linear_fwd_op
     g = torch.Generator().manual_seed(0)
 
     def r(*shape, grad=False):
@@ -327,19 +327,22 @@ def test_registered_ops_pass_opcheck():
                                              bet, mean, rstd, 1e-5, True, "relu", True, "ieee"))
     q, kv = r(1, 6, 12, grad=True), r(2, 21, 24, grad=True)
     pad = (torch.rand(2, 21, generator=g) < 0.3).view(torch.uint8)
-    torch.library.opcheck(energy_attn_fwd, (q, kv, pad, 3, "ieee"))
-    out, lse = energy_attn_fwd(q.detach(), kv.detach(), pad, 3, "ieee")
-    torch.library.opcheck(energy_attn_bwd, (r(2, 6, 12), q.detach(), kv.detach(), pad, out, lse,
+    torch.library.opcheck(energy_attention_fwd, (q, kv, pad, 3, "ieee"))
+    out, lse = energy_attention_fwd(q.detach(), kv.detach(), pad, 3, "ieee")
+    torch.library.opcheck(energy_attention_bwd, (r(2, 6, 12), q.detach(), kv.detach(), pad, out, lse,
                                             3, "ieee"))
-    from energy_train.kernels.energy import context as cx
+    from energy_train.kernels.energy import context_kv_bwd, context_kv_fwd
     m, _ = make_model(15)
-    params = [p.detach().clone().requires_grad_() for p in cx.encoder_params(m)]
+    w = energy_weights(m)
+    params = [p.detach().clone().requires_grad_()
+              for p in w.state.flat() + [w.in_proj_weight[HIDDEN:], w.in_proj_bias[HIDDEN:]]]
     ctx = r(2, 9, DS, grad=True)
-    args = (len(m.state_linear.mlp_resnet_blocks), "silu", 1e-5, "ieee", 7)
+    cpad = torch.rand(2, 9, generator=g) < 0.3
+    args = (w.state.eps(), "silu", "ieee", 7)
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")  # AOT: compile test
-    torch.library.opcheck(cx.context_kv_fwd, (ctx, params) + args, test_utils=quick)
-    torch.library.opcheck(cx.context_kv_bwd, (r(2, 9, 2 * HIDDEN), ctx.detach(),
-                                              [p.detach() for p in params]) + args + (True,),
+    torch.library.opcheck(context_kv_fwd, (ctx, cpad, params) + args, test_utils=quick)
+    torch.library.opcheck(context_kv_bwd, (r(2, 9, 2 * HIDDEN), ctx.detach(), cpad,
+                                           [p.detach() for p in params]) + args + (True,),
                           test_utils=quick)
 
 
@@ -349,7 +352,7 @@ def test_registered_ops_pass_opcheck():
 # --------------------------------------------------------------------------------------------
 @needs_triton
 def test_bad_input_names_the_argument():
-    from energy_train.kernels.energy.attention import energy_attention
+    from energy_train.kernels.energy import energy_attention
     m, _ = make_model(0)
     ctx, pad, cand = make_inputs(0)
     with pytest.raises(ValueError, match="candidates"):
@@ -380,7 +383,8 @@ def test_gpu_parity(dtype, tol):
     ref = ops.energy_scores(m64, ctx_in.double(), pad, cand.double(), backend="eager")
     (ref * g).sum().backward()
     from energy_train.kernels.energy import energy_scores_triton
-    out = energy_scores_triton(m, ctx_in, pad, cand.to(dtype), input_precision="ieee")
+    out = energy_scores_triton(energy_weights(m), ctx_in, pad, cand.to(dtype),
+                               input_precision="ieee")
     (out.float() * g.float()).sum().backward()
     assert_close("energies", ref, out, tol=tol)
     want, got = grads(m64), grads(m)

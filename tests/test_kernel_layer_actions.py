@@ -5,10 +5,11 @@ shapes only on a GPU."""
 import pytest
 import torch
 
-import energy_train.kernels.layer_actions.fused as la_fused
 from bench.baselines import public_layer_actions_loop
 from energy_train import L1RegressionActionHead, build_action_index, layer_actions
-from energy_train.kernels.layer_actions.reference import layer_actions_reference
+from energy_train.kernels._utils import POISON_ENV
+from energy_train.kernels.layer_actions import layer_actions_reference, layer_actions_triton
+from energy_train.models import action_head_weights
 from energy_train.testing import assert_close
 
 F64 = torch.float64
@@ -17,8 +18,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def poison_buffers(monkeypatch):
-    """Every buffer the fused plan allocates starts NaN-filled."""
-    monkeypatch.setattr(la_fused, "POISON", True)
+    """Every buffer the launchers allocate starts NaN-filled."""
+    monkeypatch.setenv(POISON_ENV, "1")
 
 
 def _batch(B, T, D, H, Da, L, seed, dtype=F64):
@@ -66,7 +67,7 @@ def test_layer_actions_triton_matches_oracles(act, dtype, seed):
     loop = public_layer_actions_loop([h.to(F64) for h in hs], mask, h64)[1:]
     assert_close("public loop", loop, out, dtype)
     # and the module's own step-by-step reference
-    ref2 = layer_actions_reference([h.to(F64) for h in hs[1:]], idx, h64)
+    ref2 = layer_actions_reference([h.to(F64) for h in hs[1:]], idx, action_head_weights(h64))
     assert_close("reference.py", ref2, out, dtype)
 
 
@@ -122,17 +123,20 @@ def test_layer_actions_triton_bad_input():
     hs, mask = _batch(2, 20, 32, 2, 3, 2, 0, torch.float32)
     head = _head(32, 16, 3, 2, "relu", 0, torch.float32)
     idx = build_action_index(num_tokens=6, mask=mask)
+    w = action_head_weights(head)
     with pytest.raises(ValueError, match="norm_mask"):
-        la_fused.layer_actions_triton(hs, idx, head, norm_mask=[True, False, False])
+        layer_actions_triton(hs, idx, w, norm_mask=[True, False, False])
     with pytest.raises(ValueError, match=r"states\[1\]"):
-        la_fused.layer_actions_triton([hs[0], hs[1][:, :, :16]], idx, head)
+        layer_actions_triton([hs[0], hs[1][:, :, :16]], idx, w)
     with pytest.raises(TypeError, match="head"):
-        la_fused.layer_actions_triton(hs, idx, head.double())
+        layer_actions_triton(hs, idx, action_head_weights(head.double()))
+    with pytest.raises(TypeError, match="head: expected ActionHeadWeights"):
+        layer_actions_triton(hs, idx, head)
 
 
 def test_layer_actions_triton_compiles_without_graph_breaks():
     """torch.compile(fullgraph=True) over the public op: the pass is one registered custom op
-    (kernels/layer_actions/fused.py, a fake for the shapes); same numbers as eager. CPU:
+    (kernels/layer_actions/op.py, a fake for the shapes); same numbers as eager. CPU:
     backend "eager" (dynamo; inference, no backward), kernels under the interpreter."""
     B, T, D, H, Da, L, hidden = 2, 23, 32, 2, 3, 2, 24
     hs, mask = _batch(B, T, D, H, Da, L, 6, torch.float32)

@@ -1,4 +1,4 @@
-"""Backward of the fused MLP block (kernels/mlp/backward.py) against float64 autograd.
+"""Backward of the fused MLP block (kernels/mlp) against float64 autograd.
 
 CPU under TRITON_INTERPRET=1, fp32 ieee; odd shapes (rows not filling a tile, K=5 = an action
 dim, N=1 = the energy head's output), every activation, LayerNorm on/off, residual; NaN-poisoned
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.skipif(not (torch.cuda.is_available() or
     ids=["M37-K40-N48-silu-ln", "M21-K5-N48-relu-ln", "M19-K48-N1-ln", "M23-K48-N48-silu-ln-res",
          "M23-K48-N30-noln"])
 def test_ln_linear_autograd_matches_float64(M, K, N, act, normalize, residual):
-    from energy_train.kernels.mlp.backward import ln_linear_autograd
+    from energy_train.kernels.mlp import ln_linear_autograd
     g = torch.Generator().manual_seed(M * 100 + K)
     def r(*s, scale=1.0, shift=0.0):
         return (shift + scale * torch.randn(*s, generator=g, dtype=torch.float64)).requires_grad_()
@@ -54,7 +54,7 @@ def test_ln_linear_autograd_matches_float64(M, K, N, act, normalize, residual):
 
 
 def test_backward_without_dx_still_gives_parameter_grads():
-    from energy_train.kernels.mlp.backward import ln_linear_autograd
+    from energy_train.kernels.mlp import ln_linear_autograd
     torch.manual_seed(0)
     x = torch.randn(17, 40)
     W = torch.randn(24, 40, requires_grad=True)

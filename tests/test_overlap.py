@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from energy_train import losses
-from energy_train.data import TaskData
-from energy_train.ops import build_action_index, layer_actions
-from energy_train.trainer import STRATEGIES, Trainer, build_models
+from energy_train.ops import layer_actions
+from energy_train.trainer import STRATEGIES, Trainer
 from trainer_helpers import make_trainer, same, snapshot, tiny_cfg
 
 # bitwise reproducibility of cuBLAS with more than one stream (read before cuBLAS starts)
@@ -36,38 +35,42 @@ def one_thread():
 # --------------------------------------------------------------------------------------------
 # CPU: the overlap code path == a plain loop
 # --------------------------------------------------------------------------------------------
-def plain_two_phase(t: Trainer, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def plain_two_phase(t: Trainer, steps: int, bf16: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The separated two-phase update written out by hand (output_hidden_states, no hooks,
-    no streams) on the trainer's models and optimizers. Returns (l1, energy loss) per step."""
-    cfg, lay = t.cfg, t.layout
+    no streams) on the trainer's policy, energy model and optimizers; ``bf16``: the policy's
+    forwards and head under bf16 autocast, the energy model in fp32. Returns (l1, energy
+    loss) per step."""
+    cfg, policy = t.cfg, t.policy
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    f32 = lambda x: x.float() if x.dtype == torch.bfloat16 else x  # noqa: E731
     out = []
     for k in range(steps):
-        batch = t.data.batch(k, cfg.batch_size, cfg.grad_accum)
+        batch = t.batch(k)
         n, l1_sum, e_sum = len(batch), 0.0, 0.0
         for mb in batch:  # phase 1: theta_k -> theta_k+1
-            idx = build_action_index(num_tokens=lay.num_action_tokens, start=lay.action_start,
-                                     batch_size=mb.size)
-            h = t.model(mb.images, mb.proprio, mb.tokens).last_hidden_state
-            rows = h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1]))
-            loss = F.l1_loss(t.head.predict_action(rows), mb.expert) / n
+            idx = mb.layout.action_index
+            with amp():
+                h = policy.forward(mb.batch)
+                rows = h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1]))
+                pred = policy.action_head.predict_action(rows)
+            loss = F.l1_loss(f32(pred), mb.expert) / n
             loss.backward()
             l1_sum = l1_sum + loss.detach()
         t.opt_theta.step()
         t.opt_theta.zero_grad(set_to_none=True)
         for mb in batch:  # phase 2: no-grad forward with theta_k+1, negatives, phi step
-            idx = build_action_index(num_tokens=lay.num_action_tokens, start=lay.action_start,
-                                     batch_size=mb.size)
-            with torch.no_grad():
-                hs = t.model(mb.images, mb.proprio, mb.tokens, output_hidden_states=True).hidden_states
-            negs = layer_actions(hs, idx, t.head, final_norm=t.model.norm)
-            ctx = hs[-1][:, : lay.context_len]
-            g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + k) * 1024 + mb.micro)
+            with torch.no_grad(), amp():
+                hs = policy.forward(mb.batch, output_hidden_states=True).hidden_states
+                negs = layer_actions(hs, mb.layout.action_index, policy.action_head,
+                                     final_norm=policy.decoder()[1])
+            ctx = f32(hs[-1].gather(1, mb.layout.context_index[:, :, None].expand(-1, -1, hs[-1].shape[-1])))
+            g = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + k) * 1024 + mb.index)
             cand = losses.structured_negatives(mb.expert, negs, generator=g)
-            e = losses.explicit_infonce(t.energy, ctx, mb.pad_mask(lay.context_len), mb.expert,
-                                        cand, tau=cfg.tau)
+            e = losses.explicit_infonce(t.energy, ctx, mb.layout.pad_mask, mb.expert, cand,
+                                        tau=cfg.energy.tau)
             (e.loss / n).backward()
             e_sum = e_sum + e.loss.detach() / n
-        torch.nn.utils.clip_grad_norm_(t.phi, cfg.energy_grad_clip)
+        torch.nn.utils.clip_grad_norm_(t.phi, cfg.optim.energy_grad_clip)
         t.opt_phi.step()
         t.opt_phi.zero_grad(set_to_none=True)
         t.sched_theta.step()
@@ -198,17 +201,27 @@ def test_forbid_host_sync_catches_each_pattern():
 
 def test_forbid_host_sync_sees_a_sync_smuggled_into_a_step():
     t = make_trainer(tiny_cfg(strategy="two_phase"))
-    t.data.batch(0, 4)  # the epoch's host permutation
+    t.feed.batch(0)  # the epoch's host permutation
     t.energy_weight = lambda: float(torch.ones(()))  # a host read inside phase 2
     with forbid_host_sync(allow=_host_state(t)), pytest.raises(HostSyncError, match="__float__"):
         t.train_step()
 
 
 def _host_state(t: Trainer):
-    """Tensors that live on the host by design (CPU even in a CUDA run): AdamW's step counts."""
+    """Tensors that live on the host by design (CPU even in a CUDA run): AdamW's step counts
+    and the sample ids the data hands over on the CPU (read before they move)."""
+    host, batch = [], t.feed.batch
+
+    def recording(*a):
+        out = batch(*a)
+        host.extend(d["ids"] for d in out)
+        return out
+
+    t.feed.batch = recording
+
     def allow(x):
-        return any(x is st.get("step") for opt in (t.opt_theta, t.opt_phi)
-                   for st in opt.state.values())
+        return any(x is h for h in host) or any(
+            x is st.get("step") for opt in (t.opt_theta, t.opt_phi) for st in opt.state.values())
     return allow
 
 
@@ -227,7 +240,7 @@ def test_no_host_sync_inside_a_step(strategy, kw):
     cfg = tiny_cfg(strategy=strategy, alternate_every=1, cache_refresh=2, adaptive_window=2,
                    overlap=True, **kw)
     t = make_trainer(cfg)
-    t.data.batch(0, 4)  # the epoch's host permutation (made once per epoch, on the host)
+    t.feed.batch(0)  # the epoch's host permutation (made once per epoch, on the host)
     with forbid_host_sync(allow=_host_state(t)):
         for _ in range(4):
             t.train_step()
@@ -239,17 +252,14 @@ def test_no_host_sync_inside_a_step(strategy, kw):
 # GPU
 # --------------------------------------------------------------------------------------------
 def _cuda_trainer(**kw) -> Trainer:
-    dev = torch.device("cuda")
-    cfg = tiny_cfg(device="cuda", **kw)
-    data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size,
-                    device=dev)
-    return Trainer(cfg, *build_models(cfg, dev), data, dev)
+    return make_trainer(tiny_cfg(device="cuda", **kw))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
-def test_overlapped_equals_sequential_on_cuda(accum):
+@pytest.mark.parametrize("accum,precision", [(1, "fp32"), (2, "fp32"), (1, "bf16")],
+                         ids=["accum1", "accum2", "accum1-bf16"])
+def test_overlapped_equals_sequential_on_cuda(accum, precision):
     """20 steps: theta, phi and every loss bitwise equal with and without the overlap; a
     sequential-vs-sequential control tells nondeterministic kernels apart from an ordering bug."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -260,7 +270,8 @@ def test_overlapped_equals_sequential_on_cuda(accum):
             runs = {}
             for name, overlap in (("overlap", True), ("seq", False), ("seq2", False)):
                 t = _cuda_trainer(strategy="two_phase", overlap=overlap, steps=20, grad_accum=accum,
-                                  batch_size=8 // accum, log_every=5, probe_every=5)
+                                  batch_size=8 // accum, log_every=5, probe_every=5,
+                                  precision=precision)
                 assert t.streams.enabled == overlap
                 if overlap:
                     t.timer.history = []

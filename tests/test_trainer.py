@@ -1,4 +1,4 @@
-"""Trainer invariants (design section 6), on the CPU with tiny models and a few steps."""
+"""Trainer invariants (README "Training"), on the CPU with tiny models and a few steps."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 
 from energy_train.models import ActionRowCapture, TinyVLA
 from energy_train.ops import build_action_index, layer_actions
-from energy_train.trainer import STRATEGIES, Trainer, build_models
-from trainer_helpers import deepcopy_theta, grads, make_trainer, same, snapshot, tiny_cfg
+from energy_train.trainer import STRATEGIES, Trainer
+from trainer_helpers import deepcopy_policy, grads, make_trainer, same, snapshot, tiny_cfg
 
 # every strategy, plus the leaky diagnostic variant of joint
 VARIANTS = [(s, {}) for s in STRATEGIES] + [("joint", {"detach_context": False})]
@@ -31,14 +31,15 @@ def _spy(trainer: Trainer, log: dict):
         log["phase_phi_theta_same"].append(same(theta, snapshot(trainer.theta)))
         return out
 
-    def spy_energy_backward(loss, retain_graph=False):
+    def spy_energy_backward(loss, *, audit, retain_graph=False):
         before = grads(trainer.theta)
-        out = energy_backward(loss, retain_graph=retain_graph)
+        out = energy_backward(loss, audit=audit, retain_graph=retain_graph)
         after = grads(trainer.theta)
         log["theta_grad_untouched"].append(all(
             (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
             for a, b in zip(before, after)))
-        log["audit"].append(float(out))
+        if out is not None:
+            log["audit"].append(float(out))
         return out
 
     trainer.step_phi, trainer.phase_phi, trainer.energy_backward = (
@@ -77,26 +78,33 @@ def test_two_phase_negatives_come_from_updated_theta():
     recomputation here, hook capture in the trainer)."""
     t = make_trainer(tiny_cfg(strategy="two_phase"))
     t.train_step()
-    old_model, old_head = deepcopy_theta(t)  # theta_k
-    t.trace = {}
+    old = deepcopy_policy(t)  # theta_k
+    seen, negatives = [], t.negatives
+
+    def spy(fwd):
+        seen.append((fwd, negatives(fwd)))
+        return seen[-1][1]
+
+    t.negatives = spy
     t.train_step()
-    (rec,) = t.trace["phase_phi"]
-    mb = rec["batch"]
-    idx = build_action_index(num_tokens=t.layout.num_action_tokens, start=t.layout.action_start,
-                             batch_size=mb.size)
+    ((fwd, negs),) = seen
+    mb = fwd.mb
+    ctx = fwd.captured.context.clone()
 
-    def recompute(model, head):
+    def recompute(policy):
         with torch.no_grad():
-            out = model(mb.images, mb.proprio, mb.tokens, output_hidden_states=True)
-        negs = layer_actions(out.hidden_states, idx, head, final_norm=model.norm)
-        return negs, out.hidden_states[-1][:, : t.layout.context_len]
+            out = policy.forward(mb.batch, output_hidden_states=True)
+        n = layer_actions(out.hidden_states, mb.layout.action_index, policy.action_head,
+                          final_norm=policy.backbone.norm)
+        S = mb.layout.context_index.shape[1]
+        return n, out.hidden_states[-1][:, :S]
 
-    negs_new, ctx_new = recompute(t.model, t.head)
-    assert torch.equal(rec["negatives"], negs_new)
-    assert torch.equal(rec["context"], ctx_new)
-    negs_old, ctx_old = recompute(old_model, old_head)
-    assert not torch.equal(rec["negatives"], negs_old)
-    assert not torch.equal(rec["context"], ctx_old)
+    negs_new, ctx_new = recompute(t.policy)
+    assert torch.equal(negs, negs_new)
+    assert torch.equal(ctx, ctx_new)
+    negs_old, ctx_old = recompute(old)
+    assert not torch.equal(negs, negs_old)
+    assert not torch.equal(ctx, ctx_old)
 
 
 def test_joint_equals_shared_forward_bitwise():
@@ -113,10 +121,9 @@ def test_joint_equals_shared_forward_bitwise():
 def test_overlapping_parameter_sets_are_an_error():
     cfg = tiny_cfg()
     t = make_trainer(cfg)
-    model, head, energy = build_models(cfg, torch.device("cpu"))
-    energy.borrowed = head.model.fc1.weight  # a theta parameter inside phi
+    t.energy.borrowed = t.policy.action_head.model.fc1.weight  # a theta parameter inside phi
     with pytest.raises(ValueError, match="disjoint"):
-        Trainer(cfg, model, head, energy, t.data, torch.device("cpu"))
+        Trainer(cfg, t.policy, t.energy, t.feed, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -162,14 +169,9 @@ def test_gradient_accumulation_matches_one_big_batch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_inside_a_step_on_cuda():
     """Every strategy's step runs under torch.cuda.set_sync_debug_mode('error')."""
-    from energy_train.data import TaskData
-
     for strategy in STRATEGIES:
-        cfg = tiny_cfg(strategy=strategy, device="cuda", check_data=False, cache_refresh=2)
-        dev = torch.device("cuda")
-        data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size,
-                        device=dev)
-        t = Trainer(cfg, *build_models(cfg, dev), data, dev)
+        t = make_trainer(tiny_cfg(strategy=strategy, device="cuda", check_data=False,
+                                  cache_refresh=2))
         t.train_step()  # warm-up (lazy allocations)
         torch.cuda.set_sync_debug_mode("error")
         try:

@@ -43,28 +43,33 @@ def test_resume_is_bitwise(tmp_path, strategy):
 
 def test_checkpoint_contents_and_corruption(tmp_path):
     res = train(tiny_cfg(steps=2), tmp_path / "run", **QUIET)
-    step, theta, phi, state = load_checkpoint(res.run_dir)
+    step, theta, phi, state, _, _ = load_checkpoint(res.run_dir)
     assert step == 2 and state["step"] == 2 and "opt_theta" in state and "rng" in state
-    assert any(k.startswith("vla.") for k in theta) and any(k.startswith("head.") for k in theta)
+    assert any(k.startswith("backbone.") for k in theta)
+    assert any(k.startswith("action_head.") for k in theta)
     assert "cross.in_proj_weight" in phi
     assert not list((res.run_dir / "checkpoints").glob(".tmp*")), "temporary files left behind"
     ckpt = res.run_dir / "checkpoints" / "step_0000002" / "theta.safetensors"
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0xFF
     ckpt.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):  # the only checkpoint: no fallback
         train(tiny_cfg(steps=4), res.run_dir, resume=True, overrides={"steps": 4}, **QUIET)
     assert is_complete(res.run_dir)  # the finished run is still the finished run
 
 
-def test_missing_checkpoint(tmp_path):
+def test_missing_run_and_a_run_that_died_before_its_first_checkpoint(tmp_path):
     with pytest.raises(RunError, match="no run"):
         train(tiny_cfg(), tmp_path / "nothing", resume=True, **QUIET)
+    # config.json but no checkpoint (killed before the first one): --resume starts it over
     (tmp_path / "cfgonly").mkdir()
-    (tmp_path / "cfgonly" / "config.json").write_text(json.dumps(tiny_cfg().to_dict()))
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        train(tiny_cfg(), tmp_path / "cfgonly", resume=True, **QUIET)
-    assert not is_complete(tmp_path / "cfgonly")
+    (tmp_path / "cfgonly" / "config.json").write_text(json.dumps(tiny_cfg(steps=2).to_dict()))
+    said = []
+    assert train(tiny_cfg(), tmp_path / "cfgonly", resume=True, echo=said.append).complete
+    assert any("starting it over from step 0" in s for s in said)
+    train(tiny_cfg(steps=2), tmp_path / "fresh", **QUIET)
+    assert [r["l1"] for r in read_metrics(tmp_path / "cfgonly")] == \
+        [r["l1"] for r in read_metrics(tmp_path / "fresh")]
 
 
 def test_resume_cannot_change_the_recipe(tmp_path):
@@ -79,8 +84,14 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
         train(tiny_cfg(steps=2), tmp_path / "run", **QUIET)
 
 
+def _task(cfg, cls=TaskData):
+    p = cfg.policy
+    return cls(cfg.run.seed, p.dataset_size, p.probe_size, batch_size=cfg.run.batch_size,
+               image_size=p.image_size)
+
+
 def _nan_data(cfg, field="images", row=5):
-    data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size)
+    data = _task(cfg)
     data.train[field][row].view(-1)[3] = float("nan")
     return data
 
@@ -135,7 +146,7 @@ def test_metrics_survive_a_crash_after_an_unaligned_checkpoint(tmp_path):
     kw = dict(steps=6, log_every=4, ckpt_every=3)
     cfg = tiny_cfg(**kw)
     train(cfg, tmp_path / "full", **QUIET)
-    data = _CrashAt(cfg.seed, cfg.dataset_size, cfg.probe_size, image_size=cfg.image_size)
+    data = _task(cfg, _CrashAt)
     data.crash = 3  # the 4th step: after the checkpoint at step 3, before the flush at step 4
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "crashed", data=data, **QUIET)
@@ -143,32 +154,3 @@ def test_metrics_survive_a_crash_after_an_unaligned_checkpoint(tmp_path):
     full, crashed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "crashed")
     assert [r["step"] for r in crashed] == [r["step"] for r in full] == list(range(6))
     assert [r["l1"] for r in crashed] == [r["l1"] for r in full]
-
-
-def test_resaving_a_step_never_leaves_latest_dangling(tmp_path, monkeypatch):
-    """Saving step N again (a --resume of a run stopped at N) replaces step_N: a crash between
-    removing the old directory and renaming the new one into place must leave a loadable
-    checkpoint (latest.json pointed at the removed directory before)."""
-    import os
-
-    from energy_train.trainer import checkpoint as ck
-
-    theta, phi = {"w": torch.ones(3)}, {"v": torch.zeros(2)}
-    ck.save_checkpoint(tmp_path, 2, theta, phi, {"step": 2})
-    real = os.replace
-
-    def crash_on_dir(src, dst):
-        if os.path.isdir(src):
-            raise OSError("simulated crash")
-        return real(src, dst)
-
-    monkeypatch.setattr(ck.os, "replace", crash_on_dir)
-    with pytest.raises(OSError, match="simulated"):
-        ck.save_checkpoint(tmp_path, 2, {"w": torch.full((3,), 2.0)}, phi, {"step": 2})
-    monkeypatch.setattr(ck.os, "replace", real)
-    step, th, _, state = load_checkpoint(tmp_path)
-    assert step == 2 and state["step"] == 2 and torch.equal(th["w"], torch.full((3,), 2.0))
-    # the next save (any process) leaves no stale temporary copy behind
-    ck.save_checkpoint(tmp_path, 3, theta, phi, {"step": 3})
-    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
-    assert load_checkpoint(tmp_path)[0] == 3

@@ -5,9 +5,8 @@ import copy
 
 import torch
 
-from energy_train.config import TrainConfig, apply
-from energy_train.data import TaskData
-from energy_train.trainer import Trainer, build_models
+from energy_train.config import TrainConfig, default_config
+from energy_train.trainer import Trainer, build_trainer
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, head_hidden=32, energy_hidden=32, energy_heads=2,
             batch_size=4, dataset_size=32, probe_size=6, image_size=8, patch_size=4, steps=4,
@@ -15,14 +14,11 @@ TINY = dict(d_model=32, n_layers=2, n_heads=2, head_hidden=32, energy_hidden=32,
 
 
 def tiny_cfg(**kw) -> TrainConfig:
-    return apply(TrainConfig(), {**TINY, **kw}, "test").validate()
+    return default_config(**{**TINY, **kw})
 
 
-def make_trainer(cfg: TrainConfig) -> Trainer:
-    dev = torch.device("cpu")
-    data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, num_objects=cfg.num_objects,
-                    image_size=cfg.image_size, chunk=cfg.chunk, device=dev)
-    return Trainer(cfg, *build_models(cfg, dev), data, dev)
+def make_trainer(cfg: TrainConfig, **kw) -> Trainer:
+    return build_trainer(cfg, torch.device(cfg.run.device if cfg.run.device != "auto" else "cpu"), **kw)
 
 
 def snapshot(params) -> list[torch.Tensor]:
@@ -37,5 +33,29 @@ def grads(params):
     return [None if p.grad is None else p.grad.detach().clone() for p in params]
 
 
-def deepcopy_theta(t: Trainer):
-    return copy.deepcopy(t.model), copy.deepcopy(t.head)
+def spy_isolation(t: Trainer) -> list[bool]:
+    """Wrap ``t.step_phi`` and ``t.energy_backward``: each call appends to the returned list
+    whether it left theta (resp. theta's gradients) bitwise unchanged."""
+    seen: list[bool] = []
+    step_phi, energy_backward = t.step_phi, t.energy_backward
+
+    def spy_step_phi():
+        before = snapshot(t.theta)
+        out = step_phi()
+        seen.append(same(before, snapshot(t.theta)))
+        return out
+
+    def spy_backward(loss, *, audit, retain_graph=False):
+        before = grads(t.theta)
+        out = energy_backward(loss, audit=audit, retain_graph=retain_graph)
+        seen.append(all((a is None and b is None) or torch.equal(a, b)
+                        for a, b in zip(before, grads(t.theta))))
+        return out
+
+    t.step_phi, t.energy_backward = spy_step_phi, spy_backward
+    return seen
+
+
+def deepcopy_policy(t: Trainer):
+    """A frozen copy of theta_k: the policy with copies of its modules."""
+    return copy.deepcopy(t.policy)

@@ -1,10 +1,12 @@
 """OpenVLA-OFT's L1-regression action head (prismatic/models/action_heads.py), names intact."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 
-from ..checks import check_tensor
+from ..checks import check_int, check_tensor
 from .mlp import MLPResNet
 
 
@@ -18,10 +20,10 @@ class L1RegressionActionHead(nn.Module):
     def __init__(self, input_dim: int = 4096, hidden_dim: int = 4096, action_dim: int = 7,
                  num_actions_chunk: int = 8, num_blocks: int = 2, activation: str = "relu"):
         super().__init__()
-        self.input_dim = input_dim
-        self.hidden_dim = hidden_dim
-        self.action_dim = action_dim
-        self.num_actions_chunk = num_actions_chunk
+        self.input_dim = check_int("input_dim", input_dim, low=1)
+        self.hidden_dim = check_int("hidden_dim", hidden_dim, low=1)
+        self.action_dim = check_int("action_dim", action_dim, low=1)
+        self.num_actions_chunk = check_int("num_actions_chunk", num_actions_chunk, low=1)
         self.model = MLPResNet(num_blocks, input_dim * action_dim, hidden_dim, action_dim, activation)
 
     @property
@@ -37,11 +39,24 @@ class L1RegressionActionHead(nn.Module):
     forward = predict_action
 
 
-def strip_module_prefix(state_dict: dict) -> dict:
-    """Drop the ``module.`` prefix that DDP adds (OFT saves its checkpoints from inside DDP)."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+def strip_module_prefix(state_dict: Mapping) -> dict:
+    """Drop the ``module.`` prefix that DDP adds (OFT saves its checkpoints from inside DDP).
+    A state dict that holds a key both with and without the prefix is an error (which of the
+    two tensors is meant cannot be told)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict: expected a mapping of names to tensors, got "
+                        f"{type(state_dict).__name__}")
+    out = {}
+    for k, v in state_dict.items():
+        name = k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k
+        if name in out:
+            raise ValueError(f"state_dict: holds both {name!r} and 'module.{name}'; keep one")
+        out[name] = v
+    return out
 
 
-def load_oft_state_dict(module: nn.Module, state_dict: dict, strict: bool = True):
+def load_oft_state_dict(module: nn.Module, state_dict: Mapping, strict: bool = True):
     """Load an OFT (or energy-fork) checkpoint, with or without the DDP ``module.`` prefix."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     return module.load_state_dict(strip_module_prefix(state_dict), strict=strict)

@@ -18,16 +18,14 @@ Deviations from the fork, on purpose:
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_same_device, check_tensor
+from ..checks import check_choice, check_int, check_nonempty, check_same_device, check_tensor
+from ..kernels.energy.reference import (OUTPUTS, energy_scores_reference,  # noqa: F401
+                                        output_transform)
 from .mlp import MLPResNet
-
-OUTPUTS = ("unbounded", "sigmoid", "softplus")
+from .weights import energy_weights
 
 
 class PositionalEncoding(nn.Module):
@@ -35,6 +33,8 @@ class PositionalEncoding(nn.Module):
 
     def __init__(self, hidden: int, max_len: int = 512):
         super().__init__()
+        check_int("hidden", hidden, low=1)
+        check_int("max_len", max_len, low=1)
         pos = torch.arange(max_len, dtype=torch.float64)[:, None]
         freq = torch.pow(10000.0, torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
         table = torch.zeros(max_len, hidden, dtype=torch.float64)
@@ -50,16 +50,6 @@ class PositionalEncoding(nn.Module):
         return x + self.P[:H].to(x.dtype)
 
 
-def output_transform(raw: torch.Tensor, output: str) -> torch.Tensor:
-    if output == "unbounded":
-        return raw
-    if output == "sigmoid":  # the fork's first choice: flattens, went NaN for its authors
-        return torch.sigmoid(0.5 * raw) * 2 + 0.1
-    if output == "softplus":
-        return F.softplus(raw) + 1e-6
-    raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-
-
 class EnergyModel(nn.Module):
     """forward(context (B, S, D), actions (B, H, Da), pad_mask (B, S) bool True=ignore) -> (B, 1).
 
@@ -71,10 +61,12 @@ class EnergyModel(nn.Module):
     def __init__(self, state_dim: int, act_dim: int, hidden: int = 512, heads: int = 8,
                  activation: str = "silu", output: str = "unbounded", max_steps: int = 512):
         super().__init__()
+        for name, v in (("state_dim", state_dim), ("act_dim", act_dim), ("hidden", hidden),
+                        ("heads", heads), ("max_steps", max_steps)):
+            check_int(name, v, low=1)
         if hidden % heads:
             raise ValueError(f"hidden: expected a multiple of heads={heads}, got {hidden}")
-        if output not in OUTPUTS:
-            raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+        check_choice("output", output, OUTPUTS)
         self.state_dim, self.act_dim, self.hidden, self.heads = state_dim, act_dim, hidden, heads
         self.output = output
         self.cross = nn.MultiheadAttention(hidden, heads, batch_first=True)
@@ -88,67 +80,34 @@ class EnergyModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.cross.in_proj_weight.dtype
 
-    # -- the three stages, written plainly; ops.energy_scores(backend="eager") is `score` --
-    def encode_context(self, context: torch.Tensor):
-        """(B, S, D) -> k, v: (B, heads, S, hidden/heads) each. Done once per sample."""
-        c = self.state_linear(context.to(self.dtype))
-        w, b = self.cross.in_proj_weight, self.cross.in_proj_bias
-        E = self.hidden
-        k = F.linear(c, w[E:2 * E], b[E:2 * E])
-        v = F.linear(c, w[2 * E:], b[2 * E:])
-        return self._split(k), self._split(v)
-
-    def encode_actions(self, actions: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, Da) -> q: (B, heads, C*H, hidden/heads)."""
-        B, C, H, _ = actions.shape
-        a = self.pe_layer(self.action_linear(actions.to(self.dtype)))
-        E = self.hidden
-        q = F.linear(a, self.cross.in_proj_weight[:E], self.cross.in_proj_bias[:E])
-        return self._split(q.reshape(B, C * H, E))
-
-    def attend(self, q, k, v, pad_mask):
-        """Scaled dot-product attention with a key padding mask; all-masked rows give zero."""
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, h, C*H, S)
-        if pad_mask is None:
-            p = torch.softmax(scores, dim=-1)
-        else:
-            valid = ~pad_mask
-            any_valid = valid.any(dim=-1)  # (B,) - stays on the device, no sync
-            keep = valid | ~any_valid[:, None]
-            scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-            p = torch.softmax(scores, dim=-1) * any_valid[:, None, None, None].to(scores.dtype)
-        z = p @ v  # (B, h, C*H, dh)
-        B, h, Q, dh = z.shape
-        return self.cross.out_proj(z.transpose(1, 2).reshape(B, Q, h * dh))
-
-    def readout(self, z: torch.Tensor, C: int) -> torch.Tensor:
-        """(B, C*H, hidden) -> energies (B, C): head per step, mean over H, output transform."""
-        B = z.shape[0]
-        raw = self.prediction_head(z).reshape(B, C, -1).mean(dim=-1)
-        return output_transform(raw, self.output)
+    def check_chunks(self, name: str, t, ndim: int, batch: int | None = None) -> None:
+        """``t`` holds action chunks (B, H, Da) (ndim 3) or (B, C, H, Da) (ndim 4) for this model:
+        floating, Da = act_dim, 1 <= H <= the positional table's length, B = ``batch``."""
+        check_tensor(name, t, ndim=ndim, shape={0: batch, ndim - 1: self.act_dim}, floating=True)
+        check_nonempty(name, t, ndim - 2, "chunk step")
+        if t.shape[-2] > self.pe_layer.P.shape[0]:  # both backends index the table
+            raise ValueError(f"{name}: at most {self.pe_layer.P.shape[0]} chunk steps "
+                             f"(dim {ndim - 2}), got shape {tuple(t.shape)}")
 
     def check_inputs(self, context, pad_mask, candidates) -> None:
-        """Shape/dtype/device checks (metadata only, no host sync)."""
+        """Shape/dtype/device checks (metadata only, no host sync). No sample (B = 0) or no
+        candidate (C = 0) gives an empty (B, C) result; no context key (S = 0) or no chunk step
+        (H = 0) is an error."""
         check_tensor("context", context, ndim=3, shape={2: self.state_dim}, floating=True)
+        check_nonempty("context", context, 1, "key")
         B, S = context.shape[:2]
-        check_tensor("candidates", candidates, ndim=4, shape={0: B, 3: self.act_dim}, floating=True)
-        if candidates.shape[2] > self.pe_layer.P.shape[0]:  # both backends index the table
-            raise ValueError(f"candidates: at most {self.pe_layer.P.shape[0]} chunk steps (dim 2), "
-                             f"got shape {tuple(candidates.shape)}")
+        self.check_chunks("candidates", candidates, 4, B)
         if pad_mask is not None:
             check_tensor("pad_mask", pad_mask, ndim=2, shape={0: B, 1: S}, dtype=torch.bool)
         check_same_device(context=context, pad_mask=pad_mask, candidates=candidates)
 
     def score(self, context, pad_mask, candidates) -> torch.Tensor:
+        """Energies (B, C): the maths is ``energy_scores_reference`` (kernels/energy), on this
+        module's weights."""
         self.check_inputs(context, pad_mask, candidates)
-        k, v = self.encode_context(context)
-        q = self.encode_actions(candidates)
-        return self.readout(self.attend(q, k, v, pad_mask), candidates.shape[1])
+        return energy_scores_reference(energy_weights(self), context, pad_mask, candidates)
 
     def forward(self, context, actions, pad_mask=None) -> torch.Tensor:
-        check_tensor("actions", actions, ndim=3, floating=True)
+        check_tensor("context", context, ndim=3)
+        self.check_chunks("actions", actions, 3, context.shape[0])
         return self.score(context, pad_mask, actions.unsqueeze(1))
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, E = x.shape
-        return x.reshape(B, N, self.heads, E // self.heads).transpose(1, 2)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_int
+
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
 
@@ -25,7 +27,7 @@ class MLPResNetBlock(nn.Module):
 
     def __init__(self, dim: int, activation: str = "relu"):
         super().__init__()
-        self.dim = dim
+        self.dim = check_int("dim", dim, low=1)
         self.ffn = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), make_activation(activation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +40,10 @@ class MLPResNet(nn.Module):
     def __init__(self, num_blocks: int, input_dim: int, hidden_dim: int, output_dim: int,
                  activation: str = "relu"):
         super().__init__()
+        check_int("num_blocks", num_blocks, low=0)
+        for name, d in (("input_dim", input_dim), ("hidden_dim", hidden_dim),
+                        ("output_dim", output_dim)):
+            check_int(name, d, low=1)
         self.activation = activation
         self.layer_norm1 = nn.LayerNorm(input_dim)
         self.fc1 = nn.Linear(input_dim, hidden_dim)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import CapturedStates, HiddenStateCapture  # noqa: F401 (re-exported)
-from ..checks import check_tensor
+from ..checks import check_int, check_tensor
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,13 @@ class TinyVLA(nn.Module):
                  vocab_size: int = 32, instr_len: int = 4, chunk: int = 8, action_dim: int = 7,
                  stop_token: int = 1, mlp_ratio: int = 4):
         super().__init__()
+        for name, v in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads),
+                        ("image_size", image_size), ("patch_size", patch_size),
+                        ("proprio_dim", proprio_dim), ("vocab_size", vocab_size),
+                        ("chunk", chunk), ("action_dim", action_dim), ("mlp_ratio", mlp_ratio)):
+            check_int(name, v, low=1)
+        check_int("instr_len", instr_len, low=0)
+        check_int("stop_token", stop_token, low=0, high=vocab_size - 1)
         if image_size % patch_size:
             raise ValueError(f"image_size: expected a multiple of patch_size={patch_size}, "
                              f"got {image_size}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import TrainConfig, apply
+from ..config import TrainConfig
 from ..plots import plot_compare, series
 from .checkpoint import atomic_write_text
 from .run import read_metrics, train
@@ -103,9 +103,11 @@ def compare(base: TrainConfig, specs=DEFAULT_SPECS, out="runs/compare", *, k: fl
         raise ValueError(f"--out {str(out)!r} already holds files; choose another")
     out.mkdir(parents=True, exist_ok=True)
     runs, rows = {}, []
-    for spec in specs:
+    cfgs = {}
+    for spec in specs:  # every spec checked before the first run starts
         name, kv = parse_spec(spec)
-        cfg = apply(base, {"strategy": name, **kv}, f"--strategies {spec!r}").validate()
+        cfgs[spec] = base.with_values({"run.strategy": name, **kv}, f"--strategies {spec!r}")
+    for spec, cfg in cfgs.items():
         echo(f"== {spec}")
         res = train(cfg, out / label(spec), echo=lambda *_: None)
         recs = read_metrics(res.run_dir)
@@ -126,11 +128,12 @@ def _f(v, fmt="{:.3g}"):
 
 
 def render(base: TrainConfig, rows: list[dict], k: float) -> str:
+    run, o, e = base.run, base.optim, base.energy
     lines = [
         "# Strategy comparison: stability report", "",
-        f"Same seed ({base.seed}), data and initial weights for every run; {base.steps} steps, "
-        f"batch {base.batch_size}, energy loss `{base.energy_loss}`, lr theta {base.lr:g}, "
-        f"lr phi {base.energy_lr:g}, energy output `{base.energy_output}`. Spikes: loss > EMA + "
+        f"Policy `{run.policy}`. Same seed ({run.seed}), data and initial weights for every run; "
+        f"{run.steps} steps, batch {run.batch_size}, energy loss `{e.loss}`, lr theta {o.lr:g}, "
+        f"lr phi {o.energy_lr:g}, energy output `{e.output}`. Spikes: loss > EMA + "
         f"{k:g} sigma (EMA factor 0.1, after 20 steps). Drift: relative change per step of the "
         "context / layer-action negatives on a fixed held-out probe batch. |grad_theta E|: the "
         "gradient norm the energy loss deposits into theta (the gradient-path audit). "

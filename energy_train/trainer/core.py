@@ -1,52 +1,89 @@
-"""The Trainer: parameters, optimizers, the building blocks of a step, and the loop.
+"""The Trainer: theta and phi, their optimizers, the building blocks of a step, and the loop.
 
-theta = backbone + action head (AdamW #1), phi = energy model (AdamW #2); the two sets must
-be disjoint. A :class:`~energy_train.trainer.strategies.Strategy` composes one step from the
-blocks below; the loop never looks at the strategy's name.
+theta = the policy's trainable parameters (backbone + action head + extras that require grad;
+AdamW #1), phi = the energy model (AdamW #2); the two sets must be disjoint. The trainer
+reaches the backbone only through the :class:`~energy_train.policy.Policy` interface. A
+:class:`~energy_train.trainer.strategies.Strategy` composes one step from the blocks below;
+the loop never looks at the strategy's name.
 
 The two phases (what two_phase runs, and what every other strategy rearranges):
 
-- :meth:`Trainer.phase_theta` - backbone forward WITH grad, action rows -> head -> L1,
+- :meth:`Trainer.phase_theta` - policy forward WITH grad, action rows -> head -> L1,
   backward, step theta.
-- :meth:`Trainer.phase_phi` - backbone forward under no_grad with the CURRENT theta (hooks
-  keep only the action rows of each layer and the context rows), negatives from the current
-  head (``ops.layer_actions``), energy loss, backward, step phi. Nothing here can reach theta:
-  its inputs carry no graph.
+- :meth:`Trainer.phase_phi` - policy forward under no_grad with the CURRENT theta (hooks keep
+  only the action rows of each layer and the context rows), negatives from the current head,
+  energy loss, backward, step phi. Nothing here can reach theta: its inputs carry no graph.
 
-Both are plain functions of (trainer, micro-batches). On CUDA (``overlap=True``) phase_phi
-runs on a side stream beside the next step's phase_theta, ordered by events
-(:mod:`energy_train.trainer.overlap`); on the CPU, or with overlap off, the same code runs in
-order. Nothing inside a step synchronises with the host: metrics stay on the device until
-:meth:`Trainer.flush`, which (like the probe and checkpoints) drains the side stream first.
+On CUDA (``run.overlap``) phase_phi runs on a side stream beside the next step's phase_theta,
+ordered by events (:mod:`energy_train.trainer.overlap`); on the CPU, or with overlap off, the
+same code runs in order. Nothing inside a step synchronises with the host: metrics stay on
+the device until :meth:`Trainer.flush`, which (like the probe and checkpoints) drains the
+side stream first.
 """
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import losses
-from ..config import TrainConfig
 from ..capture import CapturedStates, HiddenStateCapture, gather_hidden_states
-from ..data import Batch, TaskData
-from ..distributed import LOCAL, clip_grad_norm, grad_norm
-from ..models import EnergyModel, L1RegressionActionHead, TinyVLA
-from ..ops import build_action_index, layer_actions
+from ..config import TrainConfig
+from ..distributed import LOCAL
+from ..grads import grad_norm
+from ..models import L1RegressionActionHead
+from ..ops import layer_actions
+from ..policy import Policy, hidden
 from ..telemetry import GpuTelemetry
+from .feed import Feed, Micro, prepare
 from .metrics import Meter, PhaseTimer
 from .overlap import PhaseStreams
 
 
 @dataclass
 class Forward:
-    """One backbone forward of a micro-batch."""
+    """One policy forward of a micro-batch."""
+    mb: Micro
     last_hidden: torch.Tensor | None  # (B, T, D); carries the graph when run with grad
     captured: CapturedStates | None   # action rows (L+1, B, H*Da, D) + context (B, S, D), detached
-    action_index: torch.Tensor        # (B, H*Da) int64
-    pad_mask: torch.Tensor            # (B, S) bool, True = ignore
+
+
+class WallClock:
+    """Wall seconds of a run over all its parts: a resumed run continues the count."""
+
+    def __init__(self):
+        self.offset, self._t0 = 0.0, None
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.offset + (0.0 if self._t0 is None else time.perf_counter() - self._t0)
+
+
+class Mean:
+    """A step's metrics: ``add`` means over the n micro-batches (device tensors), ``set`` once."""
+
+    def __init__(self, n: int):
+        self.n, self.values = n, {}
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            self.values[k] = self.values.get(k, 0.0) + v.detach() / self.n
+
+    def set(self, **values) -> None:
+        self.values.update(values)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 (losses and norms of autocast outputs); fp32/fp64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,159 +91,215 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device: {name!r} asked for, but CUDA is not available")
+        raise RuntimeError(f"run.device: {name!r} asked for, but CUDA is not available")
     return dev
 
 
 def lr_lambda(cfg: TrainConfig):
+    o, steps = cfg.optim, cfg.run.steps
+
     def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
             return 1.0
-        t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        t = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return f
 
 
-def build_models(cfg: TrainConfig, device: torch.device):
-    """The embedded default's models, initialised from cfg.seed."""
-    torch.manual_seed(cfg.seed)
-    model = TinyVLA(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                    image_size=cfg.image_size, patch_size=cfg.patch_size, chunk=cfg.chunk,
-                    action_dim=cfg.action_dim, mlp_ratio=cfg.mlp_ratio)
-    head = L1RegressionActionHead(input_dim=cfg.d_model, hidden_dim=cfg.head_hidden,
-                                  action_dim=cfg.action_dim, num_actions_chunk=cfg.chunk)
-    energy = EnergyModel(cfg.d_model, cfg.action_dim, hidden=cfg.energy_hidden,
-                         heads=cfg.energy_heads, output=cfg.energy_output)
-    return model.to(device), head.to(device), energy.to(device)
-
-
-def _run(model, *inputs):
-    return model(*inputs)
-
-
-def _run_hidden_states(model, *inputs):
-    return model(*inputs, output_hidden_states=True)
-
-
-def _predict_action(head, rows):
-    return head.predict_action(rows)
-
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: TinyVLA, head: L1RegressionActionHead,
-                 energy: EnergyModel, data: TaskData, device: torch.device):
+    def __init__(self, cfg: TrainConfig, policy: Policy, energy: nn.Module, data, device: torch.device,
+                 *, probe: dict | None = None):
         from .strategies import make_strategy
 
-        self.cfg, self.model, self.head, self.energy, self.data = cfg, model, head, energy, data
-        self.device = device
-        self.theta = [*model.parameters(), *head.parameters()]
-        self.phi = list(energy.parameters())
+        self.cfg, self.policy, self.energy, self.device = cfg, policy, energy, device
+        self.feed = data if isinstance(data, Feed) else Feed(data, cfg.run.grad_accum, probe)
+        self.theta = [p for _, p in policy.named_trainable()]
+        self.phi = [p for p in energy.parameters() if p.requires_grad]
+        if not self.theta:
+            raise ValueError("theta: the policy has no parameter that requires grad (backbone, "
+                             "action_head and extras are all frozen)")
         shared = {id(p) for p in self.theta} & {id(p) for p in self.phi}
         if shared:
-            raise ValueError(f"theta (backbone + action head) and phi (energy model) must be "
-                             f"disjoint parameter sets; {len(shared)} tensor(s) are in both")
+            raise ValueError(f"theta (the policy's trainable parameters) and phi (the energy "
+                             f"model) must be disjoint parameter sets; {len(shared)} tensor(s) "
+                             "are in both")
+        o = cfg.optim
         # AdamW: foreach kernels on the current stream (phi's only ever on the side stream)
-        self.opt_theta = torch.optim.AdamW(self.theta, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.opt_phi = torch.optim.AdamW(self.phi, lr=cfg.energy_lr,
-                                         weight_decay=cfg.energy_weight_decay)
+        self.opt_theta = torch.optim.AdamW(self.theta, lr=o.lr, weight_decay=o.weight_decay)
+        self.opt_phi = torch.optim.AdamW(self.phi, lr=o.energy_lr, weight_decay=o.energy_weight_decay)
         self.sched_theta = torch.optim.lr_scheduler.LambdaLR(self.opt_theta, lr_lambda(cfg))
         self.sched_phi = torch.optim.lr_scheduler.LambdaLR(self.opt_phi, lr_lambda(cfg))
-        self.capture = HiddenStateCapture.for_model(model)  # TinyVLA or any HF-style decoder
-        self.layout = model.layout
+        self.capture = (HiddenStateCapture.for_decoder(*policy.decoder())
+                        if cfg.run.capture == "hooks" else None)
         self.strategy = make_strategy(cfg)
         self.timer = PhaseTimer(device)
-        self.streams = PhaseStreams(device, cfg.overlap)
+        self.streams = PhaseStreams(device, cfg.run.overlap)
         self.telemetry = GpuTelemetry(device)
         self._gen = torch.Generator(device=device)  # re-seeded per micro-batch (no sync)
         self.meter = Meter()
+        self.clock = WallClock()
         self.dp = LOCAL                  # data-parallel hooks; distributed.Parallel under torchrun
         self.step = 0                    # optimizer steps done
-        self.trace: dict | None = None   # tests set a dict: phases record what they used
+        self._probe: Micro | None = None
         self._probe_prev = None
         self._probe_step = None
 
-    # ---- building blocks -----------------------------------------------------------------------
-    def forward(self, mb: Batch, grad: bool, *, capture: bool = True, reuse: bool = True) -> Forward:
-        """Backbone forward; with ``capture`` the hooks keep the action rows of every layer and
-        the context rows, in buffers reused per (grad, step parity, micro-batch) when ``reuse``
-        (fresh ones otherwise), or cfg.capture="hidden_states" gathers them from the full tuple."""
-        index = build_action_index(num_tokens=self.layout.num_action_tokens,
-                                   start=self.layout.action_start, batch_size=mb.size,
-                                   device=self.device)
-        S, cap = self.layout.context_len, None
-        hidden_states = capture and self.cfg.capture == "hidden_states"
-        fn = _run_hidden_states if hidden_states else _run
-        inputs = (mb.images, mb.proprio, mb.tokens)
-        with torch.set_grad_enabled(grad):
-            # with grad through the DDP wrapper (its reducer is armed); without grad on the bare
-            # module, so phase 2's forward never engages the data-parallel reducer
-            call = ((lambda: self.dp.call(self.model, fn, *inputs)) if grad
-                    else (lambda: fn(self.model, *inputs)))
-            if capture and not hidden_states:
-                slot = (grad, self.step % 2, mb.micro) if reuse else None
-                with self.capture.armed(index, S, slot=slot) as cap:
-                    out = call()
-            else:
-                out = call()
-                if hidden_states:
-                    cap = gather_hidden_states(out.hidden_states, index, S)
-        return Forward(out.last_hidden_state if grad else None, cap, index, mb.pad_mask(S))
+    # ---- precision ----------------------------------------------------------------------------
+    def autocast(self):
+        """The policy's forwards (both phases, the head, the negatives): bf16 autocast or none."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.run.precision == "bf16")
 
-    def l1_loss(self, fwd: Forward, mb: Batch) -> torch.Tensor:
-        h = fwd.last_hidden
-        rows = h.gather(1, fwd.action_index[:, :, None].expand(-1, -1, h.shape[-1]))
-        return F.l1_loss(self.dp.call(self.head, _predict_action, rows), mb.expert)
+    def _energy_autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.energy.precision == "bf16")
+
+    # ---- micro-batches ----------------------------------------------------------------------
+    def batch(self, step: int) -> list[Micro]:
+        """This rank's micro-batches of optimizer step ``step``, on the device."""
+        dicts = self.feed.batch(step, *self.dp.shard)
+        n = len(dicts)
+        return [prepare(self.policy, d, self.device, i, i == n - 1) for i, d in enumerate(dicts)]
+
+    def micro(self, batch: list[Micro], *sides: str) -> Iterator[Micro]:
+        """The accumulation loop: yields each micro-batch inside ``no_sync`` of the given sides
+        ("theta", "phi") but the last, so gradients are all-reduced once per step."""
+        for mb in batch:
+            with self.dp.no_sync(*sides, sync=mb.last):
+                yield mb
+
+    # ---- building blocks -----------------------------------------------------------------------
+    def _forward(self, mb: Micro, *, grad: bool, capture: bool, reuse: bool = True) -> Forward:
+        """Policy forward; with ``capture`` the hooks keep the action rows of every layer and the
+        context rows in buffers reused per (grad, step parity, micro-batch) when ``reuse``
+        (fresh ones otherwise), or run.capture="hidden_states" gathers them from the tuple."""
+        lay = mb.layout
+        with torch.set_grad_enabled(grad), self.autocast():
+            if not capture:
+                return Forward(mb, hidden(self.policy.forward(mb.batch)), None)
+            if self.capture is None:
+                out = self.policy.forward(mb.batch, output_hidden_states=True)
+                cap = gather_hidden_states(out.hidden_states, lay.action_index, lay.context_index)
+                return Forward(mb, out.last_hidden_state if grad else None, cap)
+            slot = (grad, self.step % 2, mb.index) if reuse else None
+            with self.capture.armed(lay.action_index, lay.context_index, slot=slot) as cap:
+                last = hidden(self.policy.forward(mb.batch))
+        return Forward(mb, last if grad else None, cap)
+
+    def forward_l1(self, mb: Micro, *, capture: bool = False) -> tuple[torch.Tensor, Forward]:
+        """Policy forward WITH grad, the head on its action rows, the L1 loss against the expert
+        - all inside theta's data-parallel wrapper. ``capture``: also keep the rows the energy
+        phase reads (detached)."""
+        def run():
+            fwd = self._forward(mb, grad=True, capture=capture)
+            h = fwd.last_hidden
+            rows = h.gather(1, mb.layout.action_index[:, :, None].expand(-1, -1, h.shape[-1]))
+            with self.autocast():
+                pred = self.policy.predict_action(rows)
+            return F.l1_loss(upcast(pred), upcast(mb.expert)), fwd
+        return self.dp.call("theta", run)
+
+    def observe(self, mb: Micro, reuse: bool = True) -> Forward:
+        """No-grad forward with the CURRENT theta, capturing the rows the energy phase reads
+        (on the bare modules: no data-parallel reducer is engaged)."""
+        return self._forward(mb, grad=False, capture=True, reuse=reuse)
 
     def context(self, fwd: Forward, detach: bool = True) -> torch.Tensor:
-        """(B, S, D) last-layer context rows; ``detach=False`` keeps the graph into theta."""
+        """(B, S, D) context rows; ``detach=False`` keeps the graph into theta."""
         if detach or fwd.last_hidden is None:
             return fwd.captured.context
-        return fwd.last_hidden[:, : self.layout.context_len]
-
-    @torch.no_grad()
-    def negatives(self, fwd: Forward) -> torch.Tensor:
-        """Layer actions (L, B, H, Da) from the CURRENT head on every layer's action rows."""
-        norm = self.dp.final_norm(self.model) if self.cfg.logit_lens else None
-        return layer_actions(list(fwd.captured.action_rows), None, self.head, final_norm=norm)
+        h, idx = fwd.last_hidden, fwd.mb.layout.context_index
+        return h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1]))
 
     @property
     def needs_negatives(self) -> bool:
-        return self.cfg.energy_loss != "swap"
+        return self.cfg.energy.loss != "swap"
 
-    def energy_loss(self, context, pad_mask, mb: Batch, negs) -> losses.EnergyLoss:
-        """The configured energy loss, run inside phi's data-parallel wrapper."""
-        return self.dp.call(self.energy, self._energy_loss, context, pad_mask, mb, negs)
+    @torch.no_grad()
+    def layer_actions(self, fwd: Forward) -> torch.Tensor:
+        """(L, B, H, Da) actions of the CURRENT head on every layer's captured action rows
+        (the embeddings, state 0, skipped; the final norm on intermediate layers with
+        energy.logit_lens)."""
+        rows = list(fwd.captured.action_rows)
+        norm = self.dp.final_norm(self.policy.decoder()[1]) if self.cfg.energy.logit_lens else None
+        head = self.policy.action_head
+        with self.autocast():
+            if isinstance(head, L1RegressionActionHead):
+                return layer_actions(rows, None, head, final_norm=norm)
+            # any other head: the eager batched path through the policy's predict_action
+            picked = [(norm(r) if norm is not None and i < len(rows) - 1 else r)
+                      for i, r in enumerate(rows) if i > 0]
+            stacked = torch.stack(picked)
+            L, B = stacked.shape[:2]
+            out = self.policy.predict_action(stacked.reshape(L * B, *stacked.shape[2:]))
+            return out.reshape(L, B, *out.shape[1:])
 
-    def _energy_loss(self, energy, context, pad_mask, mb: Batch, negs) -> losses.EnergyLoss:
-        cfg = self.cfg
-        if cfg.energy_loss == "swap":  # global negatives: the expert chunks of every rank
-            pool, offset = self.dp.gather(mb.expert) if cfg.global_negatives else (None, 0)
-            return losses.swap_infonce(energy, context, pad_mask, mb.expert, tau=cfg.tau,
-                                       all_expert=pool, offset=offset)
-        g = self._gen.manual_seed(
-            (cfg.seed * 1_000_003 + mb.step) * 1024 + mb.micro + 1_000_000_007 * self.dp.rank)
-        cand = losses.structured_negatives(mb.expert, negs, generator=g)
-        if cfg.energy_loss == "explicit":
-            return losses.explicit_infonce(energy, context, pad_mask, mb.expert, cand, tau=cfg.tau)
-        return losses.margin_ranking(energy, context, pad_mask, mb.expert, cand)
+    def negatives(self, fwd: Forward) -> torch.Tensor | None:
+        """The layer actions when the energy loss uses them (explicit, margin), else None."""
+        return self.layer_actions(fwd) if self.needs_negatives else None
+
+    def energy_loss(self, context: torch.Tensor, mb: Micro, negs) -> losses.EnergyLoss:
+        """The configured energy loss, run inside phi's data-parallel wrapper (fp32 unless
+        energy.precision = bf16)."""
+        return self.dp.call("phi", self._energy_loss, context, mb, negs)
+
+    def _energy_loss(self, context, mb: Micro, negs) -> losses.EnergyLoss:
+        e = self.cfg.energy
+        with self._energy_autocast():
+            if e.precision == "fp32":
+                context = upcast(context)
+            pad, expert = mb.layout.pad_mask, mb.expert
+            if e.loss == "swap":  # global negatives: the expert chunks of every rank
+                pool, offset = self.dp.gather(expert) if self.cfg.dist.global_negatives else (None, 0)
+                return losses.swap_infonce(self.energy, context, pad, expert, tau=e.tau,
+                                           all_expert=pool, offset=offset)
+            g = self._gen.manual_seed((self.cfg.run.seed * 1_000_003 + self.step) * 1024 +
+                                      mb.index + 1_000_000_007 * self.dp.rank)
+            cand = losses.structured_negatives(expert, negs, generator=g)
+            if e.loss == "explicit":
+                return losses.explicit_infonce(self.energy, context, pad, expert, cand, tau=e.tau)
+            return losses.margin_ranking(self.energy, context, pad, expert, cand)
+
+    def energy_micro(self, context: torch.Tensor, mb: Micro, negs, m: Mean) -> None:
+        """One micro-batch of an energy-only phase: the loss (warm-up weighted, divided by the
+        micro-batch count), its backward (audited on the first micro-batch), its metrics."""
+        out = self.energy_loss(context, mb, negs)
+        d = self.energy_backward(self.energy_weight() * out.loss / m.n, audit=mb.index == 0)
+        if d is not None:
+            m.set(energy_grad_theta=d)
+        m.add(energy_loss=out.loss, rank_acc=losses.ranking_accuracy(out))
 
     def energy_weight(self) -> float:
-        w = self.cfg.energy_warmup_steps
+        w = self.cfg.energy.warmup_steps
         return 1.0 if w <= 0 else min(1.0, (self.step + 1) / w)
 
-    def energy_backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
-        """Backward of a (weighted) energy loss -> the gradient norm it deposited into theta
-        (the gradient-path audit). Call it while theta's grads are None (before any L1
-        backward of the step); 0 exactly when the energy loss has no path into theta."""
+    def energy_backward(self, loss: torch.Tensor, *, audit: bool, retain_graph: bool = False):
+        """Backward of a (weighted) energy loss; with ``audit`` returns the gradient norm it
+        deposited into theta (0 exactly when the energy loss has no path into theta). Audit
+        while theta's grads are None: before any L1 backward of the step."""
         loss.backward(retain_graph=retain_graph)
+        if not audit:
+            return None
         deposit = grad_norm(self.theta)
         return deposit if deposit is not None else torch.zeros((), device=self.device)
 
+    def joint_backward(self, e_loss, l1_loss, *, detached: bool, audit: bool):
+        """Both losses of one forward: the energy backward first (audited), then L1. The leaky
+        variant (context not detached) under DDP takes ONE backward of the sum (a DDP forward
+        allows one backward) and audits with autograd.grad (no .grad written)."""
+        if detached or not self.dp.active:
+            d = self.energy_backward(e_loss, audit=audit, retain_graph=not detached)
+            l1_loss.backward()
+            return d
+        d = self.dp.deposit(e_loss, self.theta) if audit else None
+        (e_loss + l1_loss).backward()
+        return d
+
     def step_theta(self) -> torch.Tensor | None:
-        """Optimizer step on theta (backbone + head); returns its grad norm (a device tensor)."""
-        norm = self.dp.clip_grad_norm(self.theta, self.cfg.grad_clip)  # FSDP: sharded grads
+        """Optimizer step on theta; returns its grad norm (a device tensor)."""
+        norm = self.dp.clip_grad_norm(self.theta, self.cfg.optim.grad_clip)  # FSDP: sharded grads
         with self.timer("opt_theta"):
             self.streams.before_theta_write()  # phase 2 of the previous step has read theta
             self.opt_theta.step()
@@ -214,55 +307,41 @@ class Trainer:
         return norm
 
     def step_phi(self) -> torch.Tensor | None:
-        """Optimizer step on phi (energy model), its grad norm clipped to energy_grad_clip."""
-        norm = clip_grad_norm(self.phi, self.cfg.energy_grad_clip)
+        """Optimizer step on phi, its grad norm clipped to optim.energy_grad_clip."""
+        from ..grads import clip_grad_norm
+        norm = clip_grad_norm(self.phi, self.cfg.optim.energy_grad_clip)
         self.opt_phi.step()
         self.opt_phi.zero_grad(set_to_none=True)
         return norm
 
     # ---- the two phases --------------------------------------------------------------------------
-    def phase_theta(self, batch: list[Batch]) -> dict:
-        """Phase 1: L1 on theta (backbone + head). phi is untouched."""
+    def phase_theta(self, batch: list[Micro]) -> dict:
+        """Phase 1: L1 on theta. phi is untouched."""
+        m = Mean(len(batch))
         with self.timer("phase1"):
-            l1 = 0.0
-            for i, mb in enumerate(batch):  # all-reduce on the last micro-batch only
-                with self.dp.no_sync(self.model, self.head, sync=i == len(batch) - 1):
-                    loss = self.l1_loss(self.forward(mb, grad=True, capture=False), mb) / len(batch)
-                    loss.backward()
-                l1 = l1 + loss.detach()
-            gnorm = self.step_theta()
-        return {"l1": l1, "grad_norm_theta": gnorm}
+            for mb in self.micro(batch, "theta"):
+                l1, _ = self.forward_l1(mb)
+                (l1 / m.n).backward()
+                m.add(l1=l1)
+            m.set(grad_norm_theta=self.step_theta())
+        return m.values
 
-    def phase_phi(self, batch: list[Batch]) -> dict:
+    def phase_phi(self, batch: list[Micro]) -> dict:
         """Phase 2: a no_grad forward with the CURRENT theta, negatives from the CURRENT head,
         energy loss on phi. theta is only read. On CUDA with overlap: on the side stream."""
+        m = Mean(len(batch))
         with self.streams.phase2(batch), self.timer("phase2"):
-            eloss, acc, deposit = 0.0, 0.0, None
-            for i, mb in enumerate(batch):
+            for mb in self.micro(batch, "phi"):
                 with self.timer("phase2_read"):  # the part that reads theta
-                    fwd = self.forward(mb, grad=False)
-                    negs = self.negatives(fwd) if self.needs_negatives else None
-                if i == len(batch) - 1:
+                    fwd = self.observe(mb)
+                    negs = self.negatives(fwd)
+                if mb.last:
                     self.streams.theta_released()  # the last read of theta in this phase
-                with self.dp.no_sync(self.energy, sync=i == len(batch) - 1):
-                    out = self.energy_loss(fwd.captured.context, fwd.pad_mask, mb, negs)
-                    d = self.energy_backward(self.energy_weight() * out.loss / len(batch))
-                deposit = d if deposit is None else deposit
-                eloss = eloss + out.loss.detach() / len(batch)
-                acc = acc + losses.ranking_accuracy(out) / len(batch)
-                if self.trace is not None:
-                    self.trace.setdefault("phase_phi", []).append(
-                        {"negatives": negs, "context": fwd.captured.context.clone(), "batch": mb})
-            gnorm = self.step_phi()
-        return {"energy_loss": eloss, "rank_acc": acc, "energy_grad_theta": deposit,
-                "grad_norm_phi": gnorm}
+                self.energy_micro(fwd.captured.context, mb, negs, m)
+            m.set(grad_norm_phi=self.step_phi())
+        return m.values
 
     # ---- the loop ----------------------------------------------------------------------------------
-    def batch(self, step: int) -> list[Batch]:
-        # this rank's shard of the global batch (the whole batch in one process); the data is
-        # checked once at start-up (cfg.check_data, in run.train): no check here
-        return self.data.batch(step, self.cfg.batch_size, self.cfg.grad_accum, *self.dp.shard)
-
     def train_step(self) -> dict:
         """One optimizer step as the strategy schedules it; metrics stay on the device."""
         self.timer.set_step(self.step)
@@ -277,28 +356,38 @@ class Trainer:
             self.sched_theta.step()
             self.sched_phi.step()
         self.step += 1
-        if self.cfg.probe_every and self.step % self.cfg.probe_every == 0:
+        if self.cfg.run.probe_every and self.step % self.cfg.run.probe_every == 0:
             metrics.update(self.probe())
         self.meter.add(self.step - 1, metrics)
         return metrics
 
+    def probe_batch(self) -> Micro:
+        """The held-out probe micro-batch on the device (prepared once)."""
+        if self._probe is None:
+            self._probe = prepare(self.policy, self.feed.probe(), self.device, 0, True)
+        return self._probe
+
     @torch.no_grad()
     def probe(self) -> dict:
-        """Held-out metrics and drift on a fixed probe batch: relative change per step of the
+        """Held-out metrics and drift on the fixed probe batch: relative change per step of the
         context and of the layer actions since the last probe (what phi has to chase)."""
         self.streams.drain()  # phi is read here, on the main stream
-        mb = self.data.probe()
-        fwd = self.forward(mb, grad=False, reuse=False)  # kept as the next drift reference
-        ctx, negs = fwd.captured.context, self.negatives(fwd)
-        rows = fwd.captured.action_rows[-1]
-        l1 = F.l1_loss(self.head.predict_action(rows), mb.expert)
-        out = losses.swap_infonce(self.energy, ctx, fwd.pad_mask, mb.expert, tau=self.cfg.tau)
+        mb = self.probe_batch()
+        fwd = self.observe(mb, reuse=False)  # kept as the next drift reference
+        ctx, negs = fwd.captured.context, self.layer_actions(fwd)
+        with self.autocast():
+            pred = self.policy.predict_action(fwd.captured.action_rows[-1])
+        l1 = F.l1_loss(upcast(pred), upcast(mb.expert))
+        with self._energy_autocast():
+            c = upcast(ctx) if self.cfg.energy.precision == "fp32" else ctx
+            out = losses.swap_infonce(self.energy, c, mb.layout.pad_mask, mb.expert,
+                                      tau=self.cfg.energy.tau)
         res = {"probe_l1": l1, "probe_rank_acc": losses.ranking_accuracy(out)}
         if self._probe_prev is not None and self.step > self._probe_step:
             pc, pn = self._probe_prev
             dt = self.step - self._probe_step
-            res["drift_context"] = (ctx - pc).norm() / pc.norm().clamp_min(1e-12) / dt
-            res["drift_negatives"] = (negs - pn).norm() / pn.norm().clamp_min(1e-12) / dt
+            res["drift_context"] = upcast(ctx - pc).norm() / upcast(pc).norm().clamp_min(1e-12) / dt
+            res["drift_negatives"] = upcast(negs - pn).norm() / upcast(pn).norm().clamp_min(1e-12) / dt
         self._probe_prev, self._probe_step = (ctx, negs), self.step
         return res
 
@@ -314,47 +403,46 @@ class Trainer:
             records[-1].update(self.telemetry.sample())
         return records
 
+    def discard_metrics(self) -> None:
+        """Drop the kept metrics and phase events without reading them back (no sync)."""
+        self.meter.discard()
+        self.timer.discard()
+
     def drain(self) -> None:
         """Join the side stream into the main one (overlap); a no-op otherwise."""
         self.streams.drain()
 
     # ---- state ---------------------------------------------------------------------------------
-    def weights(self) -> tuple[dict, dict]:
-        self.drain()
-        theta = {f"vla.{k}": v for k, v in self.model.state_dict().items()}
-        theta.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        return theta, dict(self.energy.state_dict())
-
     def state_dict(self) -> dict:
+        """Everything but the weights: optimizers, schedulers, RNG, strategy, drift reference."""
         self.drain()
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"step": self.step, "data_position": self.step, "opt_theta": self.opt_theta.state_dict(),
+        return {"step": self.step, "opt_theta": self.opt_theta.state_dict(),
                 "opt_phi": self.opt_phi.state_dict(), "sched_theta": self.sched_theta.state_dict(),
                 "sched_phi": self.sched_phi.state_dict(), "rng": rng,
                 "strategy": self.strategy.state_dict(), "config": self.cfg.to_dict(),
+                "wall_seconds": self.clock.seconds(),
                 # the drift reference, so the first drift after a resume is the uninterrupted one
                 "probe_prev": (None if self._probe_prev is None else
                                {"context": self._probe_prev[0], "negatives": self._probe_prev[1],
                                 "step": self._probe_step})}
 
-    def load(self, theta: dict, phi: dict, state: dict) -> None:
-        self.dp.load_theta(self, theta, state["opt_theta"])  # FSDP: into the shards
-        self.energy.load_state_dict(phi)
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (opt_theta is loaded with the weights, by
+        energy_train/trainer/checkpoint.py, which knows how theta is sharded)."""
         self.opt_phi.load_state_dict(state["opt_phi"])
         self.sched_theta.load_state_dict(state["sched_theta"])
         self.sched_phi.load_state_dict(state["sched_phi"])
-        # RNG states must be CPU ByteTensors: run.py loads the state with map_location=device,
-        # which moves them to the GPU on CUDA ("RNG state must be a torch.ByteTensor")
+        # RNG states must be CPU ByteTensors (a state loaded with map_location=cuda is not)
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.strategy.load_state_dict(state["strategy"], self.device)
         self.step = int(state["step"])
+        self.clock.offset = float(state.get("wall_seconds", 0.0))
         prev = state.get("probe_prev")
         if prev is not None:
             self._probe_prev = (prev["context"].to(self.device), prev["negatives"].to(self.device))
             self._probe_step = int(prev["step"])
-        elif self.cfg.probe_every:  # older checkpoints: re-seed from the restored weights
-            self.probe()

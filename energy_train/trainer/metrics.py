@@ -56,6 +56,10 @@ class PhaseTimer:
         self._pending = []
         return out
 
+    def discard(self) -> None:
+        """Forget the recorded events without resolving them (no sync)."""
+        self._pending = []
+
 
 class Meter:
     """Collects {name: 0-d tensor or float} per step; ``flush`` reads them back at once."""
@@ -66,6 +70,10 @@ class Meter:
 
     def add(self, step: int, values: dict) -> None:
         self._steps.append((step, values))
+
+    def discard(self) -> None:
+        """Forget the kept values without reading them back (no sync)."""
+        self._steps = []
 
     def flush(self) -> list[dict]:
         names, tensors = [], []

@@ -1,4 +1,4 @@
-"""Overlap of the two phases on CUDA streams, ordered by events (design section 6).
+"""Overlap of the two phases on CUDA streams, ordered by events.
 
 Phase 2 of step k (no-grad forward with theta_k+1, negatives, energy fwd/bwd/step on phi)
 runs on a SIDE stream while phase 1 of step k+1 runs on the MAIN stream::
@@ -55,7 +55,7 @@ class PhaseStreams:
         main = torch.cuda.current_stream(self.device)
         self.side.wait_event(main.record_event())  # R(k): after opt_theta(k) and batch k
         for mb in batch:
-            for t in (mb.images, mb.proprio, mb.tokens, mb.expert, mb.ids):
+            for t in mb.tensors():
                 t.record_stream(self.side)
         self._in_phase2 = True
         try:

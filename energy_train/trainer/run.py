@@ -6,7 +6,11 @@
 <run>/curves.png         L1, energy loss, ranking accuracy, per-phase time
 <run>/summary.md|json    the summary table
 <run>/complete.json      written LAST: only a run with this file is complete
-<run>/error.txt          why a run failed (no complete.json then)
+<run>/error.txt          why a run failed (no complete.json then); a failed --resume appends,
+                         a resume that gets going moves it to error.history.txt
+<run>/metrics.discarded.jsonl  rows a resume took out of metrics.jsonl (after its checkpoint,
+                         or torn by a crash): moved here, never deleted
+<run>/.lock              held (flock) by the process that runs it: one process at a time
 
 Under torchrun (WORLD_SIZE > 1) every rank runs the loop on its shard of each global batch;
 rank 0 alone writes the run directory (checkpoints after every rank's state is gathered;
@@ -14,7 +18,6 @@ every rank waits at a barrier), every rank resumes from the same files.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -26,16 +29,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig, apply
 from .. import distributed
-from ..data import TaskData, check_batch_finite
+from ..config import TrainConfig, build, canonical, resumable_keys
 from ..plots import plot_run, series
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .core import Trainer, build_models, resolve_device
+from ..policies import default_energy, resolve_factory
+from ..policy import Policy
+from . import checkpoint
+from .checkpoint import atomic_write_text
+from .core import Trainer, resolve_device
+from .feed import Feed
+from .loggers import NullLogger, open_logger
 from .metrics import check_finite_records
-
-RESUMABLE = ("steps", "stop_after", "log_every", "ckpt_every", "device", "progress", "threads",
-             "overlap", "dist_timeout")
+from .validate import check_policy
 
 
 class RunError(RuntimeError):
@@ -51,7 +56,7 @@ class RunResult:
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}"
+    base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.run.strategy}"
     out, i = base, 1
     while out.exists():
         out, i = base.with_name(f"{base.name}-{i}"), i + 1
@@ -59,34 +64,123 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def prepare_run_dir(cfg: TrainConfig, out, resume: bool, overrides: dict | None) -> tuple[Path, TrainConfig]:
-    """Create (or, for resume, reopen) the run directory; returns it and the config to run."""
+    """Create (or, for resume, reopen) the run directory; returns it and the config to run.
+    ``overrides`` ({"section.key": value}) may change only the resumable keys of a run."""
     if resume:
         if out is None:
             raise RunError("--resume needs --out DIR (the run to continue)")
         run_dir = Path(out)
         if not (run_dir / "config.json").is_file():
             raise RunError(f"--resume: {str(run_dir)!r} holds no run (no config.json)")
-        saved = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
-        changed = {k: v for k, v in (overrides or {}).items() if getattr(saved, k) != v}
-        locked = sorted(set(changed) - set(RESUMABLE))
+        _lock(run_dir)
+        try:
+            saved = build(json.loads((run_dir / "config.json").read_text()), [])
+        except ValueError as e:
+            _unlock(run_dir)
+            raise RunError(f"--resume: {run_dir / 'config.json'} is not a valid config ({e})") from None
+        flat = {f"{sec}.{k}": v for sec, vals in saved.to_dict().items() for k, v in vals.items()}
+        changed = {k: v for k, v in (overrides or {}).items() if flat.get(k) != v}
+        locked = sorted(set(changed) - set(resumable_keys()))
         if locked:
-            raise RunError(f"--resume: cannot change {locked} of an existing run (only {RESUMABLE})")
-        return run_dir, apply(saved, changed, "--resume").validate()  # config.json: after load
-    else:
-        run_dir = Path(out) if out is not None else default_run_dir(cfg)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise RunError(f"--out {str(run_dir)!r} already holds files; use --resume to continue "
-                           "that run, or choose another --out")
+            _unlock(run_dir)
+            raise RunError(f"--resume: cannot change {locked} of an existing run (only "
+                           f"{resumable_keys()})")
+        return run_dir, saved.with_values(changed, "--resume")  # config.json: after load
+    run_dir = Path(out) if out is not None else default_run_dir(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--out {str(run_dir)!r}: expected a directory, got an existing file")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"--out {str(run_dir)!r} already holds files; use --resume to continue "
+                       "that run, or choose another --out")
+    try:
         run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        _lock(run_dir)
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    except OSError as e:
+        _unlock(run_dir)
+        raise RunError(f"--out {str(run_dir)!r}: cannot write the run directory "
+                       f"({e.strerror or e})") from None
     return run_dir, cfg
 
 
 def read_metrics(run_dir) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The records of metrics.jsonl; a line that is not JSON (torn by a crash) is skipped."""
+    return _split_metrics(Path(run_dir) / "metrics.jsonl")[0]
+
+
+def _split_metrics(path: Path) -> tuple[list[dict], list[str]]:
+    """(records, lines that do not parse)."""
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], []
+    good, bad = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("not a metrics record")
+            good.append(rec)
+        except ValueError:
+            bad.append(line)
+    return good, bad
+
+
+def _keep_metrics_before(run_dir: Path, step: int) -> int:
+    """Resume at ``step``: metrics.jsonl keeps the records of steps < step; the others (and
+    torn lines) are appended to metrics.discarded.jsonl. Returns how many moved."""
+    path = run_dir / "metrics.jsonl"
+    records, torn = _split_metrics(path)
+    kept = [r for r in records if r["step"] < step]
+    moved = [json.dumps(r) for r in records if r["step"] >= step] + torn
+    if moved:
+        _append_lines(run_dir / "metrics.discarded.jsonl", moved)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(moved)
+
+
+class RunLock:
+    """An exclusive flock on ``<run>/.lock`` for the life of a run (released by close or at
+    process exit): a second process on the same run directory stops with a clear error."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        self.file = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise RunError(f"--out {str(run_dir)!r} is in use by another process (pid {holder}); "
+                           "wait for it to end or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()  # closing the descriptor releases the lock
+
+
+_LOCKS: dict[str, RunLock] = {}
+
+
+def _lock(run_dir: Path) -> None:
+    _LOCKS[str(run_dir)] = RunLock(run_dir)
+
+
+def _unlock(run_dir) -> None:
+    lock = _LOCKS.pop(str(run_dir), None)
+    if lock is not None:
+        lock.close()
+
+
+def _append_lines(path: Path, lines: list[str]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -98,7 +192,7 @@ def _append(path: Path, records: list[dict]) -> None:
 
 
 def chance_level(cfg: TrainConfig) -> float:
-    return 1.0 / (cfg.batch_size if cfg.energy_loss == "swap" else 7)
+    return 1.0 / (cfg.run.batch_size if cfg.energy.loss == "swap" else 7)
 
 
 def summarize(cfg: TrainConfig, records: list[dict], wall: float) -> dict:
@@ -120,8 +214,9 @@ def summarize(cfg: TrainConfig, records: list[dict], wall: float) -> dict:
 
     s_t, v_t = series(records, "time_step")
     return {
-        "strategy": cfg.strategy, "steps": int(max([r["step"] for r in records] + [-1]) + 1),
-        "batch_size": cfg.batch_size, "energy_loss_kind": cfg.energy_loss,
+        "policy": cfg.run.policy, "strategy": cfg.run.strategy,
+        "steps": int(max([r["step"] for r in records] + [-1]) + 1),
+        "batch_size": cfg.run.batch_size, "energy_loss_kind": cfg.energy.loss,
         "l1_first": window("l1", False), "l1_last": window("l1", True),
         "energy_first": window("energy_loss", False), "energy_last": window("energy_loss", True),
         "rank_acc_first": window("rank_acc", False), "rank_acc_last": window("rank_acc", True),
@@ -169,121 +264,179 @@ def summary_table(s: dict) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: TrainConfig, out=None, *, resume: bool = False, overrides: dict | None = None,
-          data: TaskData | None = None, echo=print) -> RunResult:
-    """Run (or resume) a training run in its directory. Returns a RunResult; raises on error,
-    leaving error.txt (and never complete.json) in the run directory."""
-    ov = overrides or {}
-    device_name = ov.get("device", cfg.device)
+def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=None, data=None,
+          probe: dict | None = None, resume: bool = False, overrides: dict | None = None,
+          echo=print) -> RunResult:
+    """Run (or resume) a training run in its directory ``out``.
+
+    policy/energy/data: the user's own (``data`` a step-indexed source or an iterable of
+    batch dicts, ``probe`` an optional held-out batch); by default the policy named by
+    ``cfg.run.policy`` is built by its registered factory, which also gives the data (a
+    ``data=`` given alone replaces the factory's). ``energy`` defaults to the factory's or an
+    EnergyModel of the [energy] section. ``overrides`` ({"section.key": value}) is what a
+    ``--resume`` may change (the resumable keys). Returns a RunResult; raises on error,
+    leaving error.txt (and never complete.json) in the run directory.
+    """
+    ov = canonical(overrides or {}, cfg.run.policy, "command line")
+    if policy is not None and data is None:
+        raise ValueError("data: train(policy=...) needs data= (a step-indexed source or an "
+                         "iterable of batch dicts)")
+    device_name = ov.get("run.device", cfg.run.device)
     resolve_device(device_name)  # fail before any directory exists
-    ctx = distributed.setup(device_name, float(ov.get("dist_timeout", cfg.dist_timeout)))
+    ctx = distributed.setup(device_name, float(ov.get("dist.timeout", cfg.dist.timeout)))
+    run_dir = None
     try:
         if ctx is None:
-            run_dir, cfg = prepare_run_dir(cfg.validate(), out, resume, overrides)
+            run_dir, cfg = prepare_run_dir(cfg.validate(), out, resume, ov)
         else:  # rank 0 decides (its clock names the default dir); its error stops every rank
             run_dir, cfg = distributed.run_on_main(
-                lambda: prepare_run_dir(cfg.validate(), out, resume, overrides))
+                lambda: prepare_run_dir(cfg.validate(), out, resume, ov))
         distributed.check_config(cfg, 1 if ctx is None else ctx.world_size)
     except BaseException:
+        if run_dir is not None:
+            _unlock(run_dir)
         distributed.teardown(ctx)
         raise
     threads = torch.get_num_threads()
-    device = resolve_device(cfg.device) if ctx is None else ctx.device
-    if cfg.threads > 0 and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.run.device) if ctx is None else ctx.device
+    if cfg.run.threads > 0 and device.type == "cpu":
+        torch.set_num_threads(cfg.run.threads)
     try:
-        return _train(cfg, run_dir, resume, data, echo, ctx, device,
-                      keep_stop="stop_after" in ov)
+        trainer = build_trainer(cfg, device, ctx, policy=policy, energy=energy, data=data,
+                                probe=probe)
+        return _train(trainer, run_dir, resume, echo, ctx, keep_stop="run.stop_after" in ov)
     except BaseException as e:
-        e2 = e if ctx is None else distributed.explain(e, ctx, cfg.dist_timeout)
+        e2 = e if ctx is None else distributed.explain(e, ctx, cfg.dist.timeout)
         if ctx is None or ctx.rank == 0:
-            if not is_complete(run_dir):  # e.g. a failed --resume of a finished run stays finished
-                atomic_write_text(run_dir / "error.txt",
-                                  f"{type(e2).__name__}: {e2}\n\n{traceback.format_exc()}")
+            _record_error(run_dir, resume, e2)
         if e2 is not e:
             raise e2 from e
         raise
     finally:
+        _unlock(run_dir)
         torch.set_num_threads(threads)
         distributed.teardown(ctx)
 
 
-def _checkpoint(trainer: Trainer, run_dir: Path) -> None:
-    """Rank 0 writes (atomically) what every rank contributed; every rank waits for it."""
-    payload = distributed.checkpoint_payload(trainer)
-    if trainer.dp.is_main:
-        save_checkpoint(run_dir, trainer.step, *payload)
-    trainer.dp.barrier()
+def _retire_error(run_dir: Path) -> None:
+    """A resume continues past a failure: error.txt moves to the end of error.history.txt."""
+    path = run_dir / "error.txt"
+    if path.is_file():
+        _append_lines(run_dir / "error.history.txt", [path.read_text().rstrip(), "-" * 40])
+        path.unlink()
 
 
-def _train(cfg, run_dir: Path, resume: bool, data, echo, ctx, device,
-           keep_stop: bool = False) -> RunResult:
-    t_start = time.perf_counter()
+def _record_error(run_dir: Path, resume: bool, e: BaseException) -> None:
+    """error.txt: why the run failed. A failed --resume appends (the original error stays); a
+    finished run stays finished (no error.txt beside complete.json). Never raises."""
+    if is_complete(run_dir):
+        return
+    text = f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"
+    try:
+        path = run_dir / "error.txt"
+        if resume and path.is_file():
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            text = path.read_text() + f"\n--- --resume at {stamp} failed ---\n" + text
+        atomic_write_text(path, text)
+    except OSError:  # e.g. a read-only or full filesystem: the raised error still says why
+        pass
+
+
+def build_trainer(cfg: TrainConfig, device: torch.device, ctx=None, *, policy=None, energy=None,
+                  data=None, probe=None) -> Trainer:
+    """The policy (the user's, or built by run.policy's factory), the energy model and the
+    data in a Trainer, checked once (data, policy outputs) and distributed under torchrun."""
+    if policy is None:
+        setup = resolve_factory(cfg.run.policy)(cfg, device)
+        policy, data = setup.policy, data if data is not None else setup.data
+        energy = energy if energy is not None else setup.energy
+        probe = probe if probe is not None else setup.probe
+    if energy is None:
+        energy = default_energy(cfg, policy, device)
+    feed = Feed(data, cfg.run.grad_accum, probe)
+    if cfg.run.check_data:
+        feed.check()  # the data is checked once, here: no check (no sync) inside a step
+    if ctx is not None and cfg.dist.fsdp:
+        distributed.shard_backbone(policy)  # before the optimizers are built
+    trainer = Trainer(cfg, policy, energy, feed, device)
+    check_policy(trainer)
+    if ctx is not None:
+        distributed.distribute(trainer, ctx)  # DDP/FSDP; metrics: mean over ranks
+    return trainer
+
+
+def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: bool = False) -> RunResult:
+    trainer.clock.start()
+    cfg = trainer.cfg
     main = ctx is None or ctx.rank == 0
     if not main:
         echo = lambda *a, **k: None  # noqa: E731 - rank 0 speaks for the run
-    if data is None:
-        data = TaskData(cfg.seed, cfg.dataset_size, cfg.probe_size, num_objects=cfg.num_objects,
-                        image_size=cfg.image_size, chunk=cfg.chunk, device=device)
-    if cfg.check_data:
-        # one check of the whole dataset at start-up (the data never changes): no sync in steps
-        whole = data._make(data.train, torch.arange(data.size, device=device),
-                           list(range(data.size)), -1)
-        check_batch_finite(whole)
-    model, head, energy = build_models(cfg, device)
-    if ctx is not None and cfg.fsdp:
-        distributed.shard_backbone(model)  # before the optimizers are built
-    trainer = Trainer(cfg, model, head, energy, data, device)
-    if ctx is not None:
-        distributed.distribute(trainer, ctx, fsdp=cfg.fsdp)  # DDP/FSDP; metrics: mean over ranks
     metrics_path = run_dir / "metrics.jsonl"
+    loaded = None
     if resume:
-        step, theta, phi, state = load_checkpoint(run_dir, map_location=device)  # every rank
-        trainer.load(theta, phi, distributed.per_rank_state(state, trainer.dp))
+        try:
+            loaded = checkpoint.restore(trainer, run_dir)  # every rank
+        except checkpoint.CheckpointError as e:
+            if any((run_dir / "checkpoints").glob("step_*")):
+                raise  # checkpoints exist but none is intact: never start over silently
+            # the run died before its first checkpoint: nothing to lose, start it over
+            echo(f"{e}; the run died before its first checkpoint: starting it over from step 0 "
+                 "with its saved config")
         trainer.dp.barrier()  # every rank has read the files before rank 0 rewrites any
-        if cfg.stop_after and cfg.stop_after <= step and not keep_stop:
-            # the saved stop point is reached: a plain --resume continues to cfg.steps (else it
+    step = 0 if loaded is None else loaded.step
+    if resume:
+        for why in (loaded.skipped if loaded is not None else []):
+            echo(f"warning: skipped a newer checkpoint: {why}")
+        if cfg.run.stop_after and cfg.run.stop_after <= step and not keep_stop:
+            # the saved stop point is reached: a plain --resume continues to run.steps (else it
             # would stop at once and suggest the same --resume again)
-            cfg = trainer.cfg = dataclasses.replace(cfg, stop_after=0)
+            cfg = trainer.cfg = cfg.with_values({"run.stop_after": 0}, "--resume")
         if main:
-            for name in ("complete.json", "error.txt"):
-                (run_dir / name).unlink(missing_ok=True)
+            (run_dir / "complete.json").unlink(missing_ok=True)
+            _retire_error(run_dir)
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-            kept = [r for r in read_metrics(run_dir) if r["step"] < step]
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        echo(f"resumed {run_dir} at step {step}")
-    elif cfg.probe_every:
+            moved = _keep_metrics_before(run_dir, step if loaded is not None else -1)
+            if moved:
+                echo(f"moved {moved} metrics row(s) after step {step} to metrics.discarded.jsonl")
+        note = "" if trainer.feed.exact_resume else (" (iterable data: the consumed batches are "
+                                                     "skipped; exact only if it replays its order)")
+        echo(f"resumed {run_dir} at step {step}{note}")
+    if loaded is None and cfg.run.probe_every:
         trainer.meter.add(-1, trainer.probe())  # the probe before training, logged as step -1
-    target = cfg.stop_after or cfg.steps
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not (cfg.progress and main),
-               desc=cfg.strategy,
-               dynamic_ncols=True, leave=False)
-    last = {}
+    logger = (open_logger(cfg.run.log, run_dir, cfg.to_dict(), trainer.step if resume else None)
+              if main else NullLogger())  # W&B / TensorBoard beside metrics.jsonl (run.log)
+    target = cfg.run.stop_after or cfg.run.steps
+    bar = tqdm(total=cfg.run.steps, initial=trainer.step, disable=not (cfg.run.progress and main),
+               desc=cfg.run.strategy, dynamic_ncols=True, leave=False)
     while trainer.step < target:
         trainer.train_step()
-        ckpt_due = bool(cfg.ckpt_every) and trainer.step % cfg.ckpt_every == 0 and trainer.step != target
+        ckpt_due = (bool(cfg.run.ckpt_every) and trainer.step % cfg.run.ckpt_every == 0
+                    and trainer.step != target)
         # flush before a checkpoint too: a resume from it keeps only the records written so far
-        if trainer.step % cfg.log_every == 0 or trainer.step == target or ckpt_due:
+        if trainer.step % cfg.run.log_every == 0 or trainer.step == target or ckpt_due:
             records = trainer.flush()  # under torchrun: a collective (mean over ranks)
             if main:
                 _append(metrics_path, records)
+                logger.log(records)
             check_finite_records(records)
             last = {k: v for r in records for k, v in r.items() if k in ("l1", "energy_loss", "rank_acc")}
             bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
             bar.update(trainer.step - bar.n)
         if ckpt_due:
-            _checkpoint(trainer, run_dir)
+            checkpoint.save(trainer, run_dir)
     bar.close()
-    _checkpoint(trainer, run_dir)
-    if trainer.step < cfg.steps:
-        echo(f"stopped after step {trainer.step} of {cfg.steps} (checkpointed); continue with "
+    logger.close()
+    checkpoint.save(trainer, run_dir)
+    if trainer.step < cfg.run.steps:
+        echo(f"stopped after step {trainer.step} of {cfg.run.steps} (checkpointed); continue with "
              f"`energy-train train --resume --out {run_dir}`")
         return RunResult(run_dir, False, None, trainer)
     if not main:
         return RunResult(run_dir, True, None, trainer)
     records = read_metrics(run_dir)
-    summary = summarize(cfg, records, time.perf_counter() - t_start)
-    plot_run(records, run_dir / "curves.png", title=f"{cfg.strategy} (seed {cfg.seed})",
+    summary = summarize(cfg, records, trainer.clock.seconds())
+    plot_run(records, run_dir / "curves.png",
+             title=f"{cfg.run.policy} / {cfg.run.strategy} (seed {cfg.run.seed})",
              chance=chance_level(cfg))
     table = summary_table(summary)
     atomic_write_text(run_dir / "summary.md", table + "\n")
@@ -298,5 +451,5 @@ def is_complete(run_dir) -> bool:
     return (Path(run_dir) / "complete.json").is_file()
 
 
-__all__ = ["train", "RunResult", "RunError", "summarize", "summary_table", "read_metrics",
-           "is_complete"]
+__all__ = ["train", "build_trainer", "RunResult", "RunError", "summarize", "summary_table",
+           "read_metrics", "is_complete"]

@@ -4,35 +4,42 @@ sample attend to that sample's S context keys, K/V shared by all candidates (nev
 Layout (no transposes anywhere): q (Bq, Q, E), k and v (B, S, E) (any strides in the first two
 dims, unit stride in the last), head h owns columns h*dh:(h+1)*dh. ``Bq`` is B, or 1 when all
 samples score one shared candidate pool (stride 0 over the batch: the swap loss).
-A key is valid when it is in range and not padded (pad byte 0). Rows whose keys are all
-padded give a zero output and lse = +inf (so every backward probability is 0).
+A key is valid when it is in range and not padded (pad byte 0); an invalid key's K and V are
+never loaded (masked loads), so whatever it holds contributes nothing, forward or backward.
+Rows whose keys are all padded give a zero output and lse = +inf (every backward probability
+is 0).
 
 Forward: one program per (query block, sample, head); online softmax in base 2; the S x Q
 score matrix never leaves registers; lse (log2 domain) saved for the backward.
 Backward (FlashAttention-2 split, deterministic, no atomics):
-  ``_energy_attn_bwd_preprocess_kernel``  delta = rowsum(dO * O)
-  ``_energy_attn_bwd_dq_kernel``          dQ, one program per (query block, head[, sample]);
-                                          with a shared pool it sums over the samples itself
-  ``_energy_attn_bwd_dkdv_kernel``        dK, dV, one program per (key block, sample, head),
-                                          looping over every query block of the sample
+  ``_energy_attention_bwd_preprocess_kernel``  delta = rowsum(dO * O)
+  ``_energy_attention_bwd_dq_kernel``   dQ, one program per (query block, head[, sample]); with
+                                        a shared pool it sums over the samples itself
+  ``_energy_attention_bwd_dkdv_kernel`` dK, dV, one program per (key block, sample, head),
+                                        looping over every query block of the sample
+``PAD`` is an optional pointer (``None``: no padding); ``flags_from_pointers`` derives HAS_PAD.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .._utils import flags_from_pointers
+
+_has_pad = flags_from_pointers(HAS_PAD="PAD")
+
 
 @triton.jit
 def _load_kv_tile(K, V, PAD, b, offs_n, col, d_ok, n_k, stride_kb, stride_kn, stride_vb,
                   stride_vn, stride_pb, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr):
     """K and V tiles (BLOCK_N, BLOCK_D) of keys ``offs_n`` of sample ``b`` in the head's columns
-    ``col``, and which of those keys are valid (in range and not padded)."""
-    in_range = offs_n < n_k
-    valid = in_range
+    ``col``, and which of those keys are valid (in range and not padded). A padded key is never
+    read: its K and V rows load as zeros, so NaN or inf stored there cannot reach a product."""
+    valid = offs_n < n_k
     if HAS_PAD:
-        pad = tl.load(PAD + b * stride_pb + offs_n, mask=in_range, other=1)
+        pad = tl.load(PAD + b * stride_pb + offs_n, mask=valid, other=1)
         valid = valid & (pad == 0)
-    kv_mask = in_range[:, None] & d_ok[None, :]
+    kv_mask = valid[:, None] & d_ok[None, :]
     k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kn + col[None, :],
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + col[None, :],
@@ -44,7 +51,25 @@ def _load_kv_tile(K, V, PAD, b, offs_n, col, d_ok, n_k, stride_kb, stride_kn, st
 
 
 @triton.jit
-def _energy_attn_fwd_kernel(
+def _load_q_tile(Q, qb, h, pid_m, stride_qb, stride_qm, n_q, head_dim, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Query tile (BLOCK_M, BLOCK_D) of query block ``pid_m`` of sample ``qb`` in head ``h``'s
+    columns, with its rows, row mask, head-dim mask and columns."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < n_q
+    d_ok = offs_d < head_dim
+    col = h * head_dim + offs_d
+    q = tl.load(Q + qb * stride_qb + offs_m[:, None] * stride_qm + col[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q, offs_m, m_ok, d_ok, col
+
+
+@_has_pad
+@triton.jit
+def _energy_attention_fwd_kernel(
     Q, K, V, PAD, O, LSE,
     stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_pb,
     stride_ob, stride_om,
@@ -56,16 +81,8 @@ def _energy_attn_fwd_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < n_q
-    d_ok = offs_d < head_dim
-    col = h * head_dim + offs_d
-
-    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qm + col[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, offs_m, m_ok, d_ok, col = _load_q_tile(Q, b, h, pid_m, stride_qb, stride_qm, n_q, head_dim,
+                                              UPCAST, BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -92,7 +109,7 @@ def _energy_attn_fwd_kernel(
 
 
 @triton.jit
-def _energy_attn_bwd_preprocess_kernel(
+def _energy_attention_bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_om, stride_dob, stride_dom,
     n_heads, n_q, head_dim,
@@ -114,8 +131,9 @@ def _energy_attn_bwd_preprocess_kernel(
     tl.store(DELTA + pid_bh * n_q + offs_m, delta, mask=offs_m < n_q)
 
 
+@_has_pad
 @triton.jit
-def _energy_attn_bwd_dq_kernel(
+def _energy_attention_bwd_dq_kernel(
     Q, K, V, PAD, DO, LSE, DELTA, DQ,
     stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_pb,
     stride_dob, stride_dom, stride_dqb, stride_dqm,
@@ -140,15 +158,8 @@ def _energy_attn_bwd_dq_kernel(
         b_hi = b_lo + 1
         qb = b_lo
         out_b = b_lo
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < n_q
-    d_ok = offs_d < head_dim
-    col = h * head_dim + offs_d
-    q = tl.load(Q + qb * stride_qb + offs_m[:, None] * stride_qm + col[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, offs_m, m_ok, d_ok, col = _load_q_tile(Q, qb, h, pid_m, stride_qb, stride_qm, n_q,
+                                              head_dim, UPCAST, BLOCK_M, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for b32 in range(b_lo, b_hi):
         b = pid_1 * 0 + b32  # int64 (pid_1 is), also under the interpreter where b32 is an int
@@ -173,8 +184,9 @@ def _energy_attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+@_has_pad
 @triton.jit
-def _energy_attn_bwd_dkdv_kernel(
+def _energy_attention_bwd_dkdv_kernel(
     Q, K, V, PAD, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_pb,
     stride_dob, stride_dom, stride_dkb, stride_dkn, stride_dvb, stride_dvn,
@@ -222,96 +234,3 @@ def _energy_attn_bwd_dkdv_kernel(
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + offs_n[:, None] * stride_dvn + col[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-# --------------------------------------------------------------------------------------------
-# Shipped configs for the sm_90 resource report (bench/resources.py reads RESOURCE_CONFIGS):
-# the attention kernels at the production shapes (B=8, S=600, C*H=64 swap / 56 explicit,
-# E=512/8 or 1024/16 heads -> dh=64; 64 x 64 tiles, 4 warps (8 for the fp32 dK/dV kernel, which
-# spills 32 B at 4), 2 stages, as attention.attn_config)
-# and the backward kernels of the fused MLP block (kernels/mlp/backward.py, bwd_config) that the
-# energy path runs for every Linear.
-# --------------------------------------------------------------------------------------------
-def _attn_cfgs():
-    out = []
-    for dt in ("bf16", "fp32"):
-        for E, heads in ((512, 8), (1024, 16)):
-            p = f"*{dt}"
-            common = dict(HAS_PAD=True, UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=64,
-                          BLOCK_N=64, BLOCK_D=64)
-            strides = dict(stride_qb=64 * E, stride_qm=E, stride_kb=600 * 2 * E, stride_kn=2 * E,
-                           stride_vb=600 * 2 * E, stride_vn=2 * E, stride_pb=608)
-            tag = f"{dt}.E{E}h{heads}"
-            out.append(dict(
-                name=f"energy.attn_fwd.{tag}", kernel=_energy_attn_fwd_kernel,
-                args=dict(Q=p, K=p, V=p, PAD="*u8", O=p, LSE="*fp32", **strides,
-                          stride_ob=64 * E, stride_om=E, n_heads=heads, n_q=64, n_k=600,
-                          head_dim=64, qk_scale=0.18),
-                constexprs=common, num_warps=4, num_stages=2, expect_wgmma=True))
-            out.append(dict(
-                name=f"energy.attn_bwd_pre.{tag}", kernel=_energy_attn_bwd_preprocess_kernel,
-                args=dict(O=p, DO=p, DELTA="*fp32", stride_ob=64 * E, stride_om=E,
-                          stride_dob=64 * E, stride_dom=E, n_heads=heads, n_q=64, head_dim=64),
-                constexprs=dict(BLOCK_M=64, BLOCK_D=64), num_warps=4, num_stages=2))
-            for shared in (True, False):
-                out.append(dict(
-                    name=f"energy.attn_bwd_dq.{tag}.{'shared' if shared else 'per_sample'}",
-                    kernel=_energy_attn_bwd_dq_kernel,
-                    args=dict(Q=p, K=p, V=p, PAD="*u8", DO=p, LSE="*fp32", DELTA="*fp32", DQ=p,
-                              **strides, stride_dob=64 * E, stride_dom=E, stride_dqb=64 * E,
-                              stride_dqm=E, n_batch=8, n_heads=heads, n_q=64, n_k=600,
-                              head_dim=64, qk_scale=0.18, sm_scale=0.125),
-                    constexprs=dict(SHARED_Q=shared, **common), num_warps=4, num_stages=2,
-                    expect_wgmma=True))
-            out.append(dict(
-                name=f"energy.attn_bwd_dkdv.{tag}", kernel=_energy_attn_bwd_dkdv_kernel,
-                args=dict(Q=p, K=p, V=p, PAD="*u8", DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p,
-                          **strides, stride_dob=64 * E, stride_dom=E, stride_dkb=600 * E,
-                          stride_dkn=E, stride_dvb=600 * E, stride_dvn=E, n_heads=heads,
-                          n_q=64, n_k=600, head_dim=64, qk_scale=0.18, sm_scale=0.125),
-                constexprs=common, num_warps=8 if dt == "fp32" else 4, num_stages=2,
-                expect_wgmma=True))
-    return out
-
-
-def _mlp_bwd_cfgs():
-    from ..mlp.backward import (_act_bwd_kernel, _ln_gemm_bwd_dw_kernel,
-                                _ln_gemm_bwd_dx_kernel, bwd_config)
-    cfg = bwd_config(interpret=False)
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    out = [dict(name="energy.mlp_act_bwd.silu", kernel=_act_bwd_kernel,
-                args=dict(DY="*fp32", H="*fp32", DH="*fp32", M=4800, N=512, stride_dym=512,
-                          stride_hm=512, stride_dhm=512),
-                constexprs=dict(ACT=2, BLOCK_M=BM, BLOCK_N=BN), **launch)]
-    for dt in ("bf16", "fp32"):
-        p = f"*{dt}"
-        # the state encoder's first Linear at production shape: M = B*S = 4800, K = D = 4096
-        out.append(dict(
-            name=f"energy.mlp_bwd_dw.{dt}.K4096", kernel=_ln_gemm_bwd_dw_kernel,
-            args=dict(DH="*fp32", X=p, MEAN="*fp32", RSTD="*fp32", G=p, BETA=p, DW=p, DB=p,
-                      M=4800, N=512, K=4096, stride_dhm=512, stride_xm=4096, stride_xk=1,
-                      stride_dwn=4096),
-            constexprs=dict(NORMALIZE=True, HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True,
-                            DOT_DTYPE=dt, UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=BM,
-                            BLOCK_N=BN, BLOCK_K=BK), expect_wgmma=True, **launch))
-        out.append(dict(
-            name=f"energy.mlp_bwd_dx.{dt}.K512", kernel=_ln_gemm_bwd_dx_kernel,
-            args=dict(DH="*fp32", W=p, X=p, MEAN="*fp32", RSTD="*fp32", G=p, DX=p,
-                      SCRATCH="*fp32", DG_PART="*fp32", DBETA_PART="*fp32", M=4800, N=512,
-                      K=512, stride_dhm=512, stride_wn=512, stride_wk=1, stride_xm=512,
-                      stride_xk=1, stride_dxm=512, stride_sm=512),
-            constexprs=dict(NORMALIZE=True, HAS_GAMMA=True, NEED_DX=True, NEED_PARTS=True,
-                            DOT_DTYPE=dt, UPCAST=False, INPUT_PRECISION="tf32", BLOCK_M=BM,
-                            BLOCK_N=BN, BLOCK_K=BK), expect_wgmma=True, **launch))
-    return out
-
-
-def _configs():
-    try:
-        return _attn_cfgs() + _mlp_bwd_cfgs()
-    except ImportError:  # kernels/mlp not installed: the attention configs alone
-        return _attn_cfgs()
-
-
-RESOURCE_CONFIGS = _configs()

@@ -1,43 +1,36 @@
-"""Eager oracle of the all-layer action-head pass (readable maths, float64-friendly).
-
-Written out step by step (gather, optional final norm, the MLPResNet's LayerNorms, linears
-and activations) with torch.nn.functional; it shares no helper with the fused path.
+"""Eager oracle of the all-layer action-head pass (readable maths, float64-friendly): gather the
+action rows of each layer, the optional final norm, the head's MLPResNet. It shares no helper
+with the fused path.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def _act(x, name):
-    return torch.relu(x) if name == "relu" else F.silu(x)
-
-
-def _ln(x, mod):
-    return F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+from ..mlp.reference import mlp_resnet_reference
+from ..weights import ActionHeadWeights
 
 
 @torch.no_grad()
-def layer_actions_reference(states, action_index, head, final_norm=None, norm_mask=None,
-                            dtype=None):
-    """states: L' tensors (B, T, D); action_index (B, H*Da) or None (T == H*Da).
-    -> (L', B, H, Da) in ``dtype`` (default: the head's; torch.float64 for the oracle, with
-    the head cast to float64 too)."""
-    m = head.model
-    dtype = m.fc1.weight.dtype if dtype is None else dtype
+def layer_actions_reference(states, action_index, head: ActionHeadWeights, final_norm=None,
+                            norm_mask=None) -> torch.Tensor:
+    """states: L' tensors (B, T, D); action_index (B, H*Da) integer or None (then T == H*Da:
+    the rows are already gathered, in chunk order); ``final_norm`` (a callable) applied to the
+    gathered rows of the layers where ``norm_mask`` is True. -> (L', B, H, Da) in the head's
+    dtype. An index outside [0, T) reads a zero row (the fused path does the same)."""
     H, Da = head.num_actions_chunk, head.action_dim
+    dtype = head.mlp.fc1.weight.dtype
     norm_mask = norm_mask or [False] * len(states)
-    out = []
+    rows = []
     for h, use_norm in zip(states, norm_mask):
-        B = h.shape[0]
+        B, T, D = h.shape
         if action_index is not None:
-            h = torch.stack([h[b, action_index[b]] for b in range(B)])  # (B, H*Da, D)
+            inside = (action_index >= 0) & (action_index < T)
+            idx = action_index.clamp(0, max(T - 1, 0)).to(torch.int64)
+            h = h.gather(1, idx[:, :, None].expand(-1, -1, D))        # (B, H*Da, D)
+            h = torch.where(inside[:, :, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
         if use_norm:
             h = final_norm(h)
-        x = h.to(m.fc1.weight.dtype).to(dtype).reshape(B, H, -1)  # (B, H, Da*D)
-        x = _act(F.linear(_ln(x, m.layer_norm1), m.fc1.weight, m.fc1.bias), m.activation)
-        for blk in m.mlp_resnet_blocks:
-            x = x + _act(F.linear(_ln(x, blk.ffn[0]), blk.ffn[1].weight, blk.ffn[1].bias),
-                         m.activation)
-        out.append(F.linear(_ln(x, m.layer_norm2), m.fc2.weight, m.fc2.bias).reshape(B, H, Da))
-    return torch.stack(out)
+        rows.append(h.to(dtype))
+    x = torch.stack(rows)                                              # (L', B, H*Da, D)
+    Lp, B = x.shape[:2]
+    return mlp_resnet_reference(x.reshape(Lp, B, H, Da * x.shape[-1]), head.mlp)  # (L', B, H, Da)

@@ -1,29 +1,38 @@
-"""@triton.jit kernels of the fused MLP building block: a LayerNorm-prologue GEMM with a
-bias / activation / residual epilogue, and the per-row LayerNorm statistics pre-pass.
+"""@triton.jit kernels of ``ln_linear``: ``y = act(LN(a) @ W^T + b) (+ res)`` forward and backward.
 
     y[m, n] = act( sum_k LN(a)[m, k] * W[n, k] + b[n] ) (+ res[m, n])
     LN(a)[m, k] = (a[m, k] - mean[m]) * rstd[m] * gamma[k] + beta[k]
 
-The A operand is read either as a plain strided matrix (x[m, k] at x + m*sxm + k*sxk) or
-through a *segment gather*: row m is NSEG segments of SEG_LEN elements, segment j starting at
-the element offset ``seg[m, j]`` (int64) from x's first element:
-    a[m, j*SEG_LEN + d] = x[seg[m, j] + d*sxk]
-(NSEG=1 and seg = row_index * sxm is a row gather; the layer-actions op uses NSEG = Da and
-offsets that reach into every selected layer's tensor: plain address arithmetic, so it runs
-compiled and under the interpreter, unlike pointers loaded from memory.)
+Forward: ``_ln_linear_stats_kernel`` (per-row LayerNorm statistics, a chunked Chan/Welford merge:
+one read, no E[x^2]-E[x]^2 cancellation) and ``_ln_linear_fwd_kernel`` (the GEMM, the A tile
+normalised on the fly in fp32 and rounded to the dot dtype, as an eager LayerNorm's output would
+be; statistics inline when the grid has one N tile). Folding gamma/beta into W instead was
+measured worse on rows with |mean| >> std (NOTES.md).
 
-LayerNorm strategy: statistics first (a pre-pass kernel, or an inline first pass over K when
-the grid has a single N tile), then the A tile is normalised on the fly in registers before
-the dot, in fp32, and rounded to the dot dtype as an eager LayerNorm output would be. Folding
-gamma/beta into W was measured worse on outlier-heavy rows (see NOTES.md).
-Row statistics use a chunked Chan/Welford merge (one read, no E[x^2]-E[x]^2 cancellation).
+The A operand is a strided matrix (x[m, k] at x + m*sxm + k*sxk) or a *segment gather*: row m
+is NSEG segments of SEG_LEN elements, segment j starting ``seg[m, j]`` (int64) elements past
+x's first element, ``a[m, j*SEG_LEN + d] = x[seg[m, j] + d*sxk]`` (NSEG = 1 with
+seg = row_index * sxm is a row gather). Plain address arithmetic: it runs compiled and under
+the interpreter, unlike pointers loaded from memory.
+
+Backward (deterministic, no atomics; h = the pre-activation, recomputed by the forward GEMM):
+  ``_ln_linear_act_bwd_kernel``  dh = dy * act'(h)
+  ``_ln_linear_bwd_dw_kernel``   dW = dh^T @ LN(x) (LN recomputed from mean/rstd in the operand
+                                 load), db = sum_m dh; one program per (N tile, K tile), looping
+                                 over every row
+  ``_ln_linear_bwd_dx_kernel``   da = dh @ W, then through the LayerNorm,
+                                 dx = rstd * (da*g - mean_k(da*g) - xhat * mean_k(da*g*xhat)),
+                                 one program per row block (pass 1: da, row sums, an fp32 scratch;
+                                 pass 2: dx); per-row-block partials of dgamma and dbeta
+Optional operands are ``None`` pointers; ``flags_from_pointers`` (a ``@triton.heuristics``)
+derives their constexpr flags.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-ACT_NONE, ACT_RELU, ACT_SILU = 0, 1, 2
+from .._utils import ACT_RELU, ACT_SILU, flags_from_pointers
 
 
 @triton.jit
@@ -89,11 +98,12 @@ def _row_stats(x_ptr, seg_ptr, rows, row_mask, K, stride_xm, stride_xk, eps,
     return mean, rstd
 
 
+@flags_from_pointers(GATHER="seg_ptr")
 @triton.jit
-def _ln_stats_fwd_kernel(x_ptr, seg_ptr, mean_ptr, rstd_ptr, M, K, stride_xm, stride_xk, eps,
-                         GATHER: tl.constexpr, NSEG: tl.constexpr, SEG_LEN: tl.constexpr,
-                         SEG_ALIGN: tl.constexpr, ROUND_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+def _ln_linear_stats_kernel(x_ptr, seg_ptr, mean_ptr, rstd_ptr, M, K, stride_xm, stride_xk, eps,
+                            GATHER: tl.constexpr, NSEG: tl.constexpr, SEG_LEN: tl.constexpr,
+                            SEG_ALIGN: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """mean, rstd (M,) fp32 of the rows of A (after rounding to ROUND_DTYPE)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,13 +114,15 @@ def _ln_stats_fwd_kernel(x_ptr, seg_ptr, mean_ptr, rstd_ptr, M, K, stride_xm, st
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
+@flags_from_pointers(GATHER="seg_ptr", HAS_BIAS="b_ptr", NORMALIZE="mean_ptr", HAS_GAMMA="g_ptr",
+                     HAS_BETA="beta_ptr", HAS_RES="res_ptr")
 @triton.jit
-def _ln_gemm_fwd_kernel(
+def _ln_linear_fwd_kernel(
         x_ptr, seg_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr,
         M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn,
         stride_ym, stride_yn, eps,
         GATHER: tl.constexpr, NSEG: tl.constexpr, SEG_LEN: tl.constexpr, SEG_ALIGN: tl.constexpr,
-        NORMALIZE: tl.constexpr, STATS_INLINE: tl.constexpr, WRITE_STATS: tl.constexpr,
+        NORMALIZE: tl.constexpr, STATS_INLINE: tl.constexpr,
         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr,
         ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT_DTYPE: tl.constexpr,
         UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -119,10 +131,9 @@ def _ln_gemm_fwd_kernel(
     """One (BLOCK_M, BLOCK_N) tile of y = act(LN(A) @ W^T + b) (+ res). W is (N, K).
 
     A is rounded to DOT_DTYPE on load (as ``x.to(weight.dtype)``), normalised in fp32, rounded
-    to DOT_DTYPE again (an eager LayerNorm's output dtype) and fed to tl.dot with fp32
-    accumulation. UPCAST (interpreter only) feeds fp32 operands instead (its bf16 dot is wrong).
-    Statistics come from mean_ptr/rstd_ptr, or with STATS_INLINE from a first pass over K
-    (written back by the pid_n == 0 programs when WRITE_STATS).
+    to DOT_DTYPE again and fed to tl.dot with fp32 accumulation. UPCAST (interpreter only) feeds
+    fp32 operands instead. Statistics come from mean_ptr/rstd_ptr, or with STATS_INLINE from a
+    first pass over K (then written there by the pid_n == 0 programs).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -145,10 +156,9 @@ def _ln_gemm_fwd_kernel(
             mean, rstd = _row_stats(x_ptr, seg_ptr, rows, row_mask, K, stride_xm, stride_xk,
                                     eps, GATHER, NSEG, SEG_LEN, SEG_ALIGN, DOT_DTYPE, BLOCK_M,
                                     BLOCK_K)
-            if WRITE_STATS:
-                if pid_n == 0:
-                    tl.store(mean_ptr + rows, mean, mask=row_mask)
-                    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+            if pid_n == 0:
+                tl.store(mean_ptr + rows, mean, mask=row_mask)
+                tl.store(rstd_ptr + rows, rstd, mask=row_mask)
         else:
             mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
             rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
@@ -180,9 +190,9 @@ def _ln_gemm_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    if ACT == 1:
+    if ACT == ACT_RELU:
         acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
+    elif ACT == ACT_SILU:
         acc = acc * tl.sigmoid(acc)
     out_mask = row_mask[:, None] & col_mask[None, :]
     if HAS_RES:
@@ -191,3 +201,156 @@ def _ln_gemm_fwd_kernel(
         acc = acc + res.to(tl.float32)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _ln_linear_act_bwd_kernel(DY, H, DH, M, N, stride_dym, stride_hm, stride_dhm,
+                              ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dh = dy * act'(h), fp32 out."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(H + rows[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ACT == ACT_RELU:
+        dh = tl.where(h > 0.0, dy, 0.0)
+    else:
+        sig = tl.sigmoid(h)
+        dh = dy * sig * (1.0 + h * (1.0 - sig))
+    tl.store(DH + rows[:, None] * stride_dhm + cols[None, :], dh, mask=mask)
+
+
+@triton.jit
+def _ln_tile(X, MEAN, RSTD, G, BETA, rows, ks, M, K, stride_xm, stride_xk,
+             NORMALIZE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+             DOT_DTYPE: tl.constexpr):
+    """(xhat, a): x rounded to the dot dtype as the forward did, normalised (fp32), and
+    a = xhat * gamma + beta (fp32). Without NORMALIZE both are x."""
+    r_ok = rows < M
+    k_ok = ks < K
+    x = tl.load(X + rows[:, None] * stride_xm + ks[None, :].to(tl.int64) * stride_xk,
+                mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    x = x.to(DOT_DTYPE).to(tl.float32)
+    if NORMALIZE:
+        mean = tl.load(MEAN + rows, mask=r_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        a = xhat
+        if HAS_GAMMA:
+            a = a * tl.load(G + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BETA:
+            a = a + tl.load(BETA + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        xhat = x
+        a = x
+    return xhat, a
+
+
+@flags_from_pointers(NORMALIZE="MEAN", HAS_GAMMA="G", HAS_BETA="BETA", HAS_BIAS="DB")
+@triton.jit
+def _ln_linear_bwd_dw_kernel(
+    DH, X, MEAN, RSTD, G, BETA, DW, DB,
+    M, N, K, stride_dhm, stride_xm, stride_xk, stride_dwn,
+    NORMALIZE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW[n, k] = sum_m dh[m, n] * a[m, k]; db[n] = sum_m dh[m, n] (programs with K tile 0)."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = cols < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        dh = tl.load(DH + rows[:, None] * stride_dhm + cols[None, :],
+                     mask=(rows < M)[:, None] & n_ok[None, :], other=0.0)
+        _, a = _ln_tile(X, MEAN, RSTD, G, BETA, rows, ks, M, K, stride_xm, stride_xk,
+                        NORMALIZE, HAS_GAMMA, HAS_BETA, DOT_DTYPE)
+        if HAS_BIAS:
+            db += tl.sum(dh, 0)
+        if UPCAST:
+            acc += tl.dot(tl.trans(dh), a, input_precision=INPUT_PRECISION)
+        else:
+            acc += tl.dot(tl.trans(dh.to(DOT_DTYPE)), a.to(DOT_DTYPE),
+                          input_precision=INPUT_PRECISION)
+    tl.store(DW + cols[:, None] * stride_dwn + ks[None, :], acc.to(DW.dtype.element_ty),
+             mask=n_ok[:, None] & (ks < K)[None, :])
+    if HAS_BIAS:
+        if pid_k == 0:
+            tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=n_ok)
+
+
+@flags_from_pointers(NORMALIZE="MEAN", HAS_GAMMA="G", NEED_DX="DX", NEED_PARTS="DG_PART")
+@triton.jit
+def _ln_linear_bwd_dx_kernel(
+    DH, W, X, MEAN, RSTD, G, DX, SCRATCH, DG_PART, DBETA_PART,
+    M, N, K, stride_dhm, stride_wn, stride_wk, stride_xm, stride_xk, stride_dxm,
+    stride_sm,
+    NORMALIZE: tl.constexpr, HAS_GAMMA: tl.constexpr, NEED_DX: tl.constexpr,
+    NEED_PARTS: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """da = dh @ W; dx through the LayerNorm; per-row-block partials of dgamma and dbeta."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < M
+    c1 = tl.zeros([BLOCK_M], tl.float32)
+    c2 = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        da = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            n_ok = cols < N
+            dh = tl.load(DH + rows[:, None] * stride_dhm + cols[None, :],
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(W + cols[:, None].to(tl.int64) * stride_wn + ks[None, :] * stride_wk,
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                da += tl.dot(dh, w.to(tl.float32), input_precision=INPUT_PRECISION)
+            else:
+                da += tl.dot(dh.to(DOT_DTYPE), w, input_precision=INPUT_PRECISION)
+        if NORMALIZE:
+            xhat, _ = _ln_tile(X, MEAN, RSTD, G, G, rows, ks, M, K, stride_xm, stride_xk,
+                               True, False, False, DOT_DTYPE)
+            if NEED_PARTS:
+                tl.store(DG_PART + pid_m * K + ks, tl.sum(da * xhat, 0), mask=k_ok)
+                tl.store(DBETA_PART + pid_m * K + ks, tl.sum(da, 0), mask=k_ok)
+            if NEED_DX:
+                dxhat = da
+                if HAS_GAMMA:
+                    dxhat = da * tl.load(G + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                c1 += tl.sum(dxhat, 1)
+                c2 += tl.sum(dxhat * xhat, 1)
+                tl.store(SCRATCH + rows[:, None] * stride_sm + ks[None, :], dxhat,
+                         mask=r_ok[:, None] & k_ok[None, :])
+        else:
+            tl.store(DX + rows[:, None] * stride_dxm + ks[None, :], da.to(DX.dtype.element_ty),
+                     mask=r_ok[:, None] & k_ok[None, :])
+    if NORMALIZE:
+        if NEED_DX:
+            tl.debug_barrier()
+            c1 = c1 / K
+            c2 = c2 / K
+            rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask = r_ok[:, None] & (ks < K)[None, :]
+                xhat, _ = _ln_tile(X, MEAN, RSTD, G, G, rows, ks, M, K, stride_xm, stride_xk,
+                                   True, False, False, DOT_DTYPE)
+                dxhat = tl.load(SCRATCH + rows[:, None] * stride_sm + ks[None, :], mask=mask,
+                                other=0.0)
+                dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
+                tl.store(DX + rows[:, None] * stride_dxm + ks[None, :], dx.to(DX.dtype.element_ty),
+                         mask=mask)

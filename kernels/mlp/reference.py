@@ -1,11 +1,13 @@
-"""Eager oracle of the fused MLP building block (readable maths, float64-friendly).
-
-Shares no helper with the fused path: the LayerNorm is torch's, the gather is indexing.
+"""Eager oracles of ``ln_linear`` and of the MLPResNet built on it (readable maths,
+float64-friendly). They share no helper with the fused path: the LayerNorm is torch's, the
+gather is indexing.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..weights import MLPResNetWeights
 
 
 def ln_linear_reference(x, weight, bias=None, *, ln_weight=None, ln_bias=None, ln_eps=1e-5,
@@ -32,3 +34,18 @@ def ln_linear_reference(x, weight, bias=None, *, ln_weight=None, ln_bias=None, l
     if residual is not None:
         y = y + residual.to(dt)
     return (y, mean, rstd) if return_stats else y
+
+
+def mlp_resnet_reference(x: torch.Tensor, w: MLPResNetWeights) -> torch.Tensor:
+    """MLPResNet (..., K) -> (..., N): x = act(fc1(ln1 x)); per block x = x + act(fc(ln x));
+    fc2(ln2 x). Differentiable; computes in the weights' dtype (x must be in it)."""
+    act = {"relu": torch.relu, "silu": F.silu}[w.activation]
+
+    def ln_linear(x, lin):
+        x = F.layer_norm(x, (x.shape[-1],), lin.ln_weight, lin.ln_bias, lin.ln_eps)
+        return F.linear(x, lin.weight, lin.bias)
+
+    x = act(ln_linear(x, w.fc1))
+    for block in w.blocks:
+        x = x + act(ln_linear(x, block))
+    return ln_linear(x, w.fc2)

@@ -1,0 +1,1 @@
+"""Integrations with the training code of existing VLA policies (``openvla_oft``)."""

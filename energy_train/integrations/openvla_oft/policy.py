@@ -1,0 +1,462 @@
+"""OpenVLA-OFT behind the Policy interface, and the ONE context function that training and
+test-time correction share.
+
+OFT's multimodal sequence (``T = L + P`` rows for ``input_ids`` of length L)::
+
+    [ BOS | P = num_patches rows (256 per image, then one proprio row) | input_ids[1:] ]
+      input token j >= 1 sits at row j + P; the action token j is read from row j + P - 1
+
+so the action rows are ``build_action_index(labels=labels, offset=P - 1)`` - what OFT's
+``hidden[:, P:-1][action_mask(labels[:, 1:])]`` takes - and the action mask comes from
+``labels`` only: the pad id (32000) is also above ``action_token_begin_idx`` (31743).
+
+The context the energy model reads (``context_layout``):
+
+- ``"fork"`` (default, the public energy fork's choice): every row (S = T); hidden: the action
+  rows, every row after the last action row (the last action token, ``</s>``, right padding)
+  and the final row; visible: BOS, the patches, proprio and the prompt but its last token.
+- ``"prompt"``: the BOS, patch, proprio and prompt-token rows at their own positions
+  (S = T - H*Da, a width fixed by the batch's shape; shorter prompts are padded by the mask).
+
+``context_and_mask`` (test time) and :meth:`OFTPolicy.layout` (training) both call
+``context_layout``: the verifier sees at inference exactly the rows it was trained on.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ...capture import find_decoder
+from ...losses import correct_actions
+from ...ops import build_action_index, energy_scores
+from ...policy import BatchLayout, Policy
+
+IGNORE_INDEX = -100
+ACTION_TOKEN_BEGIN_IDX = 31743  # action tokens are ids > this (Llama-2's last 256 ids)
+PAD_TOKEN_ID = 32000            # OpenVLA's pad id: also > ACTION_TOKEN_BEGIN_IDX
+STOP_INDEX = 2                  # "</s>"
+EMPTY_TOKEN_ID = 29871          # "" after "Out:", appended by OFT's predict_action
+CONTEXTS = ("fork", "prompt")
+REQUIRED = ("input_ids", "attention_mask", "pixel_values", "labels")
+
+
+class OFTInputError(ValueError):
+    """A batch (or module) that does not match what the OFT policy reads."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP (``.module``) and peft (``get_base_model()``) wrappers."""
+    for _ in range(8):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+            continue
+        get = getattr(model, "get_base_model", None)
+        inner = get() if callable(get) else model
+        if inner is model:
+            return model
+        model = inner
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# the context: one function for training and test time
+# --------------------------------------------------------------------------------------------
+def context_layout(labels: torch.Tensor, attention_mask: torch.Tensor | None, num_patches: int,
+                   context: str = "fork", *, num_action_tokens: int | None = None,
+                   action_token_begin_idx: int = ACTION_TOKEN_BEGIN_IDX
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (context_index (B, S) int64, pad_mask (B, S) bool, True = ignore) into OFT's (B, T, D)
+    hidden states, T = L + num_patches for labels (B, L). Tensor ops only (no host sync).
+
+    ``context="fork"``: S = T (index = every row), the mask of the public energy fork;
+    ``context="prompt"``: S = T - num_action_tokens, the BOS/patch/proprio/prompt rows.
+    """
+    if context not in CONTEXTS:
+        raise ValueError(f"context: expected one of {CONTEXTS}, got {context!r}")
+    B, L = labels.shape
+    P, dev = int(num_patches), labels.device
+    T = L + P
+    if context == "fork":
+        act = labels[:, 1:] > action_token_begin_idx                      # row P + i, i < L - 1
+        pos = torch.arange(L - 1, device=dev)
+        last = torch.where(act, pos, -1).amax(dim=1, keepdim=True)        # -1: no action row
+        hide = act | (pos >= last)                                        # actions and after
+        pad = torch.cat([torch.zeros(B, P, dtype=torch.bool, device=dev), hide,
+                         torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
+        return torch.arange(T, device=dev).expand(B, T), pad
+    if num_action_tokens is None:
+        raise ValueError("context_layout(context='prompt'): needs num_action_tokens= (H*Da)")
+    S = T - int(num_action_tokens)
+    prompt = labels == IGNORE_INDEX
+    if attention_mask is not None:
+        prompt = prompt & attention_mask.bool()
+    visible = torch.cat([torch.ones(B, P + 1, dtype=torch.bool, device=dev), prompt[:, 1:]], 1)
+    return torch.arange(S, device=dev).expand(B, S), ~visible[:, :S]
+
+
+def context_and_mask(hidden: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: torch.Tensor | None, num_patches: int, context: str = "fork",
+                     *, num_action_tokens: int | None = None,
+                     action_token_begin_idx: int = ACTION_TOKEN_BEGIN_IDX
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context (B, S, D), pad_mask (B, S)) of OFT's last hidden state ``hidden`` (B, T, D):
+    the rows :func:`context_layout` names (what the trainer captures for the same batch)."""
+    index, pad = context_layout(labels, attention_mask, num_patches, context,
+                                num_action_tokens=num_action_tokens,
+                                action_token_begin_idx=action_token_begin_idx)
+    T = labels.shape[1] + int(num_patches)
+    if hidden.dim() != 3 or hidden.shape[:2] != (labels.shape[0], T):
+        raise OFTInputError(f"hidden: expected (B, T, D) with B={labels.shape[0]} and "
+                            f"T = L + num_patches = {T}, got {tuple(hidden.shape)}")
+    if index.shape[1] == T:
+        return hidden, pad
+    return hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1])), pad
+
+
+@torch.no_grad()
+def rerank(energy, context: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor):
+    """The lowest-energy candidate per sample: candidates (B, C, H, Da) -> (best (B, H, Da),
+    index (B,), energies (B, C)), each context encoded once."""
+    e = energy_scores(energy, context, mask, candidates)
+    idx = e.argmin(dim=1)
+    best = candidates.gather(1, idx[:, None, None, None].expand(-1, 1, *candidates.shape[2:]))
+    return best[:, 0], idx, e
+
+
+def prepare_inference(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_values: torch.Tensor, *, num_action_tokens: int, proprio=None,
+                      action_token_begin_idx: int = ACTION_TOKEN_BEGIN_IDX,
+                      empty_token_id: int = EMPTY_TOKEN_ID, stop_id: int = STOP_INDEX) -> dict:
+    """A test-time batch exactly as OFT's ``predict_action`` builds it from the processor's
+    prompt ("In: What action should the robot take to {task}?\\nOut:"): the empty token
+    appended if missing, H*Da placeholder ids (1) and the stop id, the attention mask extended
+    with ones, labels IGNORE_INDEX on the prompt, ``begin + 1`` on the placeholders, the stop
+    id last. Feed it to :meth:`OFTPolicy.act`."""
+    B, dev = input_ids.shape[0], input_ids.device
+    if not bool((input_ids[:, -1] == empty_token_id).all()):
+        input_ids = torch.cat([input_ids, input_ids.new_full((B, 1), empty_token_id)], dim=1)
+    n = int(num_action_tokens)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    ids = torch.cat([input_ids, input_ids.new_ones(B, n), input_ids.new_full((B, 1), stop_id)], 1)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(B, ids.shape[1] - attention_mask.shape[1])], 1)
+    labels = torch.cat([labels, labels.new_full((B, n + 1), action_token_begin_idx + 1)], 1)
+    labels[:, -1] = stop_id
+    out = {"input_ids": ids, "attention_mask": mask.to(dev), "labels": labels,
+           "pixel_values": pixel_values}
+    if proprio is not None:
+        p = torch.as_tensor(proprio, dtype=torch.float32)
+        out["proprio"] = p.reshape(B, -1).to(dev)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the policy
+# --------------------------------------------------------------------------------------------
+class _LastHidden:
+    """A forward hook on the LLM's final norm that keeps its output (= ``hidden_states[-1]``)
+    while armed, so the forward needs no ``output_hidden_states`` tuple of L+1 states."""
+
+    def __init__(self, norm: nn.Module):
+        self.value, self.armed = None, False
+        norm.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        if self.armed:
+            self.value = out[0] if isinstance(out, (tuple, list)) else out
+
+    def take(self, run) -> torch.Tensor:
+        self.value, self.armed = None, True
+        try:
+            run()
+        finally:
+            self.armed = False
+        value, self.value = self.value, None
+        if value is None:
+            raise RuntimeError("OFTPolicy.forward: the language model's final norm did not run")
+        return value
+
+
+class OFTPolicy(Policy):
+    """OpenVLA-OFT (``OpenVLAForActionPrediction``, peft-wrapped or not, any dtype) with its L1
+    head and proprio projector, run the way OFT's fine-tuning runs them.
+
+    Args:
+        vla: the VLA; its forward takes OFT's keyword arguments (``input_ids, attention_mask,
+            pixel_values, labels, proprio, proprio_projector, use_film, output_hidden_states``).
+        action_head: ``predict_action((B, H*Da, D)) -> (B, H, Da)``: this package's
+            ``L1RegressionActionHead`` or OFT's own (whose H is the global NUM_ACTIONS_CHUNK;
+            ``energy_train.models.load_oft_state_dict`` loads one's weights into the other).
+        proprio_projector: OFT's ``ProprioProjector`` (``fc1, fc2``) or None (no proprio).
+        num_patches: P, the rows between BOS and the text; default as OFT's fine-tuning counts it:
+            patches per image x images (+1 with a proprio projector).
+        num_actions_chunk: H; default the head's ``num_actions_chunk`` or OFT's global.
+        context: "fork" | "prompt" (see the module docstring).
+        action_token_begin_idx, pad_token_id: OpenVLA's 31743 and 32000.
+        save_oft: at every trainer checkpoint also write OFT's layout (:meth:`save_extra`),
+            with ``dataset_statistics`` (a dict) and ``processor`` when given.
+
+    Batches are the output of OFT's ``PaddedCollatorForActionPrediction`` (``pixel_values,
+    input_ids, attention_mask, labels, actions, proprio``; other keys pass through).
+    ``forward`` moves what it passes to the VLA's device itself (a no-grad call on the bare
+    module gets no input move from DDP). Host reads of a batch happen in
+    :meth:`check_batch` only, before the trainer moves it.
+    """
+
+    def __init__(self, vla: nn.Module, action_head: nn.Module, proprio_projector: nn.Module | None = None,
+                 *, num_patches: int | None = None, num_actions_chunk: int | None = None,
+                 use_film: bool = False, context: str = "fork",
+                 action_token_begin_idx: int = ACTION_TOKEN_BEGIN_IDX,
+                 pad_token_id: int = PAD_TOKEN_ID, save_oft: bool = True,
+                 dataset_statistics: dict | None = None, processor=None):
+        if context not in CONTEXTS:
+            raise ValueError(f"context: expected one of {CONTEXTS}, got {context!r}")
+        self.backbone, self.action_head = vla, action_head
+        self.extras = {} if proprio_projector is None else {"proprio_projector": proprio_projector}
+        self.proprio_projector, self.use_film, self.context = proprio_projector, use_film, context
+        self.begin, self.pad_id = int(action_token_begin_idx), int(pad_token_id)
+        self.save_oft, self.dataset_statistics, self.processor = save_oft, dataset_statistics, processor
+        base = unwrap(vla)
+        self.language_model = getattr(base, "language_model", None)
+        if self.language_model is None:
+            raise OFTInputError(f"vla: expected an OpenVLA model with .language_model, got "
+                                f"{type(base).__name__}")
+        self.num_patches = int(num_patches) if num_patches is not None else self._count_patches(base)
+        self._shape = self._chunk(action_head, num_actions_chunk)
+        self._D = self._hidden(base, action_head, self._shape[1])
+        self._check_head()
+        self._last = _LastHidden(self.decoder()[1])
+        self._checked_on_device = False
+
+    # ---- construction -------------------------------------------------------------------------
+    def _count_patches(self, base) -> int:
+        vb = getattr(base, "vision_backbone", None)
+        if vb is None or not hasattr(vb, "get_num_patches"):
+            raise OFTInputError("num_patches: the VLA has no vision_backbone.get_num_patches(); "
+                                "give num_patches= (patches per image x images + proprio)")
+        n = int(vb.get_num_patches()) * int(vb.get_num_images_in_input())
+        return n + (1 if self.proprio_projector is not None else 0)
+
+    @staticmethod
+    def _chunk(head, H) -> tuple[int, int]:
+        Da = getattr(head, "action_dim", None)
+        if Da is None:
+            raise OFTInputError("action_head: expected an .action_dim attribute (Da)")
+        if H is None:
+            H = getattr(head, "num_actions_chunk", None)
+        if H is None:
+            try:  # OFT's head reshapes with this global: read the same value
+                from prismatic.vla.constants import NUM_ACTIONS_CHUNK as H
+            except ImportError:
+                raise OFTInputError("num_actions_chunk: the head has no num_actions_chunk and "
+                                    "prismatic.vla.constants is not importable; give "
+                                    "num_actions_chunk= (H)") from None
+        return int(H), int(Da)
+
+    def _hidden(self, base, head, Da) -> int:
+        D = getattr(head, "input_dim", None)
+        if D is None:
+            fc1 = getattr(getattr(head, "model", None), "fc1", None)
+            if fc1 is None:
+                raise OFTInputError("action_head: expected .input_dim or .model.fc1 (OFT's MLPResNet)")
+            D = fc1.in_features // Da
+        llm = getattr(getattr(self.language_model, "config", None), "hidden_size", None)
+        if llm is not None and int(llm) != int(D):
+            raise OFTInputError(f"action_head: expected input width D = the VLA's hidden size "
+                                f"{llm}, got {D}")
+        return int(D)
+
+    def _check_head(self) -> None:
+        """One zero batch through the head: its (H, Da) must be the policy's (OFT's head reads
+        H from a global, so a mismatch would otherwise surface deep inside a step)."""
+        H, Da = self._shape
+        p = next(self.action_head.parameters())
+        x = torch.zeros(1, H * Da, self._D, dtype=p.dtype, device=p.device)
+        try:
+            with torch.no_grad():
+                out = self.action_head.predict_action(x)
+        except (RuntimeError, ValueError) as e:
+            raise OFTInputError(f"action_head: predict_action((1, H*Da={H * Da}, D={self._D})) "
+                                f"failed for H={H}, Da={Da} ({e})") from None
+        if tuple(out.shape) != (1, H, Da):
+            raise OFTInputError(f"action_head: predict_action((1, H*Da, D)) expected (1, {H}, "
+                                f"{Da}), got {tuple(out.shape)}")
+
+    # ---- Policy ----------------------------------------------------------------------------------
+    @property
+    def chunk_shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @property
+    def hidden_size(self) -> int:
+        return self._D
+
+    @property
+    def num_action_tokens(self) -> int:
+        return self._shape[0] * self._shape[1]
+
+    @property
+    def proprio_dim(self) -> int | None:
+        pp = self.proprio_projector
+        if pp is None:
+            return None
+        dim = getattr(pp, "proprio_dim", None)
+        return int(dim if dim is not None else pp.fc1.in_features)
+
+    def decoder(self):
+        """The LLM's decoder layers and final norm (never the vision towers' blocks)."""
+        return find_decoder(self.language_model)
+
+    def forward(self, batch: dict, output_hidden_states: bool = False):
+        """OFT's training forward (its keyword arguments) -> (B, T, D) last hidden
+        state, read by a hook on the final norm (``hidden_states[-1]``)."""
+        self._check_keys(batch)
+        p = next(self.backbone.parameters())
+        dev = p.device
+        vision = getattr(unwrap(self.backbone), "vision_backbone", None)
+        pix_dtype = next(vision.parameters()).dtype if vision is not None else p.dtype
+        kw = dict(input_ids=batch["input_ids"].to(dev, non_blocking=True),
+                  attention_mask=batch["attention_mask"].to(dev, non_blocking=True),
+                  pixel_values=batch["pixel_values"].to(dev, pix_dtype, non_blocking=True),
+                  labels=batch["labels"].to(dev, non_blocking=True),
+                  proprio=None, proprio_projector=None, use_film=self.use_film)
+        if self.proprio_projector is not None:
+            pp_dtype = next(self.proprio_projector.parameters()).dtype
+            kw.update(proprio=batch["proprio"].to(dev, pp_dtype, non_blocking=True),
+                      proprio_projector=self.proprio_projector)
+        if output_hidden_states:
+            out = self.backbone(**kw, output_hidden_states=True)
+            return SimpleNamespace(last_hidden_state=out.hidden_states[-1],
+                                   hidden_states=out.hidden_states)
+        return self._last.take(lambda: self.backbone(**kw, output_hidden_states=False))
+
+    def layout(self, batch: dict) -> BatchLayout:
+        labels = batch["labels"]
+        index = build_action_index(num_tokens=self.num_action_tokens, labels=labels,
+                                   action_token_begin_idx=self.begin, offset=self.num_patches - 1)
+        ctx, pad = context_layout(labels, batch.get("attention_mask"), self.num_patches,
+                                  self.context, num_action_tokens=self.num_action_tokens,
+                                  action_token_begin_idx=self.begin)
+        return BatchLayout(index, ctx, pad)
+
+    def expert(self, batch: dict) -> torch.Tensor:
+        if "actions" not in batch:
+            raise OFTInputError("batch['actions']: missing (the (B, H, Da) expert chunk)")
+        return batch["actions"]
+
+    # ---- checks ----------------------------------------------------------------------------------
+    def _check_keys(self, batch: dict) -> None:
+        """Keys and shapes (no host sync)."""
+        missing = [k for k in REQUIRED if k not in batch]
+        if missing:
+            raise OFTInputError(f"batch[{missing[0]!r}]: missing (OFTPolicy reads {REQUIRED}"
+                                f"{' and proprio' if self.proprio_projector is not None else ''})")
+        ids, labels = batch["input_ids"], batch["labels"]
+        if labels.shape != ids.shape:
+            raise OFTInputError(f"batch['labels']: expected the shape of input_ids "
+                                f"{tuple(ids.shape)}, got {tuple(labels.shape)}")
+        B = ids.shape[0]
+        if self.proprio_projector is not None:
+            if batch.get("proprio") is None:
+                raise OFTInputError(f"batch['proprio']: missing; the proprio projector reads "
+                                    f"(B, {self.proprio_dim})")
+            p = batch["proprio"]
+            if tuple(p.shape) != (B, self.proprio_dim):
+                hint = (" (OFT's collator squeezes proprio to 1-D when B = 1: keep it (B, "
+                        "proprio_dim), e.g. proprio.reshape(B, -1) in the collate_fn)"
+                        if p.dim() == 1 else "")
+                raise OFTInputError(f"batch['proprio']: expected (B, proprio_dim) = "
+                                    f"({B}, {self.proprio_dim}), got {tuple(p.shape)}{hint}")
+
+    def check_batch(self, batch: dict) -> None:
+        """Every check of a batch, with host reads (the trainer calls it before moving the
+        batch: a DataLoader's CPU batch costs no device sync): keys and shapes, the expert
+        chunk against the head's (H, Da), the pad id inside labels, H*Da action tokens per row.
+        A batch already on the GPU is read back in full only the first time (later ones get
+        the shape checks): every other read would synchronise a step."""
+        if not isinstance(batch, dict):
+            return  # the trainer's own error names it
+        self._check_keys(batch)
+        H, Da = self._shape
+        a = self.expert(batch)
+        B = batch["labels"].shape[0]
+        if tuple(a.shape) != (B, H, Da):
+            raise OFTInputError(f"batch['actions']: expected (B, H, Da) = ({B}, {H}, {Da}) from "
+                                f"the action head, got {tuple(a.shape)}")
+        on_device = batch["labels"].device.type != "cpu"
+        if on_device and self._checked_on_device:
+            return  # host reads of a device batch would synchronise: the first one only
+        self._checked_on_device |= on_device
+        labels = batch["labels"]
+        padded = (labels >= self.pad_id).any(dim=1)
+        if bool(padded.any()):
+            rows = padded.nonzero().flatten().tolist()
+            raise OFTInputError(
+                f"batch['labels']: rows {rows[:8]} hold ids >= the pad id {self.pad_id}, outside "
+                f"the action-token range ({self.begin + 1}..{self.pad_id - 1}); pad labels with "
+                f"{IGNORE_INDEX} (IGNORE_INDEX), as OFT's collator does")
+        counts = (labels > self.begin).sum(dim=1)
+        bad = counts != H * Da
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise OFTInputError(
+                f"batch['labels']: expected H*Da = {H * Da} action tokens (ids > "
+                f"{self.begin}) in every row, got {[int(counts[r]) for r in rows[:8]]} in rows "
+                f"{rows[:8]}")
+
+    def save_extra(self, run_dir, step: int, theta: dict, phi: dict) -> None:
+        """OFT's checkpoint layout at ``<run>/oft/step_<N>/`` (see checkpoints.py): the LoRA
+        adapter from theta's backbone tensors, the head and proprio projector, the energy
+        model, and with FiLM the vision backbone."""
+        if not self.save_oft:
+            return
+        from .checkpoints import is_peft, oft_checkpoint_dir, save_oft_checkpoint
+        adapter = {k[len("backbone."):]: v for k, v in theta.items() if k.startswith("backbone.")}
+        peft_vla = self.backbone if is_peft(self.backbone) else None
+        save_oft_checkpoint(oft_checkpoint_dir(run_dir, step), step, vla=peft_vla,
+                            adapter_state=adapter if peft_vla is not None and adapter else None,
+                            action_head=self.action_head, proprio_projector=self.proprio_projector,
+                            vision_backbone=(unwrap(self.backbone).vision_backbone
+                                             if self.use_film else None),
+                            energy=phi, dataset_statistics=self.dataset_statistics,
+                            processor=self.processor)
+
+    # ---- test time -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, batch: dict, *, autocast: torch.dtype | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (normalised actions (B, H, Da), context (B, S, D), pad_mask (B, S)) of a batch
+        (:func:`prepare_inference` for test time; a training batch works too), the context by
+        :func:`context_and_mask`: the rows the verifier was trained on. ``autocast``: the
+        dtype the policy was trained under (``torch.bfloat16`` for run.precision = bf16)."""
+        dev = next(self.backbone.parameters()).device
+        with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            h = self.forward(batch)
+            labels = batch["labels"].to(h.device)
+            index = build_action_index(num_tokens=self.num_action_tokens, labels=labels,
+                                       action_token_begin_idx=self.begin, offset=self.num_patches - 1)
+            actions = self.predict_action(h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1])))
+        ctx, pad = context_and_mask(h, labels, batch["attention_mask"].to(h.device),
+                                    self.num_patches, self.context,
+                                    num_action_tokens=self.num_action_tokens,
+                                    action_token_begin_idx=self.begin)
+        return actions, ctx, pad
+
+    def correct(self, energy, batch: dict, *, alpha: float = 0.1, steps: int = 1,
+                clip_frac: float = 0.2, autocast: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted, corrected) normalised actions (B, H, Da): :meth:`act` (under
+        ``autocast``), then ``correct_actions`` on the same context in the energy model's
+        dtype with autocast off (as the trainer runs it). Un-normalise after this."""
+        actions, ctx, pad = self.act(batch, autocast=autocast)
+        e_dtype = next(energy.parameters()).dtype
+        with torch.autocast(ctx.device.type, enabled=False):
+            fixed = correct_actions(energy, ctx.to(e_dtype), pad, actions.to(e_dtype),
+                                    alpha=alpha, steps=steps, clip_frac=clip_frac)
+        return actions, fixed
+
+
+__all__ = ["OFTPolicy", "OFTInputError", "context_layout", "context_and_mask", "rerank",
+           "prepare_inference", "unwrap", "IGNORE_INDEX", "ACTION_TOKEN_BEGIN_IDX",
+           "PAD_TOKEN_ID", "STOP_INDEX", "EMPTY_TOKEN_ID", "CONTEXTS"]

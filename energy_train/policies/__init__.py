@@ -1,0 +1,71 @@
+"""Built-in policies and the registry behind ``energy-train train --policy NAME``.
+
+A policy factory is ``factory(cfg: TrainConfig, device) -> Setup``; its optional attribute
+``options`` is the dataclass of its ``[policy]`` config section (keys declared with
+:func:`energy_train.config.knob`, checked like every other key). ``--policy module:factory``
+names a user's own factory; its ``[policy]`` table is free-form unless it declares ``options``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..policy import Policy
+
+REGISTRY = {
+    "tiny": "energy_train.policies.tiny:build",
+    "oft-standin": "energy_train.integrations.openvla_oft.options:build_standin",
+}
+
+
+@dataclass
+class Setup:
+    """What a policy factory returns: the policy, its data, and optionally a held-out probe
+    batch and an energy model (default: built from the [energy] section and the policy's
+    sizes)."""
+    policy: Policy
+    data: Any                        # a step-indexed source or an iterable of batch dicts
+    probe: dict | None = None        # a held-out batch (default: data.probe() or the first batch)
+    energy: nn.Module | None = None
+
+
+def resolve_factory(name: str) -> Callable:
+    """The factory of a registered policy, or of ``module:factory``; a clear error naming
+    ``run.policy`` (``--policy``) when it cannot be imported."""
+    target = REGISTRY.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"run.policy (--policy): expected one of {tuple(REGISTRY)} or "
+                         f"module:factory, got {name!r}")
+    module, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"run.policy (--policy): cannot import {target!r} "
+                         f"({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ValueError(f"run.policy (--policy): {target!r} is not callable")
+    return fn
+
+
+def options_class(name: str):
+    """The options dataclass of a policy's [policy] section, or None (free-form)."""
+    return getattr(resolve_factory(name), "options", None)
+
+
+def available() -> Iterable[str]:
+    return tuple(REGISTRY)
+
+
+def default_energy(cfg, policy: Policy, device: torch.device) -> nn.Module:
+    """The energy model of the [energy] section for the policy's hidden size and action dim."""
+    from ..models import EnergyModel
+    _, Da = policy.chunk_shape
+    return EnergyModel(policy.hidden_size, Da, hidden=cfg.energy.hidden, heads=cfg.energy.heads,
+                       output=cfg.energy.output).to(device)
+
+
+__all__ = ["Setup", "REGISTRY", "resolve_factory", "options_class", "available", "default_energy"]
