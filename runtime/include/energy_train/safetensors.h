@@ -1,4 +1,4 @@
-// Read and write safetensors files (https://huggingface.co/docs/safetensors): an 8-byte
+// Read and write safetensors files (the format of the safetensors package): an 8-byte
 // little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the bytes.
 // Tensors come back as contiguous CPU tensors that own their memory.
 #pragma once
