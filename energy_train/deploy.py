@@ -43,6 +43,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -322,19 +323,21 @@ def export_verifier(energy_model: EnergyModel, *, path: str | Path,
     }
     tmp_dir = out / ".tmp"
     tmp_dir.mkdir(exist_ok=True)
-    for name, program in _programs(plan).items():
-        spec = dict(specs[name], file=f"{name}.pt2")
-        # the function's spec travels inside the package too: a manifest edited to widen a
-        # range or change a dtype no longer matches what the package says it was compiled for
-        meta = {"energy_train.spec": json.dumps(_embedded_spec(manifest, spec), sort_keys=True)}
-        tmp = tmp_dir / spec["file"]  # the package's inner name is its file's stem
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": meta})
-        if check:
-            _check_package(plan, name, tmp)
-        os.replace(tmp, out / spec["file"])
-        manifest["functions"][name] = spec
-    tmp_dir.rmdir()
+    try:
+        for name, program in _programs(plan).items():
+            spec = dict(specs[name], file=f"{name}.pt2")
+            # the function's spec travels inside the package too: a manifest edited to widen a
+            # range or change a dtype no longer matches what the package was compiled for
+            meta = {"energy_train.spec": json.dumps(_embedded_spec(manifest, spec), sort_keys=True)}
+            tmp = tmp_dir / spec["file"]  # the package's inner name is its file's stem
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": meta})
+            if check:
+                _check_package(plan, name, tmp)
+            os.replace(tmp, out / spec["file"])
+            manifest["functions"][name] = spec
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     manifest["files"] = {spec["file"]: sha256_file(out / spec["file"])
                          for spec in manifest["functions"].values()}
     tmp = out / ".manifest.json.tmp"

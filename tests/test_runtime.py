@@ -320,3 +320,17 @@ def test_check_refuses_a_package_that_disagrees_with_eager(trained, tmp_path, mo
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: runner)
     with pytest.raises(deploy.ExportError, match="score: the compiled package disagrees with eager"):
         deploy._check_package(plan, "score", tmp_path / "none.pt2")
+
+
+def test_a_failed_check_writes_no_package_and_no_manifest(trained, tmp_path, monkeypatch):
+    def compile_stub(program, package_path, inductor_configs):
+        Path(package_path).write_bytes(b"not a package")
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_stub)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package",
+                        lambda path: lambda c, m, x: torch.zeros(1, 1))
+    with pytest.raises(deploy.ExportError, match="score: the compiled package disagrees"):
+        deploy.export_verifier(trained, path=tmp_path / "v", chunk=(H, DA), functions=("score",),
+                               **RANGES)
+    assert list((tmp_path / "v").iterdir()) == []
