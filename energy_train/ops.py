@@ -222,6 +222,14 @@ def energy_scores(energy_model: EnergyModel, context: torch.Tensor, pad_mask: to
     context and candidates for NaN/inf (these value checks synchronise with the host).
     """
     check_energy_inputs(energy_model, context, pad_mask, candidates, validate)
-    if resolve_backend("energy", backend, context.device, "energy_scores_triton") == "triton":
+    use = resolve_backend("energy", backend, context.device, "energy_scores_triton")
+    if getattr(energy_model, "action_residual", False):
+        # The fused kernels have no action-residual term (z + gate_a * encoded action) yet:
+        # such a model runs eagerly under "auto"; an explicit "triton" is an error.
+        if backend == "triton":
+            raise NotImplementedError("energy_scores: backend='triton' does not implement "
+                                      "EnergyModel(action_residual=True); use 'auto' or 'eager'")
+        use = "eager"
+    if use == "triton":
         return _kernel("energy", "energy_scores_triton")(energy_model, context, pad_mask, candidates)
     return energy_model.score(context, pad_mask, candidates)

@@ -11,8 +11,9 @@ over the H steps, then the output transform.
 Deviations from the fork, on purpose:
 - the positional encoding has no dropout (the fork's 0.2 makes energies stochastic; the fused
   kernels compute deterministic energies and must equal this module);
-- ``gate_a`` (a parameter the fork defines but never uses) is a persistent *buffer* here: fork
-  state_dicts still load with strict=True, and no unused parameter trips DDP;
+- ``gate_a`` (a parameter the fork defines and leaves unused, its action residual commented
+  out) is a persistent *buffer* here unless ``action_residual=True``: fork state_dicts still
+  load with strict=True either way, and no unused parameter trips DDP;
 - a sample whose pad mask hides every key attends to nothing: its attention output is zero
   (``nn.MultiheadAttention`` returns NaN there). ``validate=True`` in the ops raises instead.
 """
@@ -66,10 +67,18 @@ class EnergyModel(nn.Module):
     ``score(context, pad_mask, candidates (B, C, H, Da)) -> (B, C)`` encodes each context once
     (state encoder and K/V projections) and scores all C candidates against it; ``forward`` is
     ``score`` with C = 1.
+
+    ``action_residual=True`` is the fork's ``gate_a`` path: the prediction head reads
+    ``attention output + gate_a * encoded action`` (gate_a a learnable scalar, 0.1 at
+    init), so the energy still depends on the candidate when the attention weights are
+    uniform (e.g. after the backbone's context rows collapse); without it the action reaches
+    the energy ONLY through the attention weights. Off by default (the fork's active code);
+    the fused kernels do not implement it (``ops.energy_scores`` runs such a model eagerly).
     """
 
     def __init__(self, state_dim: int, act_dim: int, hidden: int = 512, heads: int = 8,
-                 activation: str = "silu", output: str = "unbounded", max_steps: int = 512):
+                 activation: str = "silu", output: str = "unbounded", max_steps: int = 512,
+                 action_residual: bool = False):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden: expected a multiple of heads={heads}, got {hidden}")
@@ -82,7 +91,11 @@ class EnergyModel(nn.Module):
         self.state_linear = MLPResNet(1, state_dim, hidden, hidden, activation)
         self.action_linear = MLPResNet(1, act_dim, hidden, hidden, activation)
         self.prediction_head = MLPResNet(2, hidden, hidden, 1, activation)
-        self.register_buffer("gate_a", torch.tensor(0.1))
+        self.action_residual = bool(action_residual)
+        if self.action_residual:
+            self.gate_a = nn.Parameter(torch.tensor(0.1))
+        else:  # same state_dict key: checkpoints load strictly either way
+            self.register_buffer("gate_a", torch.tensor(0.1))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,13 +111,16 @@ class EnergyModel(nn.Module):
         v = F.linear(c, w[2 * E:], b[2 * E:])
         return self._split(k), self._split(v)
 
-    def encode_actions(self, actions: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, Da) -> q: (B, heads, C*H, hidden/heads)."""
+    def action_features(self, actions: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, Da) -> encoded actions with the positional encoding: (B, C*H, hidden)."""
         B, C, H, _ = actions.shape
-        a = self.pe_layer(self.action_linear(actions.to(self.dtype)))
+        return self.pe_layer(self.action_linear(actions.to(self.dtype))).reshape(B, C * H, self.hidden)
+
+    def encode_actions(self, actions: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, Da) -> q: (B, heads, C*H, hidden/heads) (from ``features`` when given)."""
+        a = self.action_features(actions) if features is None else features
         E = self.hidden
-        q = F.linear(a, self.cross.in_proj_weight[:E], self.cross.in_proj_bias[:E])
-        return self._split(q.reshape(B, C * H, E))
+        return self._split(F.linear(a, self.cross.in_proj_weight[:E], self.cross.in_proj_bias[:E]))
 
     def attend(self, q, k, v, pad_mask):
         """Scaled dot-product attention with a key padding mask; all-masked rows give zero."""
@@ -142,8 +158,11 @@ class EnergyModel(nn.Module):
     def score(self, context, pad_mask, candidates) -> torch.Tensor:
         self.check_inputs(context, pad_mask, candidates)
         k, v = self.encode_context(context)
-        q = self.encode_actions(candidates)
-        return self.readout(self.attend(q, k, v, pad_mask), candidates.shape[1])
+        a = self.action_features(candidates)
+        z = self.attend(self.encode_actions(candidates, a), k, v, pad_mask)
+        if self.action_residual:
+            z = z + self.gate_a.to(z.dtype) * a
+        return self.readout(z, candidates.shape[1])
 
     def forward(self, context, actions, pad_mask=None) -> torch.Tensor:
         check_tensor("actions", actions, ndim=3, floating=True)
