@@ -90,6 +90,10 @@ def _train(args) -> int:
 def _compare(args) -> int:
     from .trainer.compare import PRESETS, PRETRAIN_STEPS, STUDY, compare, default_jobs, parse_seeds
 
+    if args.report_only:
+        from .trainer.compare import report_again
+        report_again(args.out, args.k)
+        return 0
     preset = PRESETS[args.preset]
     cfg = build({}, _layers(args, {**STUDY, **preset["base"]}, f"--preset {args.preset}"))
     specs = [s for s in args.strategies.split(";") if s.strip()] if args.strategies else list(preset["specs"])
@@ -99,7 +103,8 @@ def _compare(args) -> int:
         pretrain = 0 if args.init_from else PRETRAIN_STEPS
     if pretrain < 0:
         raise ValueError(f"--pretrain-steps: expected an integer >= 0, got {pretrain}")
-    compare(cfg, specs, args.out, seeds=seeds, k=args.k, init_from=args.init_from,
+    compare(cfg, specs, args.out, seeds=seeds, k=4.0 if args.k is None else args.k,
+            init_from=args.init_from,
             init_phi=args.init_phi, pretrain_steps=pretrain, title=f"preset {args.preset}",
             jobs=default_jobs() if args.jobs is None else args.jobs)
     return 0
@@ -164,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the initialisation)")
     _common(c)
     c.add_argument("--out", default="runs/compare", help="report directory (default runs/compare)")
-    c.add_argument("--k", type=float, default=4.0, help="spike threshold in EMA sigmas")
+    c.add_argument("--k", type=float, default=None, help="spike threshold in EMA sigmas (default 4)")
+    c.add_argument("--report-only", dest="report_only", action="store_true",
+                   help="rewrite the report of the finished study in --out from its runs' "
+                   "metrics (no training)")
     c.set_defaults(func=_compare)
     return p
 

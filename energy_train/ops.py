@@ -220,6 +220,7 @@ def energy_scores(energy_model: EnergyModel, context: torch.Tensor, pad_mask: to
     pad_mask (B, S) bool, True = ignore that key. A sample with every key masked attends to
     nothing (its attention output is zero); ``validate=True`` raises instead, and also checks
     context and candidates for NaN/inf (these value checks synchronise with the host).
+    A model with ``action_residual=True`` runs eagerly (the fused kernels lack that term).
     """
     check_energy_inputs(energy_model, context, pad_mask, candidates, validate)
     use = resolve_backend("energy", backend, context.device, "energy_scores_triton")

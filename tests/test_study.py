@@ -262,6 +262,9 @@ def test_find_spikes_reports_the_largest_excess():
     v = [1.0] * 30 + [5.0] + [1.0] * 5
     idx, z = find_spikes(np.asarray(v), k=4.0)
     assert idx == [30] and z > 4
+    # after a flat (stalled) stretch a move of 1% is no spike; sigma is at least 1% of the EMA
+    assert find_spikes(np.asarray([1.0] * 30 + [1.01]), k=4.0)[0] == []
+    assert find_spikes(np.asarray([1.0] * 30 + [1.05]), k=4.0)[0] == [30]
     idx, z = find_spikes(np.asarray([1.0] * 25 + [float("nan")]), k=4.0)
     assert idx == [25]
 
@@ -293,6 +296,13 @@ def test_compare_seeds_identity_and_report(tmp_path):
         assert needle in md, needle
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "seed1" / "twophase-lr0" / "complete.json").is_file()
+    # the report again from the same runs (another threshold), no training
+    (out / "report.md").unlink()
+    assert main(["compare", "--report-only", "--out", str(out), "--k", "3"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["meta"]["k"] == 3 and "loss > EMA + 3 sigma" in (out / "report.md").read_text()
+    assert [r["l1_last"] for r in again["runs"]] == [r["l1_last"] for r in rep["runs"]]
+    assert main(["compare", "--report-only", "--out", str(out / "seed0")]) == 2
 
 
 def test_compare_jobs_do_not_change_the_numbers(tmp_path):

@@ -187,26 +187,45 @@ def compare(base: TrainConfig, specs=STRATEGY_SPECS, out="runs/compare", *, seed
             for (seed, spec), f in futures.items():
                 done[seed, spec] = f.result()
                 echo(f"== seed {seed}: {spec}")
-    runs = []
-    for (seed, spec), cfg in cfgs.items():
-        records = read_metrics(dirs[seed, spec])
-        runs.append({"spec": spec, "seed": seed, "dir": str(dirs[seed, spec].relative_to(out)),
-                     "theta_lr": cfg.optim.lr, "records": records, **done[seed, spec],
-                     **analyse(records, k)})
-    result = study(runs, k)
+    runs = [{"spec": spec, "seed": seed, "dir": str(dirs[seed, spec].relative_to(out)),
+             "theta_lr": cfg.optim.lr, **done[seed, spec]} for (seed, spec), cfg in cfgs.items()]
     meta = {"title": title, "jobs": jobs, "policy": base.run.policy, "steps": base.run.steps,
             "batch_size": base.run.batch_size, "seeds": list(seeds), "specs": list(specs), "k": k,
             "init": (None if init is None else {"run_dir": str(init.run_dir), "step": init.step,
                                                  "phi": init.phi}),
             "pretrain": pre, "config": base.to_dict()}
-    plot_compare(runs, result, out / "report.png", title=title)
-    report = render(meta, result, runs)
+    return write_report(out, meta, runs, k, echo)
+
+
+def write_report(out: Path, meta: dict, runs: list[dict], k: float, echo=print) -> dict:
+    """Analyse the runs' metrics (``runs``: spec, seed, dir relative to ``out``, theta_lr,
+    summary, diverged) and write report.md|png|json."""
+    runs = [{**r, "records": read_metrics(out / r["dir"])} for r in runs]
+    runs = [{**r, **analyse(r["records"], k)} for r in runs]
+    result = study(runs, k)
+    plot_compare(runs, result, out / "report.png", title=meta["title"])
+    report = render({**meta, "k": k}, result, runs)
     atomic_write_text(out / "report.md", report)
     slim = [{k2: v for k2, v in r.items() if k2 != "records"} for r in runs]
-    atomic_write_text(out / "report.json", json.dumps({"meta": meta, "study": result, "runs": slim},
-                                                      indent=1, default=_json))
+    atomic_write_text(out / "report.json", json.dumps({"meta": {**meta, "k": k}, "study": result,
+                                                       "runs": slim}, indent=1, default=_json))
     echo(report)
     return {"runs": runs, "study": result, "out": out}
+
+
+RUN_KEYS = ("spec", "seed", "dir", "theta_lr", "summary", "diverged")
+
+
+def report_again(out, k: float | None = None, echo=print) -> dict:
+    """Rewrite the report of a finished study in ``out`` from its runs' metrics (after the
+    analysis changed, or with another spike threshold ``k``); no run is trained again."""
+    out = Path(out)
+    path = out / "report.json"
+    if not path.is_file():
+        raise ValueError(f"--report-only: {str(out)!r} holds no study (no report.json)")
+    saved = json.loads(path.read_text())
+    runs = [{key: r[key] for key in RUN_KEYS} for r in saved["runs"]]
+    return write_report(out, saved["meta"], runs, saved["meta"]["k"] if k is None else k, echo)
 
 
 def _json(v):

@@ -14,6 +14,11 @@ The two phases (what two_phase runs, and what every other strategy rearranges):
   only the action rows of each layer and the context rows), negatives from the current head,
   energy loss, backward, step phi. Nothing here can reach theta: its inputs carry no graph.
 
+Diagnostics beside the steps (never inside them): :meth:`Trainer.probe` (held-out L1, the
+training energy loss on a fixed batch, drift, context row diversity) every run.probe_every
+steps, and :meth:`Trainer.lag_effect` (the one-step lag of the energy loss's inputs) every
+run.lag_every steps.
+
 On CUDA (``run.overlap``) phase_phi runs on a side stream beside the next step's phase_theta,
 ordered by events (:mod:`energy_train.trainer.overlap`); on the CPU, or with overlap off, the
 same code runs in order. Nothing inside a step synchronises with the host: metrics stay on

@@ -5,7 +5,8 @@ those numbers.
 Definitions (also printed in the report):
 
 - spike: a loss value more than ``k`` sigma above its exponential moving average (mean and
-  variance with factor 0.1, tested from step 20 on; a non-finite value is a spike too);
+  variance with factor 0.1, tested from step 20 on; sigma at least 1% of the EMA, so the end
+  of a flat, stalled stretch is not a spike; a non-finite value is a spike too);
   ``max excess``: the largest (value - EMA) / EMA-sigma of the run;
 - stall: a step whose energy logits hardly depend on the candidate (``energy_spread``, the
   std of E / tau over the candidates, below 0.05: the loss sits at its uniform value);
@@ -27,15 +28,17 @@ import numpy as np
 
 from ..plots import series
 
-SPIKE_ALPHA, SPIKE_WARMUP = 0.1, 20
+SPIKE_ALPHA, SPIKE_WARMUP, SPIKE_REL_FLOOR = 0.1, 20, 0.01
 STALL = 0.05
+COLLAPSE = 0.25  # a run's context rows collapsed: row diversity below this fraction of its start
 WATCH = ("grad_norm_theta", "grad_norm_phi", "energy_grad_theta", "drift_context", "drift_negatives")
 NUMERIC = ("energy_spikes", "l1_spikes", "energy_max_excess", "l1_max_excess", "stall_longest",
            "stall_steps", "l1_last", "energy_last", "rank_acc_last", "probe_rank_acc_last",
            "probe_rank_acc_first", "chance", "probe_chance", "drift_context", "drift_negatives",
            "lag_theta", "lag_batch", "lag_ratio", "neg_weight_theta", "neg_gap_theta",
            "tie_rate", "context_diversity_first", "context_diversity_min",
-           "context_diversity_last", "energy_grad_theta_max", "sec_per_step", "grad_norm_phi")
+           "context_diversity_last", "context_collapsed", "energy_grad_theta_max", "sec_per_step",
+           "grad_norm_phi")
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -57,9 +60,12 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 # ---- one run ---------------------------------------------------------------------------------
 def find_spikes(values: np.ndarray, k: float = 4.0, alpha: float = SPIKE_ALPHA,
-                warmup: int = SPIKE_WARMUP) -> tuple[list[int], float | None]:
-    """(indices where v > EMA + k * EMA-std, the largest (v - EMA) / EMA-std from ``warmup``
-    on). The EMA is updated after the test; a non-finite value is a spike and is skipped."""
+                warmup: int = SPIKE_WARMUP, rel_floor: float = SPIKE_REL_FLOOR
+                ) -> tuple[list[int], float | None]:
+    """(indices where v > EMA + k * sigma, the largest (v - EMA) / sigma from ``warmup`` on),
+    sigma = max(EMA-std, rel_floor * |EMA|): after a flat stretch (a stalled loss) the EMA-std
+    is ~0 and the first small move would otherwise count as a spike. The EMA is updated after
+    the test; a non-finite value is a spike and is skipped."""
     out, mean, var, zmax = [], None, 0.0, None
     for i, v in enumerate(values):
         if not math.isfinite(v):
@@ -69,7 +75,7 @@ def find_spikes(values: np.ndarray, k: float = 4.0, alpha: float = SPIKE_ALPHA,
             mean = v
             continue
         if i >= warmup:
-            z = (v - mean) / math.sqrt(max(var, 1e-12))
+            z = (v - mean) / max(math.sqrt(var), rel_floor * abs(mean), 1e-12)
             zmax = z if zmax is None else max(zmax, z)
             if z > k:
                 out.append(i)
@@ -133,6 +139,8 @@ def analyse(records: list[dict], k: float = 4.0) -> dict:
     res["context_diversity_first"] = div[0][1] if div else None
     res["context_diversity_min"] = min(d for _, d in div) if div else None
     res["context_diversity_last"] = div[-1][1] if div else None
+    res["context_collapsed"] = (None if not div else
+                                float(res["context_diversity_min"] < COLLAPSE * div[0][1]))
     res["energy_grad_theta_max"] = _stat(records, "energy_grad_theta", np.max)
     res["sec_per_step"] = _stat(records, "time_step", np.median)
     # what is large at the spike steps, against its median over the run
@@ -304,9 +312,11 @@ def conclude(res: dict) -> list[str]:
                       "they hardly take part in the loss."))
     collapsed = []
     for s in specs:
-        first, low = per[s]["context_diversity_first"], per[s]["context_diversity_min"]
-        if first and low and low["mean"] < 0.25 * first["mean"]:
-            collapsed.append(f"`{s}` ({first['mean']:.3f} -> min {low['mean']:.3f})")
+        c, first, low = (per[s][k] for k in ("context_collapsed", "context_diversity_first",
+                                             "context_diversity_min"))
+        if c and c["mean"] > 0:
+            collapsed.append(f"`{s}` in {round(c['mean'] * c['n'])}/{c['n']} seeds (row diversity "
+                             f"{first['mean']:.3f} -> min {low['min']:.3f}-{low['max']:.3f})")
     out.append(("Context rows collapse (row diversity below a quarter of its start): "
                 + ", ".join(collapsed) + ".") if collapsed else
                "No run's context rows collapse (row diversity stays above a quarter of its start).")
@@ -358,7 +368,7 @@ def render(meta: dict, res: dict, runs: list[dict]) -> str:
              f"{e['noise_sigma']:g}, amplitudes `{e['amplitudes'] or 'none'}`, sign flip "
              f"{e['sign_flip']}. A spec's overrides apply on top.", "",
              f"Spike: loss > EMA + {res['k']:g} sigma (EMA factor {SPIKE_ALPHA}, from step "
-             f"{SPIKE_WARMUP}); stall: the std of E/tau over the candidates below {STALL}; "
+             f"{SPIKE_WARMUP}, sigma >= {SPIKE_REL_FLOOR:g} x EMA); stall: the std of E/tau over the candidates below {STALL}; "
              "ranking accuracy counts ties as ties (1/(k+1) for a k-way tie at the top), the "
              "held-out one uses the training loss's candidate set; chance = 1 / candidates. "
              "Values: mean ± std over seeds.", "",
