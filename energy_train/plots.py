@@ -1,6 +1,7 @@
 """PNG plots of a run's curves and of a strategy comparison (matplotlib, Agg backend)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -90,15 +91,20 @@ def plot_compare(runs: list[dict], result: dict, path: str | Path, title: str = 
     first = {r["spec"]: r for r in runs if r["seed"] == seed}
     style = {s: (STYLES[i % 10][0], ("-", "--", "-.", ":")[i % 4]) for i, s in enumerate(specs)}
 
-    def grouped(kind: str) -> list[list[str]]:
-        """specs with bitwise-identical series (kind "all", or "l1": the same theta
-        trajectory, hence the same L1, context and drift): one line, a joined label."""
-        out, seen = [], set()
+    def grouped(key: str) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+        """(specs, steps, values): specs whose series of ``key`` is bitwise the same (in the
+        plotted seed) share one line, drawn in the first one's style with a joined label."""
+        out: list = []
         for s in specs:
-            if s not in seen:
-                g = next((g for g in result["identity"][kind] if s in g), [s])
-                seen.update(g)
-                out.append(g)
+            st, v = series(first[s]["records"], key)
+            if not len(st):
+                continue
+            for g, st2, v2 in out:
+                if np.array_equal(st, st2) and np.array_equal(v, v2, equal_nan=True):
+                    g.append(s)
+                    break
+            else:
+                out.append(([s], st, v))
         return out
     fig, ax = plt.subplots(3, 3, figsize=(17, 13))
     panels = [("l1", "L1 (train, raw)", ax[0, 0], False), ("energy_loss", "energy loss (train, raw)", ax[0, 1], False),
@@ -109,13 +115,9 @@ def plot_compare(runs: list[dict], result: dict, path: str | Path, title: str = 
               ("drift_context", "context drift / step (probe)", ax[2, 0], True)]
     for key, name, a, log in panels:
         drawn = []
-        groups = grouped("l1" if key in ("l1", "context_diversity", "drift_context") else "all")
-        for g in groups:
-            s_, v = series(first[g[0]]["records"], key)
-            if not len(s_):
-                continue
+        for g, s_, v in grouped(key):
             c, ls = style[g[0]]
-            a.plot(s_, v, color=c, ls=ls, lw=1.1, label=" = ".join(g))
+            a.plot(s_, v, color=c, ls=ls, lw=1.1, label=textwrap.fill(" = ".join(g), 60))
             drawn.append((c, s_, v))
             if key in ("l1", "energy_loss"):
                 sp = first[g[0]]["l1_spike_steps" if key == "l1" else "energy_spike_steps"]
@@ -141,8 +143,10 @@ def plot_compare(runs: list[dict], result: dict, path: str | Path, title: str = 
         a.set_title(name, fontsize=10)
         a.set_xlabel("step")
         a.grid(alpha=0.3)
-        if key in ("l1", "energy_loss"):
-            a.legend(fontsize=6.5, loc="upper right")
+        if key in ("l1", "context_diversity") and drawn:  # the groups of identical series
+            a.legend(fontsize=6, loc="best")
+    handles = [plt.Line2D([], [], color=style[s][0], ls=style[s][1]) for s in specs]
+    fig.legend(handles, specs, loc="lower center", ncol=4, fontsize=8, frameon=False)
     # lag effect: theta_k -> theta_k+1 against batch_k -> batch_k+1 (median per run)
     a = ax[2, 1]
     per = result["per_spec"]
@@ -176,6 +180,6 @@ def plot_compare(runs: list[dict], result: dict, path: str | Path, title: str = 
     a.grid(alpha=0.3)
     fig.suptitle(f"stability study{': ' + title if title else ''} (raw series of seed {seed}; "
                  "x = spikes; triangles = beyond the axis)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

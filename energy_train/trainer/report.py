@@ -203,7 +203,13 @@ def study(runs: list[dict], k: float) -> dict:
     if frozen:
         floor = {"spec": frozen[0], "energy_spikes": per[frozen[0]]["energy_spikes"],
                  "l1_spikes": per[frozen[0]]["l1_spikes"]}
-    res = {"specs": specs, "per_spec": per, "identity": identity(runs), "floor": floor, "k": k}
+    spiking = [r for r in runs if r["at_spike_over_median"]]
+    at_spike = {}
+    for r in spiking:
+        for q, v in r["at_spike_over_median"].items():
+            at_spike.setdefault(q, []).append(v)
+    res = {"specs": specs, "per_spec": per, "identity": identity(runs), "floor": floor, "k": k,
+           "at_spike": at_spike, "spiking_runs": len(spiking)}
     res["conclusion"] = conclude(res)
     return res
 
@@ -243,6 +249,20 @@ def conclude(res: dict) -> list[str]:
         else:
             out.append("No strategy or setting spikes more than the frozen reference beyond the "
                        "spread over seeds: on this task the spikes are not caused by theta moving.")
+    # 1b. what moves at the spikes (every run with spikes)
+    at = {q: res["at_spike"].get(q, []) for q in ("grad_norm_phi", "grad_norm_theta", "drift_context")}
+    if at["grad_norm_phi"]:
+        med = {q: float(np.median(v)) for q, v in at.items() if v}
+        parts = [f"{what} {med[q]:.2g}x" for q, what in (("grad_norm_phi", "phi's gradient norm"),
+                                                         ("grad_norm_theta", "theta's"),
+                                                         ("drift_context", "the context drift"))
+                 if q in med]
+        own = (med["grad_norm_phi"] >= 2 and med.get("grad_norm_theta", 1.0) < 1.5
+               and med.get("drift_context", 1.0) < 1.5)
+        out.append(f"At the spike steps of {res['spiking_runs']} run(s), against each run's median: "
+                   + ", ".join(parts) + " (median over those runs)"
+                   + ("; the spikes go with phi's own step, not with theta or the context moving."
+                      if own else "."))
     # 2. divergence
     div = [f"`{s}` ({per[s]['diverged']}/{per[s]['seeds']} seeds"
            + (f", first non-finite loss at step {min(per[s]['nonfinite_steps'])})"
