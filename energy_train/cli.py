@@ -5,7 +5,8 @@
   energy-train train --config my.toml --set optim.lr=3e-4 --set energy.loss=explicit
   energy-train train --policy mypkg.policies:make_policy  your own policy
   energy-train train --resume --out runs/j [--steps 600]
-  energy-train compare                several strategies, same seed/data -> stability report
+  energy-train compare                the stability study: strategies x seeds -> report
+  energy-train compare --preset fork  the public energy fork's recipe and its ablations
   energy-train demo                   the ops once on random tensors
 """
 from __future__ import annotations
@@ -63,12 +64,13 @@ def _flags(args) -> dict:
     return out
 
 
-def _layers(args, extra: dict | None = None) -> list:
+def _layers(args, extra: dict | None = None, where: str = "compare defaults") -> list:
+    """defaults (``extra``) < --config TOML < --set < explicit flags."""
     layers = []
+    if extra:
+        layers.append((extra, where))
     if getattr(args, "config", None):
         layers.append((load_toml(args.config), f"--config {args.config}"))
-    if extra:
-        layers.append((extra, "compare defaults"))
     layers += [(_sets(args), "--set"), (_flags(args), "command line")]
     return layers
 
@@ -86,12 +88,25 @@ def _train(args) -> int:
 
 
 def _compare(args) -> int:
-    from .trainer.compare import DEFAULT_SPECS, compare
+    from .trainer.compare import PRESETS, PRETRAIN_STEPS, STUDY, compare, default_jobs, parse_seeds
 
-    base = {"run.steps": 150, "run.log_every": 50, "run.probe_every": 1, "run.progress": False}
-    cfg = build({}, _layers(args, base))
-    specs = [s for s in args.strategies.split(";")] if args.strategies else list(DEFAULT_SPECS)
-    compare(cfg, specs, args.out, k=args.k)
+    if args.report_only:
+        from .trainer.compare import report_again
+        report_again(args.out, args.k)
+        return 0
+    preset = PRESETS[args.preset]
+    cfg = build({}, _layers(args, {**STUDY, **preset["base"]}, f"--preset {args.preset}"))
+    specs = [s for s in args.strategies.split(";") if s.strip()] if args.strategies else list(preset["specs"])
+    seeds = parse_seeds(args.seeds, cfg.run.seed)
+    pretrain = args.pretrain_steps
+    if pretrain is None:
+        pretrain = 0 if args.init_from else PRETRAIN_STEPS
+    if pretrain < 0:
+        raise ValueError(f"--pretrain-steps: expected an integer >= 0, got {pretrain}")
+    compare(cfg, specs, args.out, seeds=seeds, k=4.0 if args.k is None else args.k,
+            init_from=args.init_from,
+            init_phi=args.init_phi, pretrain_steps=pretrain, title=f"preset {args.preset}",
+            jobs=default_jobs() if args.jobs is None else args.jobs)
     return 0
 
 
@@ -129,14 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", dest="log_every", type=int)
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("compare", help="several strategies on the same seed and data -> a "
-                       "stability report (markdown + PNG)")
-    c.add_argument("--strategies", help="';'-separated specs name[:key=value,...] (default: "
-                   "joint; joint:detach_context=false; two_phase; shared_forward; alternating; "
-                   "adaptive_weights; cached_negatives; two_phase:lr=0 (theta frozen))")
+    c = sub.add_parser("compare", help="the stability study: strategies x settings x seeds on the "
+                       "same data -> a report (markdown + PNG + JSON)")
+    c.add_argument("--strategies", help="';'-separated specs name[:key=value,...] (default: the "
+                   "preset's; default preset: joint; joint:detach_context=false; two_phase; "
+                   "shared_forward; alternating; adaptive_weights; cached_negatives; "
+                   "two_phase:lr=0 (theta frozen: the noise floor))")
+    c.add_argument("--preset", choices=("default", "fork"), default="default",
+                   help="base config and specs: default (explicit loss with the policy's own "
+                   "prediction as a negative) or fork (the public energy fork's first recipe: "
+                   "bf16 energy weights, sigmoid output, no phi clipping, lr 5e-4 constant, "
+                   "swap loss, whole last hidden state as context; one ablation per setting)")
+    c.add_argument("--seeds", default="3", help="N (N seeds from --seed) or a list 0,1,2 (default 3)")
+    c.add_argument("--init-from", dest="init_from", metavar="RUN_DIR",
+                   help="start every run from this run's latest checkpoint (theta; phi with "
+                   "--init-phi) instead of pretraining")
+    c.add_argument("--init-phi", dest="init_phi", action="store_true",
+                   help="also load phi (the energy model) from the starting checkpoint")
+    c.add_argument("--jobs", type=int, help="study runs at once, one process each (default: "
+                   "the CPU cores this process may use, at most 2; the numbers do not depend on it)")
+    c.add_argument("--pretrain-steps", dest="pretrain_steps", type=int,
+                   help="train theta this many steps first (two_phase, into OUT/pretrain) and "
+                   "start every run from it (default 300, 0 with --init-from; 0 = start from "
+                   "the initialisation)")
     _common(c)
     c.add_argument("--out", default="runs/compare", help="report directory (default runs/compare)")
-    c.add_argument("--k", type=float, default=4.0, help="spike threshold in EMA sigmas")
+    c.add_argument("--k", type=float, default=None, help="spike threshold in EMA sigmas (default 4)")
+    c.add_argument("--report-only", dest="report_only", action="store_true",
+                   help="rewrite the report of the finished study in --out from its runs' "
+                   "metrics (no training)")
     c.set_defaults(func=_compare)
     return p
 

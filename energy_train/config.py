@@ -35,6 +35,8 @@ else:  # pragma: no cover
 STRATEGIES = ("joint", "two_phase", "shared_forward", "alternating", "adaptive_weights",
               "cached_negatives")
 ENERGY_LOSSES = ("swap", "explicit", "margin")
+PICKS = r"\s*((first|middle|last|-?\d+)\s*(,\s*(first|middle|last|-?\d+)\s*)*)?"
+FLOATS = r"\s*((\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*(,\s*(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*)*)?"
 
 
 def knob(default, *, ge=None, gt=None, le=None, choices=None, resumable: bool = False,
@@ -60,6 +62,7 @@ class RunConfig:
     log_every: int = knob(25, ge=1, resumable=True)       # metrics read back once per interval
     ckpt_every: int = knob(200, ge=0, resumable=True)     # every N steps (and at the end); 0 = end only
     probe_every: int = knob(25, ge=0)                     # held-out metrics + drift; 0 = off
+    lag_every: int = knob(0, ge=0)  # the one-step lag effect every N steps (step-indexed data); 0 = off
     progress: bool = knob(True, resumable=True)
     threads: int = knob(1, ge=0, resumable=True)          # CPU intra-op threads; 0 = torch's default
     overlap: bool = knob(True, resumable=True)            # CUDA: phase 2(k) beside phase 1(k+1)
@@ -90,7 +93,29 @@ class EnergyConfig:
     tau: float = knob(0.5, gt=0.0)                        # InfoNCE temperature
     warmup_steps: int = knob(0, ge=0)                     # energy-loss weight ramps 0 -> 1
     logit_lens: bool = knob(True)                         # final norm on intermediate layers' rows
-    precision: str = knob("fp32", choices=("fp32", "bf16"))  # fp32 as the public fork runs it
+    # fp32 as the public fork runs it now; bf16 = autocast; bf16_weights = the model cast to
+    # bf16 (the fork's first recipe: AdamW then updates bf16 weights)
+    precision: str = knob("fp32", choices=("fp32", "bf16", "bf16_weights"))
+    # the energy model's context: the policy's context rows + pad mask ("policy"), or every
+    # row of the last hidden state, nothing masked (action rows included: the fork's first recipe)
+    context: str = knob("policy", choices=("policy", "all"))
+    action_residual: bool = knob(False)                   # the fork's gate_a path (see EnergyModel)
+    # explicit / margin negatives (losses.structured_negatives): layer actions picked by
+    # position ("first", "middle", "last" or an index into the layer actions), the policy's own
+    # prediction, Gaussian noise (sigma; 0 = none), amplitude scalings (tie with the expert
+    # under the action encoder's per-step LayerNorm: off), a sign flip of one dimension
+    layer_picks: str = knob("first,middle", pattern=PICKS,
+                            what="comma-separated layer picks: first, middle, last or integers")
+    own_prediction: bool = knob(True)
+    noise_sigma: float = knob(0.3, ge=0.0)
+    amplitudes: str = knob("", pattern=FLOATS, what="comma-separated positive numbers (or empty)")
+    sign_flip: bool = knob(True)
+
+    def num_negatives(self) -> int:
+        """M, the structured negatives per sample of the explicit / margin losses."""
+        picks = [p for p in self.layer_picks.split(",") if p.strip()]
+        return (len(picks) + self.own_prediction + (self.noise_sigma > 0) +
+                len(parse_floats(self.amplitudes)) + self.sign_flip)
 
 
 @dataclass
@@ -148,10 +173,20 @@ class TrainConfig:
         if self.energy.hidden % self.energy.heads:
             raise ValueError(f"energy.hidden: expected a multiple of energy.heads="
                              f"{self.energy.heads}, got {self.energy.hidden}")
+        if self.energy.loss != "swap":
+            if self.energy.num_negatives() == 0:
+                raise ValueError(f"energy.loss={self.energy.loss!r}: every kind of negative is off "
+                                 "(energy.layer_picks, own_prediction, noise_sigma, amplitudes, "
+                                 "sign_flip)")
         check = getattr(self.policy, "validate", None)
         if check is not None:
             check(self)
         return self
+
+
+def parse_floats(text: str) -> list[float]:
+    """"0.3, 1.7" -> [0.3, 1.7]; "" -> []."""
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 # --------------------------------------------------------------------------------------------

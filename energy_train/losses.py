@@ -22,9 +22,47 @@ class EnergyLoss(NamedTuple):
     target: torch.Tensor    # (B,) int64, the column of the positive
 
 
+TIE_TOL = 1e-4  # |E_c - E_pos| <= TIE_TOL * max(1, |E_pos|): a tie
+
+
+def _ties(out: EnergyLoss):
+    """(E (B, C), E_pos (B, 1), tie (B, C) bool with the positive's own column False)."""
+    E = out.energies
+    pos = E.gather(1, out.target[:, None])
+    tol = TIE_TOL * pos.abs().clamp_min(1.0)
+    tie = (E - pos).abs() <= tol
+    own = torch.zeros_like(tie).scatter_(1, out.target[:, None], True)
+    return E, pos, tie & ~own, tol
+
+
 def ranking_accuracy(out: EnergyLoss) -> torch.Tensor:
-    """Fraction of samples whose positive gets the lowest energy among its candidates (tensor)."""
-    return (out.energies.argmin(dim=1) == out.target).float().mean()
+    """Fraction of samples whose positive gets the lowest energy among its candidates, ties
+    counted as ties: a positive tied with k others (|E_c - E_pos| <= 1e-4 * max(1, |E_pos|))
+    and below the rest scores 1 / (k + 1), what a random tie-break gets. A model that cannot
+    tell the candidates apart scores chance (1 / C), not 1. (tensor, no host sync)"""
+    E, pos, tie, tol = _ties(out)
+    lower = (E < pos - tol).any(dim=1)  # another candidate strictly below the positive
+    return ((~lower).float() / (1 + tie.sum(dim=1)).float()).mean()
+
+
+def tie_rate(out: EnergyLoss) -> torch.Tensor:
+    """Fraction of the (sample, negative) pairs whose energy ties with the positive's."""
+    _, _, tie, _ = _ties(out)
+    return tie.float().sum() / max(1, tie.numel() - tie.shape[0])
+
+
+def energy_spread(out: EnergyLoss, tau: float = 1.0) -> torch.Tensor:
+    """Mean over samples of the standard deviation of the energies over the candidates,
+    divided by ``tau`` (the spread of the InfoNCE logits). ~0: the energy does not depend on
+    the candidate (the loss sits at its uniform value)."""
+    return (out.energies.float().std(dim=1) / tau).mean()
+
+
+def candidate_weight(out: EnergyLoss, columns: slice, tau: float) -> torch.Tensor:
+    """Mean over samples of the softmax(-E / tau) mass on ``columns`` of the candidates: the
+    weight those candidates carry in the InfoNCE loss (and its gradient)."""
+    p = torch.softmax(-out.energies.float() / tau, dim=1)
+    return p[:, columns].sum(dim=1).mean()
 
 
 def _check_chunks(energy_model, context, name: str, t, ndim: int = 3,
@@ -97,12 +135,29 @@ def explicit_infonce(energy_model, context, pad_mask, expert, negatives, *, tau:
     return EnergyLoss(infonce_from_energies(energies, target, tau), energies, target)
 
 
+def margin_from_energies(energies: torch.Tensor, dist: torch.Tensor, *, m0: float = 1.0,
+                         kappa: float = 0.6, detach_positive: bool = False) -> torch.Tensor:
+    """mean over (b, m) of relu(m0 + kappa * dist[b, m] + E[b, 0] - E[b, 1 + m]).
+
+    energies (B, 1 + M): column 0 the positive; dist (B, M). With the positive's energy in the
+    graph the loss depends on energy DIFFERENCES only, so shifting every energy by the same
+    amount changes neither the loss nor (summed over the candidates) its gradient.
+    ``detach_positive=True`` is the fork's choice: the gradient then pushes only the negatives
+    up, and the loss falls by raising every energy together - it collapses (energies grow
+    without bound, their spread across candidates goes to 0)."""
+    e_pos, e_neg = energies[:, :1], energies[:, 1:]
+    if detach_positive:
+        e_pos = e_pos.detach()
+    return F.relu(m0 + kappa * dist.to(energies.dtype) + e_pos - e_neg).mean()
+
+
 def margin_ranking(energy_model, context, pad_mask, expert, negatives, *, m0: float = 1.0,
-                   kappa: float = 0.6, detach_positive: bool = True,
+                   kappa: float = 0.6, detach_positive: bool = False,
                    backend: str = "auto") -> EnergyLoss:
-    """mean over (b, m) of relu(m0 + kappa * |A_neg - A*| + E_pos - E_neg), |.| the L2 norm of
-    the flattened chunk. ``detach_positive`` (the fork's choice) stops the gradient through
-    E_pos, so only the negatives are pushed up. m0 >= 0, kappa >= 0, M >= 1."""
+    """Margin ranking of the expert (B, H, Da) against negatives (B, M, H, Da):
+    :func:`margin_from_energies` with dist = |A_neg - A*|, the L2 norm of the flattened chunk
+    difference. The positive stays in the graph unless ``detach_positive`` (the fork's choice,
+    which collapses: see :func:`margin_from_energies`). m0 >= 0, kappa >= 0, M >= 1."""
     m0 = check_real("m0", m0, low=0)
     kappa = check_real("kappa", kappa, low=0)
     check_bool("detach_positive", detach_positive)
@@ -110,42 +165,52 @@ def margin_ranking(energy_model, context, pad_mask, expert, negatives, *, m0: fl
     _check_negatives(energy_model, context, expert, negatives, at_least=1)
     candidates = torch.cat([expert.unsqueeze(1), negatives.to(expert.dtype)], dim=1)
     energies = energy_scores(energy_model, context, pad_mask, candidates, backend=backend)
-    e_pos, e_neg = energies[:, :1], energies[:, 1:]
-    if detach_positive:
-        e_pos = e_pos.detach()
-    dist = (negatives - expert.unsqueeze(1)).flatten(2).norm(dim=-1).to(energies.dtype)
-    loss = F.relu(m0 + kappa * dist + e_pos - e_neg).mean()
+    dist = (negatives - expert.unsqueeze(1)).flatten(2).norm(dim=-1)
+    loss = margin_from_energies(energies, dist, m0=m0, kappa=kappa, detach_positive=detach_positive)
     target = torch.zeros(expert.shape[0], dtype=torch.int64, device=expert.device)
     return EnergyLoss(loss, energies, target)
 
 
 def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | None = None, *,
-                         layer_picks: Sequence[int] | None = None, sigma: float = 0.3,
-                         amplitudes: Sequence[float] = (0.3, 1.7), sign_flip: bool = True,
+                         layer_picks: Sequence[int] | None = None, own_prediction: bool = False,
+                         sigma: float = 0.3, amplitudes: Sequence[float] = (),
+                         sign_flip: bool = True,
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """Negatives (B, M, H, Da) around the expert chunk (B, H, Da), in this order:
-    the picked layer actions (from ``layer_actions`` (L', B, H, Da); default picks the first
-    and the middle layer), Gaussian noise (sigma), each amplitude scaling, and a sign flip of
-    one action dimension per sample. Defaults give M = 6 with layer actions.
+
+    1. the picked layer actions, ``layer_actions[p]`` for p in ``layer_picks`` (from
+       ``layer_actions`` (L', B, H, Da); default: the first and the middle layer);
+    2. with ``own_prediction``, the policy's own prediction ``layer_actions[-1]`` (the head on
+       the last hidden state);
+    3. Gaussian noise ``expert + sigma * N(0, 1)`` (none when sigma = 0);
+    4. each amplitude scaling ``expert * a``;
+    5. with ``sign_flip``, a sign flip of one action dimension per sample.
+
+    Groups 1-2 depend on the policy's weights (theta); 3-5 only on the expert. M = len(picks)
+    + own_prediction + (sigma > 0) + len(amplitudes) + sign_flip.
 
     The flipped dimension is drawn with probability proportional to its mean magnitude over
     the chunk, so a dimension that is always zero (e.g. an unused rotation axis) is never
     "flipped" into an exact copy of the expert.
 
-    Caveat (the energy fork's architecture, kept for state_dict compatibility): its action
-    encoder starts with a LayerNorm over each step's Da values, so the energy is invariant to
-    a positive rescaling (and a shift) of every step: the amplitude negatives (x0.3, x1.7) tie
-    with the expert by construction. They are kept as the fork's negatives; they carry signal
-    only for an energy model without that normalisation."""
+    Amplitudes are off by default: the energy fork's action encoder (kept for state_dict
+    compatibility) starts with a LayerNorm over each step's Da values, so its energy is
+    invariant to a positive rescaling (and a shift) of every step - an amplitude negative
+    TIES with the expert (to ~1e-5) and only adds a floor of log(1 + ties) to the InfoNCE loss.
+    The defaults give candidates that an energy model can tell apart."""
     check_tensor("expert", expert, ndim=3, floating=True)
     B, H, Da = expert.shape
     sigma = check_real("sigma", sigma, low=0)
     amplitudes = [check_real(f"amplitudes[{i}]", a) for i, a in enumerate(amplitudes)]
     check_bool("sign_flip", sign_flip)
+    check_bool("own_prediction", own_prediction)
     negs = []
     if layer_actions is None:
         if layer_picks is not None:
             raise ValueError("layer_picks: given without layer_actions")
+        if own_prediction:
+            raise ValueError("own_prediction: needs layer_actions (its last entry is the "
+                             "policy's own prediction)")
     else:
         check_tensor("layer_actions", layer_actions, ndim=4, shape={1: B, 2: H, 3: Da}, floating=True)
         L = layer_actions.shape[0]
@@ -154,9 +219,12 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
         for i, p in enumerate(picks):
             check_int(f"layer_picks[{i}]", p, low=-L, high=L - 1)
         negs += [layer_actions[p].to(expert.dtype) for p in picks]
-    noise = torch.randn(expert.shape, generator=generator, device=expert.device,
-                        dtype=torch.float32).to(expert.dtype)
-    negs.append(expert + sigma * noise)
+        if own_prediction:
+            negs.append(layer_actions[-1].to(expert.dtype))
+    if sigma > 0:
+        noise = torch.randn(expert.shape, generator=generator, device=expert.device,
+                            dtype=torch.float32).to(expert.dtype)
+        negs.append(expert + sigma * noise)
     negs += [expert * a for a in amplitudes]
     if sign_flip:
         # Gumbel-max draw, proportional to each dimension's mean magnitude: no host sync and,
@@ -167,6 +235,9 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
         dim = (weight.log() - (-u.log()).log()).argmax(dim=1)
         flip = 1 - 2 * F.one_hot(dim, Da).to(expert.dtype)  # (B, Da): -1 at the flipped dim
         negs.append(expert * flip[:, None, :])
+    if not negs:
+        raise ValueError("structured_negatives: every kind of negative is off (no layer "
+                         "actions, sigma = 0, no amplitudes, no sign flip)")
     return torch.stack(negs, dim=1)
 
 

@@ -206,7 +206,15 @@ def energy_scores(energy_model: EnergyModel, context: torch.Tensor, pad_mask: to
     pad_mask (B, S) bool, True = ignore that key. A sample with every key masked attends to
     nothing (its attention output is zero); ``validate=True`` raises instead, and also checks
     context and candidates for NaN/inf (these value checks synchronise with the host).
+    A model with ``action_residual=True`` runs eagerly (the fused kernels lack that term).
     """
     check_energy_inputs(energy_model, context, pad_mask, candidates, validate)
-    fn = _path("energy", backend, context.device)
-    return fn(energy_weights(energy_model), context, pad_mask, candidates)
+    w = energy_weights(energy_model)
+    if w.gate_a is not None:
+        # the fused kernels have no action-residual term (z + gate_a * encoded action): such a
+        # model runs its reference under "auto"; an explicit "triton" is an error
+        if backend == "triton":
+            raise NotImplementedError("energy_scores: backend='triton' does not implement "
+                                      "EnergyModel(action_residual=True); use 'auto' or 'eager'")
+        backend = "eager"
+    return _path("energy", backend, context.device)(w, context, pad_mask, candidates)

@@ -68,7 +68,9 @@ class EnergyWeights(NamedTuple):
     """The energy model: state encoder (context rows -> hidden E), action encoder (Da -> E) +
     positional table ``pe`` (max_steps, E), the attention's packed q|k|v projection
     ``in_proj_weight`` (3E, E) / ``in_proj_bias`` (3E,) and ``out_proj``, the per-step
-    prediction head (E -> 1); ``heads`` attention heads; ``output`` transform."""
+    prediction head (E -> 1); ``heads`` attention heads; ``output`` transform; ``gate_a``
+    (0-d) when the model adds the action residual ``gate_a * encoded action`` to the attention
+    output before the head (None: no residual; the fused kernels implement only that case)."""
     state: MLPResNetWeights
     action: MLPResNetWeights
     head: MLPResNetWeights
@@ -79,6 +81,7 @@ class EnergyWeights(NamedTuple):
     pe: Tensor
     heads: int
     output: str
+    gate_a: Tensor | None = None
 
     @property
     def hidden(self) -> int:

@@ -194,7 +194,7 @@ def test_good_edge_values_pass():
     c, m = _ctx()
     assert torch.equal(correct_actions(_model(), c, m, a, alpha=0.0, steps=3), a)
     assert torch.equal(correct_actions(_model(), c, m, a, steps=0), a)
-    assert torch.equal(structured_negatives(a, sigma=0, sign_flip=False)[:, 0], a)
+    assert torch.equal(structured_negatives(a, sigma=0, sign_flip=False, amplitudes=(1.0,))[:, 0], a)
     pool = _expert(b=5)
     out = swap_infonce(_model(), c, m, a, all_expert=pool, offset=3)
     assert out.target.tolist() == [3, 4]

@@ -98,9 +98,10 @@ def test_out_that_is_a_file_or_unwritable(tmp_path, capsys):
 def test_compare_checks_every_spec_before_the_first_run(tmp_path, capsys):
     out = tmp_path / "cmp"
     sets = [x for k, v in {**TINY, "steps": 2}.items() for x in ("--set", f"{k}={v}")]
-    assert main(["compare", "--out", str(out), "--strategies", "two_phase;joint:tau=-1", *sets]) == 2
+    assert main(["compare", "--out", str(out), "--seeds", "1", "--strategies",
+                 "two_phase;joint:tau=-1", *sets]) == 2
     assert "energy.tau: expected a number > 0.0, got -1" in capsys.readouterr().err
-    assert not (out / "two_phase").exists()
+    assert not (out / "pretrain").exists() and not (out / "seed0").exists()
 
 
 # ---- 4. checkpoints and runs: nothing lost ---------------------------------------------------

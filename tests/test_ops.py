@@ -142,8 +142,9 @@ def test_swap_infonce_equals_replicated(seed):
 def test_explicit_infonce_and_margin_equal_replicated(seed):
     model, ctx, pm, expert = _energy_setup(seed)
     la = torch.randn(4, 3, 3, 5, dtype=F64)
-    negs = structured_negatives(expert, la, generator=torch.Generator().manual_seed(seed))
-    assert negs.shape == (3, 6, 3, 5)
+    negs = structured_negatives(expert, la, own_prediction=True,
+                                generator=torch.Generator().manual_seed(seed))
+    assert negs.shape == (3, 5, 3, 5)
     ref_loss, ref_E = replicated_explicit_infonce(model, ctx, pm, expert, negs)
     ref_loss.backward()
     ref_grads = _grads(model)
@@ -164,16 +165,29 @@ def test_structured_negatives_are_what_they_say():
     torch.manual_seed(0)
     expert = torch.randn(4, 3, 5, dtype=F64)
     la = torch.randn(5, 4, 3, 5, dtype=F64)
-    n = structured_negatives(expert, la, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(n[:, 0], la[0]) and torch.equal(n[:, 1], la[2])
-    assert 0.2 < (n[:, 2] - expert).std().item() < 0.4        # Gaussian sigma 0.3
-    assert_close("x0.3", expert * 0.3, n[:, 3], F64, tol=0)
-    assert_close("x1.7", expert * 1.7, n[:, 4], F64, tol=0)
-    flipped = (n[:, 5] != expert).any(dim=1)                   # (B, Da): which dims changed
+    n = structured_negatives(expert, la, own_prediction=True, amplitudes=(0.3, 1.7),
+                             generator=torch.Generator().manual_seed(1))
+    assert n.shape == (4, 7, 3, 5)
+    assert torch.equal(n[:, 0], la[0]) and torch.equal(n[:, 1], la[2])   # first, middle
+    assert torch.equal(n[:, 2], la[-1])                                  # own prediction
+    assert 0.2 < (n[:, 3] - expert).std().item() < 0.4                   # Gaussian sigma 0.3
+    assert_close("x0.3", expert * 0.3, n[:, 4], F64, tol=0)
+    assert_close("x1.7", expert * 1.7, n[:, 5], F64, tol=0)
+    flipped = (n[:, 6] != expert).any(dim=1)                             # (B, Da): which dims changed
     assert (flipped.sum(dim=1) == 1).all()
-    assert torch.equal(n[:, 5][~flipped[:, None, :].expand(-1, 3, -1)],
+    assert torch.equal(n[:, 6][~flipped[:, None, :].expand(-1, 3, -1)],
                        expert[~flipped[:, None, :].expand(-1, 3, -1)])
-    assert structured_negatives(expert).shape == (4, 4, 3, 5)  # no layer actions: M = 4
+    # the defaults: first + middle layer, noise, sign flip - no amplitude (they tie)
+    assert structured_negatives(expert, la).shape == (4, 4, 3, 5)
+    assert structured_negatives(expert).shape == (4, 2, 3, 5)            # no layer actions
+    picked = structured_negatives(expert, la, layer_picks=(1, -1), sigma=0.0, sign_flip=False)
+    assert torch.equal(picked, torch.stack([la[1], la[-1]], dim=1))
+    with pytest.raises(ValueError, match=r"layer_picks\[0\]: expected an int in \[-5, 4\], got 5"):
+        structured_negatives(expert, la, layer_picks=(5,))
+    with pytest.raises(ValueError, match="own_prediction: needs layer_actions"):
+        structured_negatives(expert, own_prediction=True)
+    with pytest.raises(ValueError, match="every kind of negative is off"):
+        structured_negatives(expert, sigma=0.0, sign_flip=False)
     # a dimension that is zero over the whole chunk is never the flipped one
     sparse = expert.clone()
     sparse[..., 1:] = 0

@@ -65,7 +65,7 @@ def plain_two_phase(t: Trainer, steps: int, bf16: bool = False) -> list[tuple[to
                                      final_norm=policy.decoder()[1])
             ctx = f32(hs[-1].gather(1, mb.layout.context_index[:, :, None].expand(-1, -1, hs[-1].shape[-1])))
             g = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + k) * 1024 + mb.index)
-            cand = losses.structured_negatives(mb.expert, negs, generator=g)
+            cand = losses.structured_negatives(mb.expert, negs, own_prediction=True, generator=g)
             e = losses.explicit_infonce(t.energy, ctx, mb.layout.pad_mask, mb.expert, cand,
                                         tau=cfg.energy.tau)
             (e.loss / n).backward()

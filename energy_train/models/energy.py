@@ -11,8 +11,9 @@ over the H steps, then the output transform.
 Deviations from the fork, on purpose:
 - the positional encoding has no dropout (the fork's 0.2 makes energies stochastic; the fused
   kernels compute deterministic energies and must equal this module);
-- ``gate_a`` (a parameter the fork defines but never uses) is a persistent *buffer* here: fork
-  state_dicts still load with strict=True, and no unused parameter trips DDP;
+- ``gate_a`` (a parameter the fork defines and leaves unused, its action residual commented
+  out) is a persistent *buffer* here unless ``action_residual=True``: fork state_dicts still
+  load with strict=True either way, and no unused parameter trips DDP;
 - a sample whose pad mask hides every key attends to nothing: its attention output is zero
   (``nn.MultiheadAttention`` returns NaN there). ``validate=True`` in the ops raises instead.
 """
@@ -56,10 +57,18 @@ class EnergyModel(nn.Module):
     ``score(context, pad_mask, candidates (B, C, H, Da)) -> (B, C)`` encodes each context once
     (state encoder and K/V projections) and scores all C candidates against it; ``forward`` is
     ``score`` with C = 1.
+
+    ``action_residual=True`` is the fork's ``gate_a`` path: the prediction head reads
+    ``attention output + gate_a * encoded action`` (gate_a a learnable scalar, 0.1 at
+    init), so the energy still depends on the candidate when the attention weights are
+    uniform (e.g. after the backbone's context rows collapse); without it the action reaches
+    the energy ONLY through the attention weights. Off by default (the fork's active code);
+    the fused kernels do not implement it (``ops.energy_scores`` runs such a model eagerly).
     """
 
     def __init__(self, state_dim: int, act_dim: int, hidden: int = 512, heads: int = 8,
-                 activation: str = "silu", output: str = "unbounded", max_steps: int = 512):
+                 activation: str = "silu", output: str = "unbounded", max_steps: int = 512,
+                 action_residual: bool = False):
         super().__init__()
         for name, v in (("state_dim", state_dim), ("act_dim", act_dim), ("hidden", hidden),
                         ("heads", heads), ("max_steps", max_steps)):
@@ -74,7 +83,11 @@ class EnergyModel(nn.Module):
         self.state_linear = MLPResNet(1, state_dim, hidden, hidden, activation)
         self.action_linear = MLPResNet(1, act_dim, hidden, hidden, activation)
         self.prediction_head = MLPResNet(2, hidden, hidden, 1, activation)
-        self.register_buffer("gate_a", torch.tensor(0.1))
+        self.action_residual = bool(action_residual)
+        if self.action_residual:
+            self.gate_a = nn.Parameter(torch.tensor(0.1))
+        else:  # same state_dict key: checkpoints load strictly either way
+            self.register_buffer("gate_a", torch.tensor(0.1))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -32,4 +32,5 @@ def energy_weights(model) -> EnergyWeights:
         head=mlp_resnet_weights(model.prediction_head),
         in_proj_weight=model.cross.in_proj_weight, in_proj_bias=model.cross.in_proj_bias,
         out_proj_weight=model.cross.out_proj.weight, out_proj_bias=model.cross.out_proj.bias,
-        pe=model.pe_layer.P, heads=model.heads, output=model.output)
+        pe=model.pe_layer.P, heads=model.heads, output=model.output,
+        gate_a=model.gate_a if getattr(model, "action_residual", False) else None)

@@ -65,7 +65,8 @@ def default_energy(cfg, policy: Policy, device: torch.device) -> nn.Module:
     from ..models import EnergyModel
     _, Da = policy.chunk_shape
     return EnergyModel(policy.hidden_size, Da, hidden=cfg.energy.hidden, heads=cfg.energy.heads,
-                       output=cfg.energy.output).to(device)
+                       output=cfg.energy.output,
+                       action_residual=cfg.energy.action_residual).to(device)
 
 
 __all__ = ["Setup", "REGISTRY", "resolve_factory", "options_class", "available", "default_energy"]

@@ -82,7 +82,8 @@ def build(cfg, device: torch.device) -> Setup:
     head = L1RegressionActionHead(input_dim=o.d_model, hidden_dim=o.head_hidden,
                                   action_dim=o.action_dim, num_actions_chunk=o.chunk)
     energy = EnergyModel(o.d_model, o.action_dim, hidden=cfg.energy.hidden,
-                         heads=cfg.energy.heads, output=cfg.energy.output)
+                         heads=cfg.energy.heads, output=cfg.energy.output,
+                         action_residual=cfg.energy.action_residual)
     data = TaskData(cfg.run.seed, o.dataset_size, o.probe_size, batch_size=cfg.run.batch_size,
                     grad_accum=cfg.run.grad_accum, num_objects=o.num_objects,
                     image_size=o.image_size, chunk=o.chunk, device=device)

@@ -218,9 +218,9 @@ def split_theta(theta: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
 
 
 @torch.no_grad()
-def load_theta_state(policy, theta: dict[str, torch.Tensor]) -> None:
+def load_theta_state(policy, theta: dict[str, torch.Tensor], where: str = "--resume") -> None:
     """Copy a theta state into the policy's trainable parameters (FSDP shards included);
-    the names must match exactly."""
+    the names must match exactly (errors start with ``where``)."""
     params = dict(policy.named_trainable())
     missing, unexpected = sorted(set(params) - set(theta)), sorted(set(theta) - set(params))
     if missing or unexpected:
@@ -233,7 +233,7 @@ def load_theta_state(policy, theta: dict[str, torch.Tensor]) -> None:
             from torch.distributed.tensor import distribute_tensor
             value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
         if tuple(value.shape) != tuple(p.shape):
-            raise CheckpointError(f"--resume: theta tensor {name}: expected shape "
+            raise CheckpointError(f"{where}: theta tensor {name}: expected shape "
                                   f"{tuple(p.shape)}, got {tuple(value.shape)}")
         p.copy_(value)
 

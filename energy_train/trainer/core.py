@@ -14,6 +14,11 @@ The two phases (what two_phase runs, and what every other strategy rearranges):
   only the action rows of each layer and the context rows), negatives from the current head,
   energy loss, backward, step phi. Nothing here can reach theta: its inputs carry no graph.
 
+Diagnostics beside the steps (never inside them): :meth:`Trainer.probe` (held-out L1, the
+training energy loss on a fixed batch, drift, context row diversity) every run.probe_every
+steps, and :meth:`Trainer.lag_effect` (the one-step lag of the energy loss's inputs) every
+run.lag_every steps.
+
 On CUDA (``run.overlap``) phase_phi runs on a side stream beside the next step's phase_theta,
 ordered by events (:mod:`energy_train.trainer.overlap`); on the CPU, or with overlap off, the
 same code runs in order. Nothing inside a step synchronises with the host: metrics stay on
@@ -34,7 +39,7 @@ from torch import nn
 
 from .. import losses
 from ..capture import CapturedStates, HiddenStateCapture, gather_hidden_states
-from ..config import TrainConfig
+from ..config import TrainConfig, parse_floats
 from ..distributed import LOCAL
 from ..grads import grad_norm
 from ..models import L1RegressionActionHead
@@ -75,7 +80,8 @@ class Mean:
 
     def add(self, **values) -> None:
         for k, v in values.items():
-            self.values[k] = self.values.get(k, 0.0) + v.detach() / self.n
+            v = v.detach() if isinstance(v, torch.Tensor) else v
+            self.values[k] = self.values.get(k, 0.0) + v / self.n
 
     def set(self, **values) -> None:
         self.values.update(values)
@@ -84,6 +90,18 @@ class Mean:
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32 (losses and norms of autocast outputs); fp32/fp64 unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def row_diversity(context: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+    """How different a sample's context rows are: sqrt(sum_s |c_s - mean_s c|^2 / sum_s |c_s|^2)
+    over the rows the pad mask keeps, averaged over samples. context (B, S, D), pad_mask (B, S)
+    True = ignored. 0 = every row the same (a collapsed context: attention over it is uniform),
+    1 = rows with no common component."""
+    x = context.float()
+    w = torch.ones(x.shape[:2], device=x.device) if pad_mask is None else (~pad_mask).float()
+    mean = (x * w[..., None]).sum(1) / w.sum(1).clamp_min(1.0)[:, None]
+    spread = ((x - mean[:, None]).square().sum(-1) * w).sum(1)
+    return (spread / (x.square().sum(-1) * w).sum(1).clamp_min(1e-12)).sqrt().mean()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,6 +132,11 @@ class Trainer:
         from .strategies import make_strategy
 
         self.cfg, self.policy, self.energy, self.device = cfg, policy, energy, device
+        if cfg.energy.action_residual != getattr(energy, "action_residual", cfg.energy.action_residual):
+            raise ValueError(f"energy.action_residual: the config says {cfg.energy.action_residual}, "
+                             f"the energy model was built with {energy.action_residual}")
+        if cfg.energy.precision == "bf16_weights":
+            energy.to(torch.bfloat16)  # the fork's first recipe: bf16 weights, AdamW on them
         self.feed = data if isinstance(data, Feed) else Feed(data, cfg.run.grad_accum, probe)
         self.theta = [p for _, p in policy.named_trainable()]
         self.phi = [p for p in energy.parameters() if p.requires_grad]
@@ -145,6 +168,7 @@ class Trainer:
         self._probe: Micro | None = None
         self._probe_prev = None
         self._probe_step = None
+        self._lag_ref = None  # (step, context, negatives) of theta_s on batch s: the lag effect
 
     # ---- precision ----------------------------------------------------------------------------
     def autocast(self):
@@ -155,6 +179,11 @@ class Trainer:
     def _energy_autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.energy.precision == "bf16")
+
+    def _energy_input(self, context: torch.Tensor) -> torch.Tensor:
+        """The context in the dtype the energy model reads: fp32 unless energy.precision is
+        bf16 (autocast) or bf16_weights (the model casts it to its own dtype)."""
+        return upcast(context) if self.cfg.energy.precision == "fp32" else context
 
     # ---- micro-batches ----------------------------------------------------------------------
     def batch(self, step: int) -> list[Micro]:
@@ -179,14 +208,15 @@ class Trainer:
         with torch.set_grad_enabled(grad), self.autocast():
             if not capture:
                 return Forward(mb, hidden(self.policy.forward(mb.batch)), None)
+            keep = grad or self.cfg.energy.context == "all"  # "all": the context IS the last state
             if self.capture is None:
                 out = self.policy.forward(mb.batch, output_hidden_states=True)
                 cap = gather_hidden_states(out.hidden_states, lay.action_index, lay.context_index)
-                return Forward(mb, out.last_hidden_state if grad else None, cap)
+                return Forward(mb, out.last_hidden_state if keep else None, cap)
             slot = (grad, self.step % 2, mb.index) if reuse else None
             with self.capture.armed(lay.action_index, lay.context_index, slot=slot) as cap:
                 last = hidden(self.policy.forward(mb.batch))
-        return Forward(mb, last if grad else None, cap)
+        return Forward(mb, last if keep else None, cap)
 
     def forward_l1(self, mb: Micro, *, capture: bool = False) -> tuple[torch.Tensor, Forward]:
         """Policy forward WITH grad, the head on its action rows, the L1 loss against the expert
@@ -207,15 +237,43 @@ class Trainer:
         return self._forward(mb, grad=False, capture=True, reuse=reuse)
 
     def context(self, fwd: Forward, detach: bool = True) -> torch.Tensor:
-        """(B, S, D) context rows; ``detach=False`` keeps the graph into theta."""
+        """(B, S, D) context rows (energy.context = "all": the whole last hidden state, S = T);
+        ``detach=False`` keeps the graph into theta."""
+        if self.cfg.energy.context == "all":
+            return fwd.last_hidden.detach() if detach else fwd.last_hidden
         if detach or fwd.last_hidden is None:
             return fwd.captured.context
         h, idx = fwd.last_hidden, fwd.mb.layout.context_index
         return h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1]))
 
+    def pad_mask(self, mb: Micro) -> torch.Tensor | None:
+        """The energy model's key padding mask: the policy's, or none with energy.context="all"."""
+        return None if self.cfg.energy.context == "all" else mb.layout.pad_mask
+
+    def layer_picks(self, num_layers: int) -> list[int]:
+        """energy.layer_picks resolved against the number of layer actions."""
+        where = {"first": 0, "middle": num_layers // 2, "last": num_layers - 1}
+        picks = []
+        for p in filter(None, (x.strip() for x in self.cfg.energy.layer_picks.split(","))):
+            i = where[p] if p in where else int(p)
+            if not -num_layers <= i < num_layers:
+                raise ValueError(f"energy.layer_picks: {p!r} is out of range for the "
+                                 f"{num_layers} layer actions of this policy")
+            picks.append(i % num_layers)
+        return picks
+
+    @property
+    def theta_negatives(self) -> int:
+        """How many of the structured negatives come from the policy's weights (the picked
+        layer actions and the own prediction), when the loss uses them; they come first."""
+        e = self.cfg.energy
+        if e.loss == "swap":
+            return 0
+        return len([p for p in e.layer_picks.split(",") if p.strip()]) + int(e.own_prediction)
+
     @property
     def needs_negatives(self) -> bool:
-        return self.cfg.energy.loss != "swap"
+        return self.theta_negatives > 0
 
     @torch.no_grad()
     def layer_actions(self, fwd: Forward) -> torch.Tensor:
@@ -248,19 +306,45 @@ class Trainer:
     def _energy_loss(self, context, mb: Micro, negs) -> losses.EnergyLoss:
         e = self.cfg.energy
         with self._energy_autocast():
-            if e.precision == "fp32":
-                context = upcast(context)
-            pad, expert = mb.layout.pad_mask, mb.expert
+            context = self._energy_input(context)
+            pad, expert = self.pad_mask(mb), mb.expert
             if e.loss == "swap":  # global negatives: the expert chunks of every rank
                 pool, offset = self.dp.gather(expert) if self.cfg.dist.global_negatives else (None, 0)
                 return losses.swap_infonce(self.energy, context, pad, expert, tau=e.tau,
                                            all_expert=pool, offset=offset)
-            g = self._gen.manual_seed((self.cfg.run.seed * 1_000_003 + self.step) * 1024 +
-                                      mb.index + 1_000_000_007 * self.dp.rank)
-            cand = losses.structured_negatives(expert, negs, generator=g)
+            cand = self.structured_negatives(mb, negs)
             if e.loss == "explicit":
                 return losses.explicit_infonce(self.energy, context, pad, expert, cand, tau=e.tau)
             return losses.margin_ranking(self.energy, context, pad, expert, cand)
+
+    def structured_negatives(self, mb: Micro, negs: torch.Tensor | None) -> torch.Tensor:
+        """(B, M, H, Da): the [energy] section's negatives for this micro-batch (the random
+        ones drawn from a generator seeded by seed, step, micro-batch and rank)."""
+        e = self.cfg.energy
+        g = self._gen.manual_seed((self.cfg.run.seed * 1_000_003 + self.step) * 1024 +
+                                  mb.index + 1_000_000_007 * self.dp.rank)
+        picks = self.layer_picks(negs.shape[0]) if negs is not None else []
+        return losses.structured_negatives(
+            mb.expert, negs if self.needs_negatives else None, layer_picks=picks,
+            own_prediction=e.own_prediction, sigma=e.noise_sigma,
+            amplitudes=parse_floats(e.amplitudes), sign_flip=e.sign_flip, generator=g)
+
+    def energy_stats(self, out: losses.EnergyLoss) -> dict:
+        """The metrics of one energy loss (device tensors): the loss, ranking accuracy (ties
+        counted as ties), tie rate, the spread of the logits over the candidates (~0: the
+        energy ignores the candidate), and for explicit/margin the InfoNCE weight of the
+        theta-dependent negatives (layer actions, own prediction) and their mean energy gap
+        above the positive."""
+        tau = self.cfg.energy.tau
+        res = {"energy_loss": out.loss, "rank_acc": losses.ranking_accuracy(out),
+               "tie_rate": losses.tie_rate(out), "energy_spread": losses.energy_spread(out, tau),
+               "chance": 1.0 / out.energies.shape[1]}
+        n = self.theta_negatives
+        if n:
+            E = out.energies.float()
+            res["neg_weight_theta"] = losses.candidate_weight(out, slice(1, 1 + n), tau)
+            res["neg_gap_theta"] = (E[:, 1:1 + n] - E[:, :1]).mean()
+        return res
 
     def energy_micro(self, context: torch.Tensor, mb: Micro, negs, m: Mean) -> None:
         """One micro-batch of an energy-only phase: the loss (warm-up weighted, divided by the
@@ -269,7 +353,7 @@ class Trainer:
         d = self.energy_backward(self.energy_weight() * out.loss / m.n, audit=mb.index == 0)
         if d is not None:
             m.set(energy_grad_theta=d)
-        m.add(energy_loss=out.loss, rank_acc=losses.ranking_accuracy(out))
+        m.add(**self.energy_stats(out))
 
     def energy_weight(self) -> float:
         w = self.cfg.energy.warmup_steps
@@ -337,7 +421,7 @@ class Trainer:
                     negs = self.negatives(fwd)
                 if mb.last:
                     self.streams.theta_released()  # the last read of theta in this phase
-                self.energy_micro(fwd.captured.context, mb, negs, m)
+                self.energy_micro(self.context(fwd), mb, negs, m)
             m.set(grad_norm_phi=self.step_phi())
         return m.values
 
@@ -346,6 +430,9 @@ class Trainer:
         """One optimizer step as the strategy schedules it; metrics stay on the device."""
         self.timer.set_step(self.step)
         batch = self.batch(self.step)
+        lag = self.lag_due()
+        if lag:
+            self.lag_snapshot(batch)
         with self.timer("step"):
             metrics = self.strategy.step(self, batch, self.step)
         metrics = {k: v for k, v in metrics.items() if v is not None}
@@ -356,6 +443,8 @@ class Trainer:
             self.sched_theta.step()
             self.sched_phi.step()
         self.step += 1
+        if lag:
+            metrics.update(self.lag_effect())
         if self.cfg.run.probe_every and self.step % self.cfg.run.probe_every == 0:
             metrics.update(self.probe())
         self.meter.add(self.step - 1, metrics)
@@ -369,20 +458,22 @@ class Trainer:
 
     @torch.no_grad()
     def probe(self) -> dict:
-        """Held-out metrics and drift on the fixed probe batch: relative change per step of the
-        context and of the layer actions since the last probe (what phi has to chase)."""
+        """Held-out metrics on the fixed probe batch: L1, the TRAINING energy loss and its
+        ranking accuracy (the same candidate set), the context's row diversity (~0: the
+        context rows collapsed), and the drift: relative change per step of the context and of
+        the layer actions since the last probe (what phi has to chase)."""
         self.streams.drain()  # phi is read here, on the main stream
         mb = self.probe_batch()
         fwd = self.observe(mb, reuse=False)  # kept as the next drift reference
-        ctx, negs = fwd.captured.context, self.layer_actions(fwd)
+        ctx, negs = self.context(fwd), self.layer_actions(fwd)
         with self.autocast():
             pred = self.policy.predict_action(fwd.captured.action_rows[-1])
         l1 = F.l1_loss(upcast(pred), upcast(mb.expert))
-        with self._energy_autocast():
-            c = upcast(ctx) if self.cfg.energy.precision == "fp32" else ctx
-            out = losses.swap_infonce(self.energy, c, mb.layout.pad_mask, mb.expert,
-                                      tau=self.cfg.energy.tau)
-        res = {"probe_l1": l1, "probe_rank_acc": losses.ranking_accuracy(out)}
+        out = self._energy_loss(ctx, mb, negs if self.needs_negatives else None)
+        res = {"probe_l1": l1, "probe_energy_loss": out.loss,
+               "probe_rank_acc": losses.ranking_accuracy(out),
+               "probe_tie_rate": losses.tie_rate(out), "probe_chance": 1.0 / out.energies.shape[1],
+               "context_diversity": row_diversity(ctx, self.pad_mask(mb))}
         if self._probe_prev is not None and self.step > self._probe_step:
             pc, pn = self._probe_prev
             dt = self.step - self._probe_step
@@ -390,6 +481,42 @@ class Trainer:
             res["drift_negatives"] = upcast(negs - pn).norm() / upcast(pn).norm().clamp_min(1e-12) / dt
         self._probe_prev, self._probe_step = (ctx, negs), self.step
         return res
+
+    # ---- the one-step lag effect (run.lag_every) --------------------------------------------------
+    def lag_due(self) -> bool:
+        every = self.cfg.run.lag_every
+        return bool(every) and self.feed.exact_resume and self.step % every == 0
+
+    @torch.no_grad()
+    def _lag_inputs(self, mb: Micro):
+        fwd = self.observe(mb, reuse=False)
+        return self.context(fwd), (self.negatives(fwd) if self.needs_negatives else None)
+
+    @torch.no_grad()
+    def lag_snapshot(self, batch: list[Micro]) -> None:
+        """Before step s: the context and negatives of theta_s on batch s (its first micro-batch)."""
+        self.streams.drain()
+        self._lag_ref = (self.step, batch[0], *self._lag_inputs(batch[0]))
+
+    @torch.no_grad()
+    def lag_effect(self) -> dict:
+        """After step s (theta_s+1, phi_s+1): how much the energy loss (the training loss, no
+        grad) moves when its inputs switch from theta_s to theta_s+1 on batch s - what
+        two_phase changes against joint - and, for scale, when the batch switches from s to
+        s+1 under theta_s+1. {"lag_theta": |L(th_s+1, b_s) - L(th_s, b_s)|, "lag_batch":
+        |L(th_s+1, b_s+1) - L(th_s+1, b_s)|} (device tensors)."""
+        s, mb, ctx0, negs0 = self._lag_ref
+        self._lag_ref = None
+        if s != self.step - 1:
+            return {}
+        self.streams.drain()
+        nxt = self.batch(self.step)[0]
+        l_old = self._energy_loss(ctx0, mb, negs0).loss
+        ctx_new, negs_new = self._lag_inputs(mb)
+        l_new = self._energy_loss(ctx_new, mb, negs_new).loss
+        ctx_next, negs_next = self._lag_inputs(nxt)
+        l_next = self._energy_loss(ctx_next, nxt, negs_next).loss
+        return {"lag_theta": (l_new - l_old).abs(), "lag_batch": (l_next - l_new).abs()}
 
     def flush(self) -> list[dict]:
         """Read back the metrics of the interval (the one host sync) and merge phase times;

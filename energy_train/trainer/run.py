@@ -191,8 +191,13 @@ def _append(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def chance_level(cfg: TrainConfig) -> float:
-    return 1.0 / (cfg.run.batch_size if cfg.energy.loss == "swap" else 7)
+def chance_level(cfg: TrainConfig, records: list[dict] = ()) -> float:
+    """1 / the number of candidates the energy loss ranks: as logged ("chance"), else from
+    the config (swap: the batch; explicit / margin: 1 + the structured negatives)."""
+    logged = [r["chance"] for r in records if "chance" in r]
+    if logged:
+        return logged[-1]
+    return 1.0 / (cfg.run.batch_size if cfg.energy.loss == "swap" else 1 + cfg.energy.num_negatives())
 
 
 def summarize(cfg: TrainConfig, records: list[dict], wall: float) -> dict:
@@ -220,7 +225,7 @@ def summarize(cfg: TrainConfig, records: list[dict], wall: float) -> dict:
         "l1_first": window("l1", False), "l1_last": window("l1", True),
         "energy_first": window("energy_loss", False), "energy_last": window("energy_loss", True),
         "rank_acc_first": window("rank_acc", False), "rank_acc_last": window("rank_acc", True),
-        "rank_acc_chance": chance_level(cfg),
+        "rank_acc_chance": chance_level(cfg, records),
         "probe_l1_start": probe("probe_l1", False), "probe_l1_end": probe("probe_l1", True),
         "probe_rank_acc_start": probe("probe_rank_acc", False),
         "probe_rank_acc_end": probe("probe_rank_acc", True),
@@ -437,7 +442,7 @@ def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: 
     summary = summarize(cfg, records, trainer.clock.seconds())
     plot_run(records, run_dir / "curves.png",
              title=f"{cfg.run.policy} / {cfg.run.strategy} (seed {cfg.run.seed})",
-             chance=chance_level(cfg))
+             chance=chance_level(cfg, records))
     table = summary_table(summary)
     atomic_write_text(run_dir / "summary.md", table + "\n")
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))

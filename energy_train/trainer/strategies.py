@@ -41,6 +41,7 @@ class Blocks(Protocol):
     def negatives(self, fwd) -> torch.Tensor | None: ...
     def energy_loss(self, context, mb: Micro, negs) -> losses.EnergyLoss: ...
     def energy_micro(self, context, mb: Micro, negs, m) -> None: ...
+    def energy_stats(self, out: losses.EnergyLoss) -> dict: ...  # metrics of one energy loss
     def energy_weight(self) -> float: ...
     def energy_backward(self, loss, *, audit: bool, retain_graph: bool = False): ...
     def joint_backward(self, e_loss, l1_loss, *, detached: bool, audit: bool): ...
@@ -81,7 +82,7 @@ def one_forward_step(t: Blocks, batch: list[Micro], *, detach_context: bool, l1_
                              l1_weight * l1 / m.n, detached=detach_context, audit=mb.index == 0)
         if d is not None:
             m.set(energy_grad_theta=d)
-        m.add(l1=l1, energy_loss=out.loss, rank_acc=losses.ranking_accuracy(out))
+        m.add(l1=l1, **t.energy_stats(out))
     m.set(grad_norm_theta=t.step_theta(), grad_norm_phi=t.step_phi())
     return m.values
 
@@ -113,7 +114,7 @@ class SharedForward(Strategy):
         with t.timer("phase1"):
             for mb in t.micro(batch, "theta"):
                 l1, fwd = t.forward_l1(mb, capture=True)
-                snaps.append((fwd.captured.context, t.negatives(fwd)))  # head_theta_k, detached
+                snaps.append((t.context(fwd), t.negatives(fwd)))  # head_theta_k, detached
                 (l1 / m.n).backward()
                 m.add(l1=l1)
             m.set(grad_norm_theta=t.step_theta())
