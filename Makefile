@@ -15,9 +15,11 @@ train: $(STAMP)
 	$(VENV)/bin/energy-train train
 
 # CPU: the Triton kernels run under the interpreter; GPU tests are reported as skipped.
+# With pytest-xdist (the dev extra) two workers, one test file each at a time (a file's
+# fixtures, e.g. the C++ runtime build or the 2-rank job, run once).
 test: $(STAMP)
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
-	  $(PY) -m pytest -q
+	  $(PY) -m pytest -q $$($(PY) -c "import xdist; print('-n 2 --dist loadfile')" 2>/dev/null)
 
 # Benchmarks (bench/harness.py): GPU figures on CUDA, eager providers + ratios on the CPU.
 BENCH ?= layer_actions
