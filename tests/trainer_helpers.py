@@ -34,10 +34,16 @@ def grads(params):
 
 
 def spy_isolation(t: Trainer) -> list[bool]:
-    """Wrap ``t.step_phi`` and ``t.energy_backward``: each call appends to the returned list
-    whether it left theta (resp. theta's gradients) bitwise unchanged."""
+    """Wrap ``t.phase_phi``, ``t.step_phi`` and ``t.energy_backward``: each call appends to the
+    returned list whether it left theta (resp. theta's gradients) bitwise unchanged."""
     seen: list[bool] = []
-    step_phi, energy_backward = t.step_phi, t.energy_backward
+    phase_phi, step_phi, energy_backward = t.phase_phi, t.step_phi, t.energy_backward
+
+    def spy_phase_phi(batch):
+        before = snapshot(t.theta)
+        out = phase_phi(batch)
+        seen.append(same(before, snapshot(t.theta)))
+        return out
 
     def spy_step_phi():
         before = snapshot(t.theta)
@@ -52,7 +58,7 @@ def spy_isolation(t: Trainer) -> list[bool]:
                         for a, b in zip(before, grads(t.theta))))
         return out
 
-    t.step_phi, t.energy_backward = spy_step_phi, spy_backward
+    t.phase_phi, t.step_phi, t.energy_backward = spy_phase_phi, spy_step_phi, spy_backward
     return seen
 
 
