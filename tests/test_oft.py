@@ -189,8 +189,8 @@ def test_test_time_path_equals_ofts_predict_action_and_training_context():
 @pytest.mark.parametrize("strategy", ["two_phase", "shared_forward", "joint"])
 def test_strategies_with_lora_keep_the_invariants(strategy):
     """LoRA on the stand-in: only adapters + head + proprio projector train; the frozen base
-    is bitwise unchanged; phase 2 and the phi step leave theta bitwise unchanged; the energy backward
-    deposits nothing into theta; theta and phi move."""
+    is bitwise unchanged; phase 2 and the phi step leave theta bitwise unchanged; the energy
+    backward deposits nothing into theta; theta and phi move."""
     p = policy(lora_rank=4)
     frozen = {n: v.detach().clone() for n, v in p.backbone.named_parameters() if not v.requires_grad}
     names = [n for n, _ in p.named_trainable()]
