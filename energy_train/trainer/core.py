@@ -323,9 +323,10 @@ class Trainer:
         e = self.cfg.energy
         g = self._gen.manual_seed((self.cfg.run.seed * 1_000_003 + self.step) * 1024 +
                                   mb.index + 1_000_000_007 * self.dp.rank)
-        picks = self.layer_picks(negs.shape[0]) if negs is not None else []
+        negs = negs if self.needs_negatives else None
+        picks = self.layer_picks(negs.shape[0]) if negs is not None else None
         return losses.structured_negatives(
-            mb.expert, negs if self.needs_negatives else None, layer_picks=picks,
+            mb.expert, negs, layer_picks=picks,
             own_prediction=e.own_prediction, sigma=e.noise_sigma,
             amplitudes=parse_floats(e.amplitudes), sign_flip=e.sign_flip, generator=g)
 
