@@ -254,7 +254,7 @@ class Trainer:
         """energy.layer_picks resolved against the number of layer actions."""
         where = {"first": 0, "middle": num_layers // 2, "last": num_layers - 1}
         picks = []
-        for p in filter(None, (x.strip() for x in self.cfg.energy.layer_picks.split(","))):
+        for p in self.cfg.energy.picks():
             i = where[p] if p in where else int(p)
             if not -num_layers <= i < num_layers:
                 raise ValueError(f"energy.layer_picks: {p!r} is out of range for the "
@@ -264,12 +264,8 @@ class Trainer:
 
     @property
     def theta_negatives(self) -> int:
-        """How many of the structured negatives come from the policy's weights (the picked
-        layer actions and the own prediction), when the loss uses them; they come first."""
-        e = self.cfg.energy
-        if e.loss == "swap":
-            return 0
-        return len([p for p in e.layer_picks.split(",") if p.strip()]) + int(e.own_prediction)
+        """How many of the structured negatives come from the policy's weights."""
+        return self.cfg.energy.theta_negatives()
 
     @property
     def needs_negatives(self) -> bool:
