@@ -356,6 +356,10 @@ def test_compare_bad_input_is_a_clear_error(tmp_path, capsys):
                  "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert f"--init-from '{src}'" in err and "expected shape" in err
+    assert main([*base, "--init-from", str(src), "--set", "n_layers=3",
+                 "--out", str(tmp_path / "b2")]) == 2  # other parameter names
+    err = capsys.readouterr().err
+    assert f"--init-from '{src}'" in err and "does not match" in err and "--resume" not in err
     assert main([*base, "--seeds", "x", "--out", str(tmp_path / "c")]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert main([*base, "--init-phi", "--pretrain-steps", "0", "--out", str(tmp_path / "d")]) == 2

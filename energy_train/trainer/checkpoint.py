@@ -224,7 +224,7 @@ def load_theta_state(policy, theta: dict[str, torch.Tensor], where: str = "--res
     params = dict(policy.named_trainable())
     missing, unexpected = sorted(set(params) - set(theta)), sorted(set(theta) - set(params))
     if missing or unexpected:
-        raise CheckpointError(f"--resume: the checkpoint's theta does not match the policy's "
+        raise CheckpointError(f"{where}: the checkpoint's theta does not match the policy's "
                               f"trainable parameters (missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]})")
     for name, p in params.items():
