@@ -559,8 +559,7 @@ class Trainer:
         self.opt_phi.load_state_dict(state["opt_phi"])
         self.sched_theta.load_state_dict(state["sched_theta"])
         self.sched_phi.load_state_dict(state["sched_phi"])
-        # RNG states must be CPU ByteTensors (a state loaded with map_location=cuda is not)
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # CPU ByteTensors, wherever loaded
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.strategy.load_state_dict(state["strategy"], self.device)
