@@ -111,11 +111,19 @@ class EnergyConfig:
     amplitudes: str = knob("", pattern=FLOATS, what="comma-separated positive numbers (or empty)")
     sign_flip: bool = knob(True)
 
+    def picks(self) -> list[str]:
+        """The entries of energy.layer_picks ("first", "middle", "last" or an integer)."""
+        return [p.strip() for p in self.layer_picks.split(",") if p.strip()]
+
     def num_negatives(self) -> int:
         """M, the structured negatives per sample of the explicit / margin losses."""
-        picks = [p for p in self.layer_picks.split(",") if p.strip()]
-        return (len(picks) + self.own_prediction + (self.noise_sigma > 0) +
+        return (len(self.picks()) + self.own_prediction + (self.noise_sigma > 0) +
                 len(parse_floats(self.amplitudes)) + self.sign_flip)
+
+    def theta_negatives(self) -> int:
+        """How many of those come from the policy's weights (the picked layer actions and the
+        own prediction; they come first); 0 for the swap loss, which uses none."""
+        return 0 if self.loss == "swap" else len(self.picks()) + int(self.own_prediction)
 
 
 @dataclass
@@ -178,6 +186,13 @@ class TrainConfig:
                 raise ValueError(f"energy.loss={self.energy.loss!r}: every kind of negative is off "
                                  "(energy.layer_picks, own_prediction, noise_sigma, amplitudes, "
                                  "sign_flip)")
+        if self.run.strategy == "cached_negatives" and not self.energy.theta_negatives():
+            raise ValueError(
+                "run.strategy: cached_negatives caches the negatives made from the policy's "
+                "weights (energy.layer_picks, energy.own_prediction of the explicit or margin "
+                f"loss), got energy.loss={self.energy.loss!r}, energy.layer_picks="
+                f"{self.energy.layer_picks!r}, energy.own_prediction={self.energy.own_prediction}:"
+                " none to cache")
         check = getattr(self.policy, "validate", None)
         if check is not None:
             check(self)

@@ -24,8 +24,9 @@ What is replicated, what is sharded:
   two backwards through one theta forward would make the reducer mark a parameter ready
   twice, so under DDP its two losses go into ONE backward (same gradients: they add) and the
   audit of what the energy loss deposits into theta is taken with ``autograd.grad``, which
-  writes no ``.grad`` and fires no reducer hook. No find_unused_parameters / static_graph is
-  needed by the built-in policies: every trainable parameter gets a gradient in its backward.
+  writes no ``.grad`` and fires no reducer hook. The tiny policy needs no
+  find_unused_parameters / static_graph (every trainable parameter gets a gradient in its
+  backward); the OpenVLA-OFT stand-in does (its last vision block gets none, as OFT's).
 - No-grad forwards (phase 2, the negatives, the probe) call the underlying modules, never
   the DDP wrapper: the reducer is not armed, no collective runs (DDP's own forward under
   no_grad would skip prepare_for_backward but still do its pre-forward bookkeeping).
@@ -40,7 +41,7 @@ What is replicated, what is sharded:
 - Metrics: one all_reduce (mean) of the stacked metric tensors per log interval.
 
 Checkpoint I/O (gathering shards, per-rank state) lives in energy_train/trainer/checkpoint.py;
-gradient norms in energy_train/trainer/grads.py.
+gradient norms in energy_train/grads.py.
 """
 from __future__ import annotations
 

@@ -54,7 +54,16 @@ class Policy(abc.ABC):
     """
     backbone: nn.Module
     action_head: nn.Module
-    extras: dict[str, nn.Module] = {}
+
+    @property
+    def extras(self) -> dict[str, nn.Module]:
+        """Optional trainable modules beside backbone and head, by name (e.g. a proprio
+        projector): this policy's own dict, empty unless set."""
+        return self.__dict__.setdefault("_extras", {})
+
+    @extras.setter
+    def extras(self, modules: dict[str, nn.Module]) -> None:
+        self.__dict__["_extras"] = modules
 
     # ---- what a batch means ------------------------------------------------------------------
     @abc.abstractmethod

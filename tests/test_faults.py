@@ -58,6 +58,11 @@ CONFIG = [
     ({"dist_timeout": 0}, "dist.timeout: expected a number > 0.0, got 0"),
     ({"stepz": 1}, "unknown config key 'stepz'; did you mean 'steps'?"),
     ({"optim.lrr": 1}, "unknown config key 'optim.lrr'"),
+    # cached_negatives caches the negatives made from theta: a loss that uses none has nothing
+    ({"strategy": "cached_negatives", "energy_loss": "swap"},
+     "run.strategy: cached_negatives caches the negatives made from the policy's weights"),
+    ({"strategy": "cached_negatives", "energy.layer_picks": "", "energy.own_prediction": False},
+     "run.strategy: cached_negatives caches the negatives made from the policy's weights"),
 ]
 
 

@@ -97,6 +97,16 @@ def test_chance_comes_from_the_candidate_count(tmp_path):
     assert probe and all(c == pytest.approx(1 / 6) for c in probe)  # swap: the probe batch (6)
 
 
+def test_explicit_loss_without_theta_negatives_trains(tmp_path):
+    """energy.layer_picks="" and own_prediction=false: only the expert's noise and sign flip
+    are negatives (no layer actions are made) - a run, not an error about layer_picks."""
+    from energy_train.trainer import train
+    cfg = tiny_cfg(**{"energy.layer_picks": "", "energy.own_prediction": False,
+                      "probe_every": 2, "steps": 2})
+    res = train(cfg, tmp_path / "r", echo=lambda *_: None)
+    assert res.complete and res.summary["rank_acc_chance"] == pytest.approx(1 / 3)
+
+
 # ---- margin ---------------------------------------------------------------------------------------
 def test_margin_cannot_lower_its_loss_by_shifting_every_energy():
     torch.manual_seed(0)
@@ -346,6 +356,10 @@ def test_compare_bad_input_is_a_clear_error(tmp_path, capsys):
                  "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert f"--init-from '{src}'" in err and "expected shape" in err
+    assert main([*base, "--init-from", str(src), "--set", "n_layers=3",
+                 "--out", str(tmp_path / "b2")]) == 2  # other parameter names
+    err = capsys.readouterr().err
+    assert f"--init-from '{src}'" in err and "does not match" in err and "--resume" not in err
     assert main([*base, "--seeds", "x", "--out", str(tmp_path / "c")]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert main([*base, "--init-phi", "--pretrain-steps", "0", "--out", str(tmp_path / "d")]) == 2

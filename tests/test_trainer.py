@@ -126,6 +126,23 @@ def test_overlapping_parameter_sets_are_an_error():
         Trainer(cfg, t.policy, t.energy, t.feed, torch.device("cpu"))
 
 
+def test_policy_extras_belong_to_the_instance():
+    """A policy that never assigns ``extras`` gets a dict of its own: a module added to one
+    policy's extras is not in every other policy's theta (a class-level default would be)."""
+    from energy_train.policy import Policy
+
+    class Bare(Policy):  # sets backbone and head only
+        def __init__(self):
+            self.backbone, self.action_head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        forward = layout = expert = lambda self, batch: None
+
+    a, b = Bare(), Bare()
+    a.extras["proj"] = torch.nn.Linear(2, 2)
+    assert "extras.proj" in a.modules()
+    assert b.extras == {} and "extras.proj" not in b.modules() and Bare().extras == {}
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_hook_capture_rows_equal_output_hidden_states(seed):
     torch.manual_seed(seed)

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from energy_train.data import TaskData
 from energy_train.trainer import CheckpointError, RunError, is_complete, read_metrics, train
+from energy_train.trainer import checkpoint as ck
 from energy_train.trainer.checkpoint import load_checkpoint
-from trainer_helpers import tiny_cfg
+from trainer_helpers import make_trainer, tiny_cfg
 
 QUIET = dict(echo=lambda *a: None)
 
@@ -116,8 +117,8 @@ def test_nan_batch_readback_check(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_resume_on_cuda(tmp_path):
-    """--resume on CUDA: the state is loaded with map_location=cuda, which puts the saved RNG
-    states on the GPU; torch.(cuda.)set_rng_state needs CPU ByteTensors (a TypeError before)."""
+    """--resume on CUDA continues the run (the same weights within GPU rounding), and the
+    resumed trainer steps with no host sync."""
     kw = dict(strategy="two_phase", steps=4, device="cuda", overlap=True)
     assert train(tiny_cfg(**kw), tmp_path / "full", **QUIET).complete
     assert not train(tiny_cfg(stop_after=2, **kw), tmp_path / "half", **QUIET).complete
@@ -128,6 +129,35 @@ def test_resume_on_cuda(tmp_path):
         for k in a:  # same maths; cuBLAS/atomics may differ in the last bits between runs
             err = (a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-12)
             assert err < 1e-4, (k, float(err))
+    # a resumed trainer steps without a host sync: AdamW's "step" counters stay on the CPU
+    # (on the GPU, non-capturable AdamW reads each one back with .item() on every step)
+    t = make_trainer(tiny_cfg(**kw))
+    ck.restore(t, tmp_path / "half")
+    for opt in (t.opt_theta, t.opt_phi):
+        assert all(s["step"].device.type == "cpu" for s in opt.state.values())
+    t.train_step()  # warm-up (lazy allocations)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert t.flush()
+
+
+def test_restore_reads_the_state_on_the_cpu(tmp_path, monkeypatch):
+    """restore() loads state.pt onto the CPU whatever the trainer's device: each consumer moves
+    what it needs (AdamW its moments to the parameters, keeping its step counters on the CPU:
+    CUDA ones would make every optimizer step read them back with .item(), a host sync)."""
+    train(tiny_cfg(steps=2), tmp_path / "run", **QUIET)
+    seen = []
+    real = ck.load_checkpoint
+    monkeypatch.setattr(ck, "load_checkpoint",
+                        lambda run_dir, map_location="cpu": seen.append(map_location) or
+                        real(run_dir, map_location))
+    t = make_trainer(tiny_cfg(steps=2))
+    t.device = torch.device("meta")  # what a CUDA trainer passed here before: its own device
+    ck.restore(t, tmp_path / "run")
+    assert seen == ["cpu"] and t.step == 2
 
 
 class _CrashAt(TaskData):

@@ -224,7 +224,7 @@ def load_theta_state(policy, theta: dict[str, torch.Tensor], where: str = "--res
     params = dict(policy.named_trainable())
     missing, unexpected = sorted(set(params) - set(theta)), sorted(set(theta) - set(params))
     if missing or unexpected:
-        raise CheckpointError(f"--resume: the checkpoint's theta does not match the policy's "
+        raise CheckpointError(f"{where}: the checkpoint's theta does not match the policy's "
                               f"trainable parameters (missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]})")
     for name, p in params.items():
@@ -275,8 +275,11 @@ def save(trainer, run_dir: str | Path) -> None:
 
 
 def restore(trainer, run_dir: str | Path) -> Loaded:
-    """Load the newest intact checkpoint of ``run_dir`` into the trainer (every rank)."""
-    loaded = load_checkpoint(run_dir, map_location=trainer.device)
+    """Load the newest intact checkpoint of ``run_dir`` into the trainer (every rank). The
+    state is read on the CPU and each consumer moves what it needs: AdamW moves its moments to
+    the parameters and keeps its ``step`` counters where they are loaded - on the GPU they would
+    be read back with ``.item()`` at every optimizer step (a host sync)."""
+    loaded = load_checkpoint(run_dir, map_location="cpu")
     step, theta, phi, state = loaded.step, loaded.theta, loaded.phi, loaded.state
     dp = trainer.dp
     ranks = state.pop("ranks", None)

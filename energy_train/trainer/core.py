@@ -254,7 +254,7 @@ class Trainer:
         """energy.layer_picks resolved against the number of layer actions."""
         where = {"first": 0, "middle": num_layers // 2, "last": num_layers - 1}
         picks = []
-        for p in filter(None, (x.strip() for x in self.cfg.energy.layer_picks.split(","))):
+        for p in self.cfg.energy.picks():
             i = where[p] if p in where else int(p)
             if not -num_layers <= i < num_layers:
                 raise ValueError(f"energy.layer_picks: {p!r} is out of range for the "
@@ -264,12 +264,8 @@ class Trainer:
 
     @property
     def theta_negatives(self) -> int:
-        """How many of the structured negatives come from the policy's weights (the picked
-        layer actions and the own prediction), when the loss uses them; they come first."""
-        e = self.cfg.energy
-        if e.loss == "swap":
-            return 0
-        return len([p for p in e.layer_picks.split(",") if p.strip()]) + int(e.own_prediction)
+        """How many of the structured negatives come from the policy's weights."""
+        return self.cfg.energy.theta_negatives()
 
     @property
     def needs_negatives(self) -> bool:
@@ -323,9 +319,10 @@ class Trainer:
         e = self.cfg.energy
         g = self._gen.manual_seed((self.cfg.run.seed * 1_000_003 + self.step) * 1024 +
                                   mb.index + 1_000_000_007 * self.dp.rank)
-        picks = self.layer_picks(negs.shape[0]) if negs is not None else []
+        negs = negs if self.needs_negatives else None
+        picks = self.layer_picks(negs.shape[0]) if negs is not None else None
         return losses.structured_negatives(
-            mb.expert, negs if self.needs_negatives else None, layer_picks=picks,
+            mb.expert, negs, layer_picks=picks,
             own_prediction=e.own_prediction, sigma=e.noise_sigma,
             amplitudes=parse_floats(e.amplitudes), sign_flip=e.sign_flip, generator=g)
 
@@ -562,8 +559,7 @@ class Trainer:
         self.opt_phi.load_state_dict(state["opt_phi"])
         self.sched_theta.load_state_dict(state["sched_theta"])
         self.sched_phi.load_state_dict(state["sched_phi"])
-        # RNG states must be CPU ByteTensors (a state loaded with map_location=cuda is not)
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # CPU ByteTensors, wherever loaded
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.strategy.load_state_dict(state["strategy"], self.device)
