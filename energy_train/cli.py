@@ -111,8 +111,9 @@ def _compare(args) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", help="a registered policy (tiny, the default; oft-standin) or module:factory "
-                   "(your own: factory(cfg, device) -> energy_train.policies.Setup)")
+    p.add_argument("--policy", help="a registered policy (tiny, the default; oft-standin), "
+                   "module:factory or path/to/file.py:factory (your own: factory(cfg, device) -> "
+                   "energy_train.policies.Setup)")
     p.add_argument("--steps", type=int, help="total optimizer steps")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--device", help="auto (cuda if available), cpu, cuda, cuda:N")

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("transformers")  # in the dev extra: runs in CI
 
-from energy_train import train  # noqa: E402
+from energy_train import BatchLayout, train  # noqa: E402
 from energy_train.config import default_config  # noqa: E402
 from energy_train.trainer import STRATEGIES, PolicyError, read_metrics, split_theta  # noqa: E402
 from hf_policy import LlamaPolicy, PromptData, make_policy  # noqa: E402
@@ -134,6 +134,10 @@ class Broken(LlamaPolicy):
             return h[..., :-1]
         if self.how == "forward_dtype":
             return h.long()
+        if self.how == "forward_tuple":
+            return (h,)
+        if self.how == "forward_sliced":  # drops the patch rows: not what the final norm gives
+            return h[:, 1:]
         return h
 
     def layout(self, batch):
@@ -146,6 +150,10 @@ class Broken(LlamaPolicy):
             lay.pad_mask = lay.pad_mask[:, :-2]
         if self.how == "pad_dtype":
             lay.pad_mask = lay.pad_mask.long()
+        if self.how == "forward_sliced":  # positions of the sliced rows: in range, and wrong
+            return BatchLayout(lay.action_index - 1, lay.context_index[:, :-1], lay.pad_mask[:, 1:])
+        if self.how == "layout_tuple":
+            return lay.action_index, lay.context_index, lay.pad_mask
         return lay
 
     def expert(self, batch):
@@ -159,7 +167,13 @@ BAD = [("forward_shape", r"Policy.forward\(batch\): expected shape \(6, \?, 32\)
        ("index_width", r"action_index: expected shape \(6, 28\) .*H\*Da=28, got \(6, 27\)"),
        ("pad_shape", r"pad_mask: expected shape \(6, \d+\)"),
        ("pad_dtype", r"pad_mask: expected dtype torch.bool"),
-       ("expert", r"Policy.expert\(batch\): expected shape \(\?, 4, 7\) .*got \(6, 4, 5\)")]
+       ("expert", r"Policy.expert\(batch\): expected shape \(\?, 4, 7\) .*got \(6, 4, 5\)"),
+       ("forward_tuple", r"Policy.forward\(batch\): expected the \(B, T, D\) last hidden state "
+                         r"\(a tensor, or an object with .last_hidden_state\), got tuple"),
+       ("layout_tuple", r"Policy.layout\(batch\): expected an energy_train.BatchLayout.*got tuple"),
+       ("forward_sliced", r"Policy.decoder\(\) \(2 layers .*\): the layer 0 gives shape \(6, (\d+), "
+                          r"32\), expected Policy.forward\(batch\)'s \(6, (?!\1)\d+, 32\).*override "
+                          r"Policy.decoder\(\)")]
 
 
 @pytest.mark.parametrize("how,match", BAD, ids=[b[0] for b in BAD])
@@ -182,11 +196,72 @@ def test_a_head_that_disagrees_with_the_layout_and_shared_parameters():
         make_trainer(cfg(), policy=p, energy=energy, data=PromptData())
 
 
+class Tower(torch.nn.Module):
+    """A backbone holding a vision tower with more layers than the LM (find_decoder picks the
+    tower) and the LM as the decoder forward reads."""
+
+    def __init__(self, llama):
+        super().__init__()
+        self.lm, self.vision = llama, make_policy(layers=3).backbone
+
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+    def forward(self, inputs_embeds, **kw):
+        self.vision(inputs_embeds=inputs_embeds[:, :2])
+        return self.lm(inputs_embeds=inputs_embeds, **kw)
+
+
+def test_start_up_names_the_decoder_head_energy_and_missing_keys():
+    """A decoder find_decoder cannot find or picks wrongly, a head without the chunk sizes or of
+    another dtype, an energy model of other sizes, a batch without a key the policy reads, an
+    object that is not a Policy: each an error at start-up naming what to change."""
+    p = make_policy()
+    p.backbone = Tower(p.backbone)
+    with pytest.raises(PolicyError, match=r"Policy.decoder\(\) \(3 layers of LlamaDecoderLayer.*"
+                                          r"the layer 0 gives shape \(6, 2, 32\)"):
+        trainer(policy=p)
+    trainer(policy=p, capture="hidden_states")  # the documented way out trains
+    p = make_policy()
+    p.backbone.final = p.backbone.norm
+    del p.backbone.norm
+    with pytest.raises(PolicyError, match=r"Policy.decoder\(\): found no decoder in the backbone "
+                                          r"LlamaModel .*override Policy.decoder\(\)"):
+        trainer(policy=p)
+    p = make_policy()
+    p.action_head = torch.nn.Linear(32, 7)
+    with pytest.raises(PolicyError, match=r"Policy.chunk_shape / hidden_size: .*num_actions_chunk"):
+        trainer(policy=p)
+    p = make_policy()
+    p.backbone.to(torch.bfloat16)
+    with pytest.raises(PolicyError, match=r"Policy.predict_action\(rows\) raised RuntimeError: .*"
+                                          r"rows: \(6, 28, 32\) torch.bfloat16 .*run.precision = "
+                                          r"'fp32', the head's parameters: torch.float32"):
+        trainer(policy=p)
+    from energy_train.models import EnergyModel
+    with pytest.raises(PolicyError, match=r"energy: expected an energy model for the policy's "
+                                          r"D=32, Da=7 .*got state_dim=16, act_dim=7"):
+        make_trainer(cfg(), policy=make_policy(), energy=EnergyModel(16, 7, hidden=32, heads=2),
+                     data=PromptData())
+
+    class NoLabels(PromptData):
+        def batch(self, step, rank, world):
+            return [{k: v for k, v in b.items() if k != "labels"}
+                    for b in super().batch(step, rank, world)]
+    t = trainer(data=NoLabels(batch_size=4))  # the probe batch has the key, the first step not
+    with pytest.raises(PolicyError, match=r"Policy.layout\(batch\): the batch has no key "
+                                          r"'labels'; it has patches, input_ids"):
+        t.train_step()
+    with pytest.raises(TypeError, match=r"policy: expected an energy_train.Policy .*got dict"):
+        make_trainer(cfg(), policy={"backbone": None}, data=PromptData())
+
+
 def test_policy_that_does_not_import_is_named(tmp_path, capsys):
     from energy_train.cli import main
     assert main(["train", "--policy", "no_such_module:make", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "run.policy (--policy): cannot import 'no_such_module:make'" in err
+    assert "must be importable (PYTHONPATH), or give a file: path/to/file.py:factory" in err
     assert not (tmp_path / "r").exists()
 
 
@@ -206,6 +281,21 @@ def test_a_users_factory_from_the_command_line(tmp_path, capsys):
     assert cfg["run"]["policy"] == "hf_policy:factory" and cfg["policy"] == {"d": 32, "layers": 2,
                                                                              "lora": True}
     assert (out / "complete.json").is_file()
+
+
+def test_a_users_factory_from_a_file(tmp_path, capsys):
+    """--policy path/to/file.py:factory loads a file that is on no import path."""
+    from energy_train.cli import main
+    mine = tmp_path / "my policy" / "mine.py"
+    mine.parent.mkdir()
+    mine.write_text("import hf_policy\n\ndef make(cfg, device):\n    return hf_policy.factory(cfg, device)\n\n\nmake.options = hf_policy.factory.options\n")
+    args = ["train", "--steps", "2", "--batch-size", "4", "--no-progress",
+            "--set", "energy.hidden=32", "--set", "energy.heads=2"]
+    assert main([*args, "--policy", f"{mine}:make", "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "complete.json").is_file()
+    missing = mine.parent / "missing.py"
+    assert main([*args, "--policy", f"{missing}:make", "--out", str(tmp_path / "r2")]) == 2
+    assert f"cannot import '{missing}:make' (ImportError: no file {missing})" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -3,11 +3,16 @@
 A policy factory is ``factory(cfg: TrainConfig, device) -> Setup``; its optional attribute
 ``options`` is the dataclass of its ``[policy]`` config section (keys declared with
 :func:`energy_train.config.knob`, checked like every other key). ``--policy module:factory``
-names a user's own factory; its ``[policy]`` table is free-form unless it declares ``options``.
+(an importable module) or ``--policy path/to/file.py:factory`` names a user's own factory; its
+``[policy]`` table is free-form unless it declares ``options``.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -40,15 +45,37 @@ def resolve_factory(name: str) -> Callable:
     if ":" not in target:
         raise ValueError(f"run.policy (--policy): expected one of {tuple(REGISTRY)} or "
                          f"module:factory, got {name!r}")
-    module, _, attr = target.partition(":")
+    module, _, attr = target.rpartition(":")
     try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
+        fn = getattr(_import(module), attr)
+    except (ImportError, AttributeError, OSError) as e:
+        hint = "" if module.endswith(".py") else (
+            "; the module must be importable (PYTHONPATH), or give a file: path/to/file.py:factory")
         raise ValueError(f"run.policy (--policy): cannot import {target!r} "
-                         f"({type(e).__name__}: {e})") from None
+                         f"({type(e).__name__}: {e}){hint}") from None
     if not callable(fn):
         raise ValueError(f"run.policy (--policy): {target!r} is not callable")
     return fn
+
+
+def _import(module: str):
+    """A module by its import name, or a ``.py`` file by its path (loaded once per path)."""
+    if not module.endswith(".py"):
+        return importlib.import_module(module)
+    path = os.path.abspath(module)
+    name = "energy_train_policy_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or not os.path.isfile(path):
+            raise ImportError(f"no file {path}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def options_class(name: str):

@@ -49,6 +49,7 @@ from ..telemetry import GpuTelemetry
 from .feed import Feed, Micro, prepare
 from .metrics import Meter, PhaseTimer
 from .overlap import PhaseStreams
+from .validate import decoder_of
 
 
 @dataclass
@@ -154,7 +155,7 @@ class Trainer:
         self.opt_phi = torch.optim.AdamW(self.phi, lr=o.energy_lr, weight_decay=o.energy_weight_decay)
         self.sched_theta = torch.optim.lr_scheduler.LambdaLR(self.opt_theta, lr_lambda(cfg))
         self.sched_phi = torch.optim.lr_scheduler.LambdaLR(self.opt_phi, lr_lambda(cfg))
-        self.capture = (HiddenStateCapture.for_decoder(*policy.decoder())
+        self.capture = (HiddenStateCapture.for_decoder(*decoder_of(policy))
                         if cfg.run.capture == "hooks" else None)
         self.strategy = make_strategy(cfg)
         self.timer = PhaseTimer(device)

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from ..policy import BatchLayout, Policy
+from .validate import PolicyError
 
 
 @dataclass
@@ -81,7 +82,18 @@ def prepare(policy: Policy, batch: dict, device: torch.device, index: int, last:
     ids_host = sample_ids(batch)
     policy.check_batch(batch)  # before the move: host reads of a CPU batch need no sync
     batch = to_device(batch, device)
-    return Micro(batch, policy.layout(batch), policy.expert(batch), index, last, ids_host)
+    return Micro(batch, _read(policy.layout, batch), _read(policy.expert, batch), index, last,
+                 ids_host)
+
+
+def _read(method, batch: dict):
+    """Policy.layout / Policy.expert of ``batch``; a missing key is an error naming the method
+    and the keys the batch has."""
+    try:
+        return method(batch)
+    except KeyError as e:
+        raise PolicyError(f"Policy.{method.__name__}(batch): the batch has no key {e}; it has "
+                          f"{', '.join(map(str, batch))}") from e
 
 
 class Feed:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..config import TrainConfig, build, canonical, resumable_keys
 from ..plots import plot_run, series
-from ..policies import default_energy, resolve_factory
+from ..policies import Setup, default_energy, resolve_factory
 from ..policy import Policy
 from . import checkpoint
 from .checkpoint import atomic_write_text
@@ -40,7 +40,7 @@ from .core import Trainer, resolve_device
 from .feed import Feed
 from .loggers import NullLogger, open_logger
 from .metrics import check_finite_records
-from .validate import check_policy
+from .validate import check_policy, check_sizes
 
 
 class RunError(RuntimeError):
@@ -353,9 +353,17 @@ def build_trainer(cfg: TrainConfig, device: torch.device, ctx=None, *, policy=No
     data in a Trainer, checked once (data, policy outputs) and distributed under torchrun."""
     if policy is None:
         setup = resolve_factory(cfg.run.policy)(cfg, device)
+        if not isinstance(setup, Setup):
+            raise TypeError(f"run.policy (--policy) {cfg.run.policy!r}: the factory must return "
+                            f"energy_train.policies.Setup(policy, data, probe=None, energy=None), "
+                            f"got {type(setup).__name__}")
         policy, data = setup.policy, data if data is not None else setup.data
         energy = energy if energy is not None else setup.energy
         probe = probe if probe is not None else setup.probe
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy: expected an energy_train.Policy (subclass it: backbone, "
+                        f"action_head, forward, layout, expert), got {type(policy).__name__}")
+    check_sizes(policy)
     if energy is None:
         energy = default_energy(cfg, policy, device)
     feed = Feed(data, cfg.run.grad_accum, probe)
