@@ -215,6 +215,7 @@ def make_benchmark(device: torch.device, quick: bool, cpu_shapes: bool) -> Bench
                ("ms_phase2", "phase2 ms", ".2f"), ("ms_phase2_read", "phase2 read ms", ".2f"),
                ("peak_mem_bytes", "+peak B", ".3g"), ("gpu_mem_peak_bytes", "peak alloc B", ".3g"),
                ("gpu_util_pct", "GPU util %", ".0f"), ("gpu_power_w", "power W", ".0f")]
+    # CPU: ~100 ms steps on a shared machine: ~3 s of repeats per provider, in rounds
     return Benchmark("step", cases, providers, baseline="two_phase_seq", notes=notes,
-                     annotate=annotate, columns=columns,
+                     annotate=annotate, columns=columns, cpu_budget_s=3.0,
                      finish=lambda dev, out, recs: timeline(dev, out, "llama1b" if "llama1b" in names else "tiny"))

@@ -25,8 +25,8 @@ API (for a new benchmark ``bench/bench_<op>.py``)::
    record as ``warmup_s``; a provider that raises (warm-up or timing) is recorded with status
    ``error: <exception>`` and the others still run;
 3. times each provider: on a GPU ``triton.testing.do_bench`` quantiles (median, p20, p80) and
-   the extra peak device memory of one call; on the CPU ``time.perf_counter`` repeats (median,
-   p20, p80), skipping ``gpu_only`` providers (interpreter timings mean nothing) and reporting
+   the extra peak device memory of one call; on the CPU ``time.perf_counter`` repeats taken in
+   rounds that interleave the providers (median, p20, p80), skipping ``gpu_only`` providers (interpreter timings mean nothing) and reporting
    ratios against ``Benchmark.baseline`` measured in the same run;
 4. writes ``<out>/<op>-<device>-<date>.json`` (meta: device, commit, date, torch/triton
    versions, ceilings; one record per case x provider: params, median/p20/p80 ms, TFLOP/s,
@@ -90,6 +90,7 @@ class Benchmark:
     # memory(case, provider_name, inputs) -> dict merged into the record (e.g. saved_bytes),
     # asked for every provider, timed or not; {} when it has nothing to say
     memory: Callable[[Case, str, Any], dict] | None = None
+    cpu_budget_s: float = 0.6  # CPU: about this many seconds of repeats per (case, provider)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,19 +137,46 @@ def time_gpu(fn, device, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
     return dict(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mem_bytes=int(peak))
 
 
-def time_cpu(fn, budget_s: float = 0.6, min_reps: int = 5, max_reps: int = 50) -> dict:
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
+def time_cpu_rounds(fns: dict, budget_s: float = 0.6, rounds: int = 5, min_reps: int = 5,
+                    max_reps: int = 50) -> dict:
+    """``fns``: {name: zero-argument callable}. Times each ``reps`` times (sized from one call
+    to about ``budget_s``) in ``rounds`` interleaved rounds - A A B B C C, A A B B C C, ... - so
+    that a slow stretch of a shared machine lands on every provider, not on one. Returns
+    {name: median/p20/p80 ms and reps, or the exception the callable raised}."""
+    reps, times, out = {}, {name: [] for name in fns}, {}
+
+    def call(name) -> None:
         t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return dict(median_ms=statistics.median(times), p20_ms=q[1], p80_ms=q[7],
-                peak_mem_bytes=None, reps=reps)
+        try:
+            fns[name]()
+        except Exception as e:  # this provider stops; the others go on
+            out[name] = e
+        times[name].append((time.perf_counter() - t0) * 1e3)
+
+    for name in fns:
+        call(name)
+        reps[name] = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(times[name].pop(), 1e-3))))
+    for r in range(rounds):
+        for name in fns:
+            for _ in range(reps[name] // rounds + (r < reps[name] % rounds)):
+                if name not in out:
+                    call(name)
+    for name, t in times.items():
+        if name not in out:
+            q = statistics.quantiles(t, n=10, method="inclusive") if len(t) > 1 else t * 9
+            out[name] = dict(median_ms=statistics.median(t), p20_ms=q[1], p80_ms=q[7],
+                             peak_mem_bytes=None, reps=reps[name])
+    return out
+
+
+def _annotate(bench: Benchmark, case, name: str, inputs, rec: dict, device) -> None:
+    if bench.annotate is not None:
+        rec.update(bench.annotate(case, name, inputs, rec, device))
+
+
+def _failed(rec: dict, e: BaseException, log) -> None:
+    rec["status"] = _error(e)
+    log(f"  {rec['case']} / {rec['provider']}: {rec['status']}")
 
 
 def measure_ceilings(device: torch.device) -> dict:
@@ -221,7 +249,7 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
     records = []
     for case in bench.cases:
         inputs = case.make(device)
-        row = {}
+        row, on_cpu = {}, {}
         for p in providers:
             rec = dict(case=case.name, params=case.params, provider=p.name, flops=case.flops,
                        bytes=case.bytes)
@@ -234,21 +262,30 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
                 continue
             try:
                 fn = p.factory(inputs)
-                if fn is not None:
+                if fn is not None and device.type == "cuda":  # one provider's state at a time
                     _sync(device)
-                    t = time_gpu(fn, device) if device.type == "cuda" else time_cpu(fn)
-                    rec.update(t)
-                    if bench.annotate is not None:
-                        rec.update(bench.annotate(case, p.name, inputs, rec, device))
+                    rec.update(time_gpu(fn, device))
+                    _annotate(bench, case, p.name, inputs, rec, device)
+                elif fn is not None:
+                    on_cpu[p.name] = fn
             except Exception as e:
-                rec["status"] = _error(e)
-                log(f"  {case.name} / {p.name}: {rec['status']}")
+                _failed(rec, e, log)
                 continue
-            if fn is None:
-                rec["status"] = "not applicable"
-            else:
-                rec["status"] = "ok"
-                sec = t["median_ms"] * 1e-3
+            rec["status"] = "not applicable" if fn is None else "ok"
+        if on_cpu:  # interleaved rounds: a drift of the machine's speed hits every provider alike
+            for name, t in time_cpu_rounds(on_cpu, bench.cpu_budget_s).items():
+                if isinstance(t, Exception):
+                    _failed(row[name], t, log)
+                    continue
+                row[name].update(t)
+                try:
+                    _annotate(bench, case, name, inputs, row[name], device)
+                except Exception as e:
+                    _failed(row[name], e, log)
+            del on_cpu
+        for rec in row.values():
+            if rec.get("status") == "ok":
+                sec = rec["median_ms"] * 1e-3
                 if case.flops:
                     rec["tflops"] = case.flops / sec / 1e12
                     if ceilings:
@@ -291,7 +328,7 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
                 columns=[list(c) for c in bench.columns],
                 providers=[p.name for p in bench.providers],
                 timing=("triton.testing.do_bench median/p20/p80" if device.type == "cuda"
-                        else "time.perf_counter repeats, median/p20/p80"))
+                        else "time.perf_counter repeats in 5 rounds interleaving the providers, median/p20/p80"))
     if out_dir is not None:
         write_results(meta, records, Path(out_dir), tag)
     if bench.finish is not None:
