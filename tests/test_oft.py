@@ -439,3 +439,41 @@ def test_example_script_runs_with_the_standin(tmp_path):
     runs = list(tmp_path.iterdir())
     assert len(runs) == 1 and (runs[0] / "complete.json").is_file()
     assert any((runs[0] / "oft").glob("step_*/action_head--*_checkpoint.pt"))
+
+
+@pytest.mark.parametrize("crash_at", ["replace:1", "replace:2", "rmtree:last"])
+def test_a_crash_during_a_re_save_of_the_oft_files_loses_neither_copy(tmp_path, monkeypatch, crash_at):
+    """Re-saving a step's OFT directory (a --resume of a finished run) replaces it by renames:
+    killed after any of them, the directory loads with the previous or the new weights, and
+    the next save leaves exactly the new ones."""
+    from energy_train.integrations.openvla_oft import checkpoints as oc
+    d = tmp_path / "oft" / "step_0000002"
+    old, new = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    oc.save_oft_checkpoint(d, 2, action_head=old)
+    kind, n = crash_at.split(":")
+    real = {"replace": oc.os.replace, "rmtree": oc.shutil.rmtree}
+    calls = {"replace": 0, "rmtree": 0}
+
+    class Killed(Exception):
+        pass
+
+    def fault(which):
+        def f(*a, **k):
+            calls[which] += 1
+            if which == kind and (calls[which] == int(n) if n != "last" else a[0].name.startswith(oc.ASIDE)):
+                raise Killed(crash_at)
+            return real[which](*a, **k)
+        return f
+    monkeypatch.setattr(oc.os, "replace", fault("replace"))
+    monkeypatch.setattr(oc.shutil, "rmtree", fault("rmtree"))
+    with pytest.raises(Killed):
+        oc.save_oft_checkpoint(d, 2, action_head=new)
+    monkeypatch.undo()
+    got = torch.nn.Linear(3, 2)
+    oc.load_oft_checkpoint(d, action_head=got)
+    assert any(same(list(got.state_dict().values()), list(m.state_dict().values()))
+               for m in (old, new))
+    oc.save_oft_checkpoint(d, 2, action_head=new)
+    oc.load_oft_checkpoint(d, action_head=got)
+    assert same(list(got.state_dict().values()), list(new.state_dict().values()))
+    assert sorted(x.name for x in d.parent.iterdir()) == ["step_0000002"]

@@ -60,18 +60,24 @@ def _cpu_state(module_or_state) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in sd.items()}
 
 
+ASIDE = ".previous-"  # the previous copy of a directory being re-saved
+
+
 def save_oft_checkpoint(directory: str | Path, step: int, *, vla: nn.Module | None = None,
                         adapter_state: dict | None = None, action_head: nn.Module | None = None,
                         proprio_projector: nn.Module | None = None,
                         vision_backbone: nn.Module | None = None, energy=None,
                         dataset_statistics: dict | None = None, processor=None) -> Path:
     """Write the given parts in OFT's layout into ``directory`` (made in a temporary directory
-    beside it, then renamed: a crash leaves the previous copy or none). ``vla``: a peft model
+    beside it, then renamed; a re-save first renames the previous copy aside, so a crash
+    leaves the previous copy or the new one: ``load_oft_checkpoint`` reads the previous one
+    from beside it, the next save puts it back first). ``vla``: a peft model
     (its adapter goes to ``lora_adapter/``; ``adapter_state`` = the values to write, keyed
     like the peft model's state_dict, e.g. gathered from FSDP shards; default its own).
     ``energy``: a module or a state_dict. Returns the directory."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
+    aside = _recover(final)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -95,9 +101,23 @@ def save_oft_checkpoint(directory: str | Path, step: int, *, vla: nn.Module | No
     if processor is not None:
         processor.save_pretrained(str(tmp))
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, aside)  # whole until the new copy is in place
     os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+def _recover(final: Path) -> Path:
+    """After a crash between a re-save's two renames only the previous copy, renamed aside,
+    is left: put it back. A stale aside copy next to a complete directory goes. Returns the
+    aside path."""
+    aside = final.with_name(f"{ASIDE}{final.name}")
+    if aside.is_dir():
+        if final.exists():
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, final)
+    return aside
 
 
 def find_component(directory: str | Path, name: str, step: int | None = None) -> Path | None:
@@ -123,6 +143,9 @@ def load_oft_checkpoint(directory: str | Path, *, vla: nn.Module | None = None,
     prefix stripped). ``vla``: a peft model with the same LoRA config; its adapter weights
     are set from ``lora_adapter/`` and every adapter key must match. Returns {part: file}."""
     directory = Path(directory)
+    aside = directory.with_name(f"{ASIDE}{directory.name}")
+    if not directory.is_dir() and aside.is_dir():  # a re-save crashed between its renames
+        directory = aside
     if not directory.is_dir():
         raise FileNotFoundError(f"OFT checkpoint: no directory {str(directory)!r}")
     loaded: dict[str, Path] = {}
