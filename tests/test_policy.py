@@ -324,3 +324,15 @@ def test_llama_policy_overlapped_equals_sequential_on_cuda_bf16():
         torch.use_deterministic_algorithms(False)
     assert b[0] == c[0] and same(b[1], c[1]), "sequential runs differ: nondeterministic kernels"
     assert a[0] == b[0] and same(a[1], b[1]) and same(a[2], b[2])
+
+
+@pytest.mark.parametrize("data_kw", [dict(batch_size=2), dict(batch_size=4, grad_accum=2)],
+                         ids=["rows", "micro-batches"])
+def test_a_source_that_ignores_the_configured_batch_is_named(tmp_path, data_kw):
+    """A step-indexed source sized by hand (2 rows, or 2 micro-batches, when run.batch_size=4 and
+    grad_accum=1 were asked) stops at its first batch with data.batch named, not a run with
+    another batch than its config says."""
+    with pytest.raises(PolicyError, match=r"data\.batch\(0, 0, 1\): expected run\.grad_accum = 1 "
+                                          r"micro-batches of run\.batch_size / world = 4 samples"):
+        train(cfg(steps=1, batch_size=4), policy=make_policy(), data=PromptData(**data_kw),
+              out=tmp_path / "r", echo=lambda *_: None)

@@ -49,7 +49,7 @@ from ..telemetry import GpuTelemetry
 from .feed import Feed, Micro, prepare
 from .metrics import Meter, PhaseTimer
 from .overlap import PhaseStreams
-from .validate import decoder_of
+from .validate import PolicyError, decoder_of
 
 
 @dataclass
@@ -191,7 +191,15 @@ class Trainer:
         """This rank's micro-batches of optimizer step ``step``, on the device."""
         dicts = self.feed.batch(step, *self.dp.shard)
         n = len(dicts)
-        return [prepare(self.policy, d, self.device, i, i == n - 1) for i, d in enumerate(dicts)]
+        mbs = [prepare(self.policy, d, self.device, i, i == n - 1) for i, d in enumerate(dicts)]
+        if self.feed.step_indexed:  # shapes only: no device read
+            rank, world = self.dp.shard
+            rows, want = [mb.expert.shape[0] for mb in mbs], self.cfg.run.batch_size // world
+            if len(rows) != self.cfg.run.grad_accum or any(r != want for r in rows):
+                raise PolicyError(f"data.batch({step}, {rank}, {world}): expected run.grad_accum = "
+                                  f"{self.cfg.run.grad_accum} micro-batches of run.batch_size / world = "
+                                  f"{want} samples, got {rows}")
+        return mbs
 
     def micro(self, batch: list[Micro], *sides: str) -> Iterator[Micro]:
         """The accumulation loop: yields each micro-batch inside ``no_sync`` of the given sides
