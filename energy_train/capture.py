@@ -71,7 +71,7 @@ def find_decoder(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
     return best
 
 
-def _hidden(out) -> torch.Tensor:
+def layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -135,7 +135,7 @@ class HiddenStateCapture:
         def hook(module, inputs, out):
             a = self._active()
             if a is not None:
-                self._store(a, i, _hidden(out))
+                self._store(a, i, layer_output(out))
         return hook
 
     def _in_hook(self, i: int):

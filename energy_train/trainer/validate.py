@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from ..capture import NORM_NAMES, _hidden
+from ..capture import NORM_NAMES, layer_output
 from ..policy import BatchLayout
 
 
@@ -90,7 +90,7 @@ def _recording(policy):
 
     def record(name):
         def hook(_module, _args, out) -> None:  # returns None: the output is left as it is
-            seen.setdefault(name, _hidden(out))
+            seen.setdefault(name, layer_output(out))
         return hook
     handles = [m.register_forward_hook(record(name)) for m, name in points]
     where = (f"Policy.decoder() ({len(layers)} layers of {type(layers[0]).__name__}, final norm "
