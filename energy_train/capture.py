@@ -72,6 +72,7 @@ def find_decoder(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
 
 
 def layer_output(out) -> torch.Tensor:
+    """A layer's (B, T, D) hidden state from its forward's output (a tensor or a tuple led by it)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
