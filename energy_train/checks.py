@@ -63,6 +63,12 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_multiple(name: str, value: int, base_name: str, base: int) -> None:
+    """``value`` is a multiple of ``base``, the value of the argument or key ``base_name``."""
+    if value % base:
+        raise ValueError(f"{name}: expected a multiple of {base_name}={base}, got {value}")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .checks import check_multiple
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -178,9 +180,7 @@ class TrainConfig:
         if self.run.stop_after > self.run.steps:
             raise ValueError(f"run.stop_after: expected 0..run.steps={self.run.steps}, "
                              f"got {self.run.stop_after}")
-        if self.energy.hidden % self.energy.heads:
-            raise ValueError(f"energy.hidden: expected a multiple of energy.heads="
-                             f"{self.energy.heads}, got {self.energy.hidden}")
+        check_multiple("energy.hidden", self.energy.hidden, "energy.heads", self.energy.heads)
         if self.energy.loss != "swap":
             if self.energy.num_negatives() == 0:
                 raise ValueError(f"energy.loss={self.energy.loss!r}: every kind of negative is off "

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_choice, check_int, check_nonempty, check_same_device, check_tensor
+from ..checks import check_choice, check_int, check_multiple, check_nonempty, check_same_device, check_tensor
 from ..kernels.energy.reference import (OUTPUTS, energy_scores_reference,  # noqa: F401
                                         output_transform)
 from .mlp import MLPResNet
@@ -73,8 +73,7 @@ class EnergyModel(nn.Module):
         for name, v in (("state_dim", state_dim), ("act_dim", act_dim), ("hidden", hidden),
                         ("heads", heads), ("max_steps", max_steps)):
             check_int(name, v, low=1)
-        if hidden % heads:
-            raise ValueError(f"hidden: expected a multiple of heads={heads}, got {hidden}")
+        check_multiple("hidden", hidden, "heads", heads)
         check_choice("output", output, OUTPUTS)
         self.state_dim, self.act_dim, self.hidden, self.heads = state_dim, act_dim, hidden, heads
         self.output = output

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import CapturedStates, HiddenStateCapture  # noqa: F401 (re-exported)
-from ..checks import check_int, check_tensor
+from ..checks import check_int, check_multiple, check_tensor
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,8 @@ class TinyVLA(nn.Module):
             check_int(name, v, low=1)
         check_int("instr_len", instr_len, low=0)
         check_int("stop_token", stop_token, low=0, high=vocab_size - 1)
-        if image_size % patch_size:
-            raise ValueError(f"image_size: expected a multiple of patch_size={patch_size}, "
-                             f"got {image_size}")
-        if d_model % n_heads:
-            raise ValueError(f"d_model: expected a multiple of n_heads={n_heads}, got {d_model}")
+        check_multiple("image_size", image_size, "patch_size", patch_size)
+        check_multiple("d_model", d_model, "n_heads", n_heads)
         self.d_model, self.n_layers, self.chunk, self.action_dim = d_model, n_layers, chunk, action_dim
         self.image_size, self.proprio_dim, self.instr_len = image_size, proprio_dim, instr_len
         self.layout = Layout((image_size // patch_size) ** 2, instr_len, chunk * action_dim)

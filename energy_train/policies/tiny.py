@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_multiple
 from ..config import knob
 from ..data import PAD, TaskData
 from ..models import EnergyModel, L1RegressionActionHead, TinyVLA
@@ -33,12 +34,8 @@ class TinyOptions:
     head_hidden: int = knob(128, ge=1)
 
     def validate(self, cfg) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"policy.d_model: expected a multiple of policy.n_heads="
-                             f"{self.n_heads}, got {self.d_model}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"policy.image_size: expected a multiple of policy.patch_size="
-                             f"{self.patch_size}, got {self.image_size}")
+        check_multiple("policy.d_model", self.d_model, "policy.n_heads", self.n_heads)
+        check_multiple("policy.image_size", self.image_size, "policy.patch_size", self.patch_size)
         need = cfg.run.batch_size * cfg.run.grad_accum
         if need > self.dataset_size:
             raise ValueError(f"policy.dataset_size: expected >= run.batch_size * run.grad_accum"

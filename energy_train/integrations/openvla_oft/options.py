@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ...checks import check_multiple
 from ...config import knob
 
 
@@ -37,12 +38,8 @@ class StandinOptions:
     save_oft: bool = knob(True)             # OFT-layout files at <run>/oft/step_N/ per checkpoint
 
     def validate(self, cfg) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"policy.image_size: expected a multiple of policy.patch_size="
-                             f"{self.patch_size}, got {self.image_size}")
-        if self.llm_dim % self.llm_heads:
-            raise ValueError(f"policy.llm_dim: expected a multiple of policy.llm_heads="
-                             f"{self.llm_heads}, got {self.llm_dim}")
+        check_multiple("policy.image_size", self.image_size, "policy.patch_size", self.patch_size)
+        check_multiple("policy.llm_dim", self.llm_dim, "policy.llm_heads", self.llm_heads)
         if self.vision_dim % 8:
             raise ValueError(f"policy.vision_dim: expected a multiple of 8 (two heads per "
                              f"featurizer), got {self.vision_dim}")
