@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-gpu bench resources gpu-check runtime runtime-test clean
+.PHONY: setup train test test-latest lock bench resources gpu-check runtime runtime-test clean
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh requirements/lock.txt
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $(STAMP)
 
@@ -20,6 +20,15 @@ train: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 	  $(PY) -m pytest -q $$($(PY) -c "import xdist; print('-n 2 --dist loadfile')" 2>/dev/null)
+
+# The lock (requirements/lock.txt, what CI tests): `make lock` builds .venv-latest with the newest
+# releases, runs the whole suite there and, only if it passes, rewrites the lock from it;
+# `make test-latest` does the same without rewriting (does a new release break us?).
+lock:
+	bash scripts/lock.sh
+
+test-latest:
+	WRITE_LOCK=0 bash scripts/lock.sh
 
 # Benchmarks (bench/harness.py): GPU figures on CUDA, eager providers + ratios on the CPU.
 BENCH ?= layer_actions
@@ -51,4 +60,4 @@ runtime-test: $(STAMP)
 	$(PY) -m pytest -q tests/test_runtime.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest build *.egg-info

@@ -26,7 +26,6 @@ import argparse
 import importlib
 import json
 import os
-import pkgutil
 import re
 import subprocess
 import sys
@@ -44,11 +43,9 @@ def _ensure_not_interpreting():
 def collect_configs() -> list[dict]:
     import energy_train.kernels as kpkg
     out = []
-    for info in pkgutil.iter_modules(kpkg.__path__):
-        if not info.ispkg:
-            continue
+    for op in kpkg.OPS:
         try:
-            mod = importlib.import_module(f"energy_train.kernels.{info.name}.configs")
+            mod = importlib.import_module(f"energy_train.kernels.{op}.configs")
         except ModuleNotFoundError:
             continue
         if hasattr(mod, "resource_configs"):

@@ -3,10 +3,13 @@
 #  - Where the system python3 already has a CUDA build of torch (a GPU machine, possibly with
 #    no package registry), the venv sees the system packages and uses that torch and triton.
 #  - Elsewhere it installs the CPU build of torch 2.13.0 (a local wheel where one is on disk,
-#    e.g. via PIP_FIND_LINKS), triton and the package with its dev extras.
+#    e.g. via PIP_FIND_LINKS), triton and the package with its dev extras, every version pinned
+#    by the committed lock requirements/lock.txt (what CI tested). LOCK=none installs the newest
+#    releases instead (scripts/lock.sh: the lock's refresh).
 set -euo pipefail
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
+LOCK=${LOCK:-requirements/lock.txt}
 cd "$(dirname "$0")/.."
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -28,8 +31,15 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     || echo "setup: nlohmann-json not installed (no registry?): the C++ runtime will not build"
 else
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0" "triton==3.6.0"
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  if [ "$LOCK" = none ]; then
+    C=()
+    echo "setup: LOCK=none: the newest releases (not what CI tested)"
+  else
+    C=(-c "$LOCK")
+  fi
+  "$VENV/bin/python" -m pip install -q "${C[@]}" --upgrade pip setuptools wheel
+  "$VENV/bin/python" -m pip install -q "${C[@]}" "torch==2.13.0" "triton==3.6.0"
+  # no build isolation: the build uses the venv's (locked) setuptools, not whatever is newest
+  "$VENV/bin/python" -m pip install -q "${C[@]}" --no-build-isolation -e ".[dev]"
 fi
 "$VENV/bin/python" -c "import energy_train, torch; print('setup: energy_train', energy_train.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"

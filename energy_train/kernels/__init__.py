@@ -1,5 +1,11 @@
 """Triton kernels, installed as ``energy_train.kernels`` (never as a top-level ``kernels``).
 
+The op folders live at the top of the repository, ``kernels/<op>/``, mapped to
+``energy_train.kernels.<op>`` by pyproject.toml; ``kernels/`` has no ``__init__.py``, so the
+repository root on ``sys.path`` can never shadow Hugging Face's ``kernels`` distribution (which
+transformers imports). This package (``energy_train/kernels/``) binds them: the shared plumbing
+(``_utils``) and the weight tuples (``weights``).
+
 One sub-package per op, every one laid out the same way, read top to bottom:
 
     reference.py   the eager oracle: readable maths on tensors, float64-friendly, sharing no
@@ -18,3 +24,6 @@ poisoning, dtype and activation tables, argument checks) lives once in ``_utils.
 Nothing here imports ``energy_train``; ``energy_train.ops`` dispatches between each op's
 reference and its fused path.
 """
+
+#: the op sub-packages, each kernels/<op>/ (mapped: pkgutil does not list them)
+OPS = ("mlp", "layer_actions", "energy")
