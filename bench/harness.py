@@ -47,6 +47,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -110,10 +111,60 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+# --------------------------------------------------------------------------------------------
+# the device calls of the GPU timing path: CUDA's, or stand-ins that return exactly what they
+# return, so that the dry run (GPU_CHECK_DRY=1 sets ET_GPU_STANDIN=1) runs every line that
+# handles a GPU result on the CPU
+# --------------------------------------------------------------------------------------------
+STANDIN_ENV = "ET_GPU_STANDIN"
+
+
+def gpu_standin() -> bool:
+    """True when the GPU timing path runs on the CPU against stand-ins (the dry run)."""
+    return os.environ.get(STANDIN_ENV, "0") == "1"
+
+
+def gpu_path(device: torch.device) -> bool:
+    """Time with the GPU path: on CUDA, or on the CPU with the stand-ins."""
+    return device.type == "cuda" or gpu_standin()
+
+
+def _summarize(times: list, quantiles, return_mode: str):
+    """triton.testing.do_bench's return value for these times: triton's own summary where it
+    has one (a float for ONE quantile, a list for several, a float per return_mode)."""
+    import triton.testing as tt
+    if hasattr(tt, "_summarize_statistics"):
+        return tt._summarize_statistics(times, quantiles, return_mode)
+    if quantiles is not None:  # triton versions without the helper: the same rule
+        ret = torch.quantile(torch.tensor(times, dtype=torch.float), torch.tensor(
+            quantiles, dtype=torch.float)).tolist()
+        return ret[0] if len(ret) == 1 else ret
+    return getattr(statistics, return_mode)(times) if return_mode != "all" else times
+
+
+def do_bench(fn, warmup: float = 25, rep: float = 100, quantiles=None,
+             return_mode: str = "mean"):
+    """``triton.testing.do_bench`` (CUDA events, L2 flushed), or in the dry run a stand-in that
+    times ``fn`` with perf_counter for about ``rep`` ms (3 to 50 calls) and returns what
+    do_bench would (``_summarize``)."""
+    import triton.testing as tt
+    if not gpu_standin():
+        return tt.do_bench(fn, warmup=warmup, rep=rep, quantiles=quantiles,
+                           return_mode=return_mode)
+    fn()
+    times, t_end = [], time.perf_counter() + rep * 1e-3
+    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summarize(times, quantiles, return_mode)
+
+
+def bench_ms(fn, quantiles=(0.5,), warmup: float = 25, rep: float = 100) -> list[float]:
+    """THE GPU timing function: do_bench's quantiles of ``fn`` in ms, always a list of floats
+    (do_bench returns a float for one quantile and a list for several)."""
+    r = do_bench(fn, warmup=warmup, rep=rep, quantiles=list(quantiles))
+    return [float(r)] if isinstance(r, (int, float)) else [float(x) for x in r]
 
 
 def _sync(device):
@@ -121,19 +172,37 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _memory_allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _max_memory_allocated(device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return name + (" [GPU timing path, stand-ins]" if gpu_standin() else "")
+
+
 # --------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------
 def time_gpu(fn, device, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
-    import triton.testing
-    med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
-                                            quantiles=[0.5, 0.2, 0.8])
+    med, p20, p80 = bench_ms(fn, (0.5, 0.2, 0.8), warmup=warmup_ms, rep=rep_ms)
     _sync(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    base = _memory_allocated(device)
+    _reset_peak(device)
     fn()
     _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
+    peak = _max_memory_allocated(device) - base
     return dict(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mem_bytes=int(peak))
 
 
@@ -180,25 +249,30 @@ def _failed(rec: dict, e: BaseException, log) -> None:
 
 
 def measure_ceilings(device: torch.device) -> dict:
-    """The device's own peaks, measured: bf16 matmul TFLOP/s and device-to-device copy GB/s."""
-    if device.type != "cuda":
+    """The device's own peaks, measured: bf16 matmul TFLOP/s and device-to-device copy GB/s
+    (with the stand-ins: the same code at tiny sizes on the CPU, not a peak)."""
+    if not gpu_path(device):
         return {}
-    import triton.testing
-    n = 8192
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 256
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: torch.matmul(a, b), warmup=100, rep=500, quantiles=[0.5, 0.5])[0]
+    (ms,) = bench_ms(lambda: torch.matmul(a, b), warmup=100, rep=500 if cuda else 50)
     tflops = 2 * n ** 3 / (ms * 1e-3) / 1e12
     del a, b
-    nbytes = 2 << 30
+    nbytes = (2 << 30) if cuda else (8 << 20)
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    ms_c = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, quantiles=[0.5, 0.5])[0]
+    (ms_c,) = bench_ms(lambda: dst.copy_(src), warmup=50, rep=300 if cuda else 50)
     gbps = 2 * nbytes / (ms_c * 1e-3) / 1e9
     del src, dst
-    torch.cuda.empty_cache()
-    return dict(bf16_matmul_tflops=tflops, bf16_matmul_shape=[n, n, n], copy_gbps=gbps,
-                copy_bytes=nbytes)
+    if cuda:
+        torch.cuda.empty_cache()
+    out = dict(bf16_matmul_tflops=tflops, bf16_matmul_shape=[n, n, n], copy_gbps=gbps,
+               copy_bytes=nbytes)
+    if not cuda:
+        out["note"] = "GPU timing path with CPU stand-ins: tiny sizes, not a device ceiling"
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +336,7 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
                 continue
             try:
                 fn = p.factory(inputs)
-                if fn is not None and device.type == "cuda":  # one provider's state at a time
+                if fn is not None and gpu_path(device):  # one provider's state at a time
                     _sync(device)
                     rec.update(time_gpu(fn, device))
                     _annotate(bench, case, p.name, inputs, rec, device)
@@ -327,8 +401,11 @@ def run_benchmark(bench: Benchmark, device: torch.device, out_dir: Path | str | 
                 ceilings=ceilings, baseline=bench.baseline, notes=bench.notes,
                 columns=[list(c) for c in bench.columns],
                 providers=[p.name for p in bench.providers],
-                timing=("triton.testing.do_bench median/p20/p80" if device.type == "cuda"
-                        else "time.perf_counter repeats in 5 rounds interleaving the providers, median/p20/p80"))
+                gpu_path=gpu_path(device),
+                timing=("triton.testing.do_bench median/p20/p80" if device.type == "cuda" else
+                        "the GPU path's do_bench stand-in (perf_counter), median/p20/p80: a "
+                        "dry run, not a timing" if gpu_standin() else
+                        "time.perf_counter repeats in 5 rounds interleaving the providers, median/p20/p80"))
     if out_dir is not None:
         write_results(meta, records, Path(out_dir), tag)
     if bench.finish is not None:
@@ -391,7 +468,7 @@ def markdown_table(meta: dict, records: list) -> str:
     providers = list(dict.fromkeys(meta.get("providers", []) + [r["provider"] for r in records]))
     cases = list(dict.fromkeys(r["case"] for r in records))
     by = {(r["case"], r["provider"]): r for r in records}
-    gpu = meta["device_type"] == "cuda"
+    gpu = meta.get("gpu_path", meta["device_type"] == "cuda")
     lines = [f"# {meta['op']} on {meta['device']}", "",
              f"commit {meta['commit']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
              f"timing: {meta['timing']}."]

@@ -23,7 +23,9 @@ a compact set to ``--out DIR``: the three gpu-check files and ``gpu-check-<dev>-
 (all of the above), 4 files, each under 16 MB.
 
 ``GPU_CHECK_DRY=1``: the same steps on the CPU (CUDA hidden) at the benchmarks' reduced CPU
-shapes, the GPU tests collected and reported as not run, compile caps of 2 s (so the
+shapes, the device step and the benchmarks on the GPU timing path with stand-ins for
+triton's ``do_bench`` and torch.cuda's calls that return exactly what those return
+(``bench.harness``, ET_GPU_STANDIN=1: every line that handles a GPU result runs here), the GPU tests collected and reported as not run, compile caps of 2 s (so the
 "did not compile in time" path runs), results under bench/results/dry/ (git-ignored), file
 names ``*-cpu-dry.*``; under 2 minutes. ``--only PATTERN`` reruns the matching steps alone
 (fnmatch on the names above; device and collect always run): the benchmark files keep the
@@ -115,47 +117,38 @@ def _nvidia_smi() -> dict:
     return {"error": err}
 
 
-def _cpu_ceilings() -> dict:
-    """Dry run: the same keys at tiny sizes on the CPU (exercises the reporting, not a peak)."""
-    import torch
-    n = 256
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    src = torch.randn(4 << 20)
-    dst = torch.empty_like(src)
-
-    def best(fn, reps=5):
-        fn()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return sorted(ts)[len(ts) // 2]
-    return dict(bf16_matmul_tflops=2 * n ** 3 / best(lambda: a @ b) / 1e12,
-                bf16_matmul_shape=[n, n, n], copy_gbps=2 * src.numel() * 4 / best(
-                    lambda: dst.copy_(src)) / 1e9, copy_bytes=src.numel() * 4,
-                note="CPU dry run: tiny sizes, not a device ceiling")
+def _device_properties(torch):
+    """torch.cuda's device properties, or (dry run) a stand-in with the same attributes."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device("cuda"))
+    from types import SimpleNamespace
+    return SimpleNamespace(name=f"cpu ({platform.processor() or platform.machine()}) "
+                                "[GPU path, stand-ins]", major=0, minor=0,
+                           multi_processor_count=os.cpu_count() or 1, total_memory=0,
+                           L2_cache_size=0)
 
 
 def device_worker(path: Path) -> None:
+    """Device facts and ceilings. The dry run takes the SAME branch with the harness's
+    stand-ins (ET_GPU_STANDIN=1) and a stand-in for the device properties."""
     import torch
 
-    from bench.harness import _triton_version, git_commit, measure_ceilings
+    from bench.harness import (_triton_version, git_commit, gpu_path, gpu_standin,
+                               measure_ceilings)
     info = dict(torch=torch.__version__, triton=_triton_version(), cuda=torch.version.cuda,
                 python=platform.python_version(), commit=git_commit(),
-                cuda_available=torch.cuda.is_available())
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        p = torch.cuda.get_device_properties(dev)
-        info.update(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                    memory_bytes=p.total_memory, l2_bytes=getattr(p, "L2_cache_size", None),
-                    nvidia_smi=_nvidia_smi())
-        print(f"device: {p.name}, {p.multi_processor_count} SMs; measuring ceilings", flush=True)
-        ceilings = measure_ceilings(dev)
-    else:
-        info.update(name=f"cpu ({platform.processor() or platform.machine()})",
-                    cores=os.cpu_count())
-        ceilings = _cpu_ceilings()
+                cuda_available=torch.cuda.is_available(), gpu_standin=gpu_standin())
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not gpu_path(dev):
+        raise RuntimeError("device worker: no CUDA device and no stand-ins (ET_GPU_STANDIN=1)")
+    p = _device_properties(torch)
+    info.update(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                memory_bytes=p.total_memory, l2_bytes=getattr(p, "L2_cache_size", None),
+                nvidia_smi=_nvidia_smi())
+    # written before the ceilings: a failure there still leaves the device's name for the files
+    path.write_text(json.dumps(dict(device=info, ceilings=None), indent=1))
+    print(f"device: {p.name}, {p.multi_processor_count} SMs; measuring ceilings", flush=True)
+    ceilings = measure_ceilings(dev)
     print(f"ceilings: bf16 matmul {ceilings['bf16_matmul_tflops']:.1f} TFLOP/s, "
           f"copy {ceilings['copy_gbps']:.1f} GB/s", flush=True)
     path.write_text(json.dumps(dict(device=info, ceilings=ceilings), indent=1))
@@ -448,6 +441,8 @@ class Check:
             env["CUDA_VISIBLE_DEVICES"] = ""
             if pytest:
                 env["TRITON_INTERPRET"] = "1"
+            else:  # the device and benchmark steps take the GPU timing path, on stand-ins
+                env["ET_GPU_STANDIN"] = "1"
         return env
 
     def cap(self, key: str) -> float:
@@ -458,15 +453,24 @@ class Check:
         path = self.work / "device.json"
         pr = run_proc([self.py, Path(__file__), "--device-worker", path], timeout, self.log,
                       self.env(False), "  device| ")
-        if not path.exists():
+        data = json.loads(path.read_text()) if path.exists() else {}
+        self.device = data.get("device") or self.device_fallback()
+        self.tag = device_tag(self.device, self.dry)  # the files carry the device's name
+        if not data.get("ceilings"):
             return dict(status=_failed(pr, timeout), detail=_tail(pr.output))
-        data = json.loads(path.read_text())
-        self.device, self.ceilings = data["device"], data["ceilings"]
+        self.ceilings = data["ceilings"]
         (self.work / "ceilings.json").write_text(json.dumps(self.ceilings))
-        self.tag = device_tag(self.device, self.dry)
         c = self.ceilings
         return dict(status="ok", detail=f"{self.device['name']}: bf16 matmul "
                     f"{c['bf16_matmul_tflops']:.4g} TFLOP/s, copy {c['copy_gbps']:.4g} GB/s")
+
+    def device_fallback(self) -> dict:
+        """The device's name when the worker wrote nothing: nvidia-smi's (or the CPU's in a
+        dry run)."""
+        if self.dry:
+            return dict(name=f"cpu ({platform.processor() or platform.machine()})")
+        smi = _nvidia_smi()
+        return dict(name=smi.get("name", "unknown GPU"), nvidia_smi=smi)
 
     def step_collect(self, step, timeout):
         pr = run_proc([self.py, "-m", "pytest", "-m", "gpu", "--collect-only", "-q"], timeout,

@@ -1,6 +1,8 @@
 """bench.harness on the CPU with a toy benchmark: what it writes, not how fast anything is."""
 import json
 
+import pytest
+
 import torch
 
 from bench.harness import Benchmark, Case, Provider, run_benchmark
@@ -92,3 +94,33 @@ def test_harness_records_a_failing_provider_and_runs_the_others(tmp_path):
     assert recs["flaky"]["status"] == "error: RuntimeError: timing broke"
     md = (tmp_path / "toye-cpu.md").read_text()
     assert "error (ValueError)" in md and "error (RuntimeError)" in md
+
+
+def test_gpu_timing_path_with_stand_ins(tmp_path, monkeypatch):
+    """The GPU branch of the harness (do_bench quantiles, peak memory, ceilings) on the CPU
+    with stand-ins that return exactly what triton's do_bench returns: a float for ONE
+    quantile (what broke the first GPU run), a list for several."""
+    import triton.testing as tt
+
+    from bench import harness
+    monkeypatch.setenv(harness.STANDIN_ENV, "1")
+    assert harness.gpu_path(torch.device("cpu"))
+    fn = lambda: torch.randn(32, 32) @ torch.randn(32, 32)  # noqa: E731
+    one = harness.do_bench(fn, rep=5, quantiles=[0.5])
+    several = harness.do_bench(fn, rep=5, quantiles=[0.5, 0.2, 0.8])
+    assert isinstance(one, float) and isinstance(several, list) and len(several) == 3
+    # the same types as triton's own summary of a run's times
+    assert isinstance(tt._summarize_statistics([1.0, 2.0, 3.0], [0.5], "mean"), float)
+    (ms,) = harness.bench_ms(fn, (0.5,), rep=5)
+    assert isinstance(ms, float) and ms > 0
+    c = harness.measure_ceilings(torch.device("cpu"))
+    assert c["bf16_matmul_tflops"] > 0 and c["copy_gbps"] > 0 and "stand-ins" in c["note"]
+    bench = Benchmark("toy", [Case("n64", dict(n=64), lambda dev: torch.randn(64, 64, device=dev),
+                                   flops=2 * 64 ** 3)],
+                      [Provider("matmul", lambda x: (lambda: x @ x))], baseline="matmul")
+    (rec,) = run_benchmark(bench, torch.device("cpu"), tmp_path, log=lambda *_: None)
+    assert rec["status"] == "ok" and rec["peak_mem_bytes"] == 0
+    assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"] and rec["pct_peak_flops"] > 0
+    meta = json.loads((tmp_path / "toy-cpu.json").read_text())["meta"]
+    assert meta["gpu_path"] and "stand-in" in meta["timing"]
+    assert "% " in (tmp_path / "toy-cpu.md").read_text()  # the GPU columns were formatted

@@ -43,9 +43,12 @@ def test_dry_run_end_to_end(dry_run):
     assert [st["name"] for st in s["steps"]] == want  # the order: most valuable first
     for name in want[:-2]:
         assert steps[name]["status"] in ("ok", "skipped on the CPU"), (name, steps[name])
-    # device and ceilings recorded once
-    assert s["device"]["torch"] and s["device"]["triton"]
+    # device and ceilings recorded once, through the GPU branch on stand-ins (do_bench's
+    # single-quantile float included: what broke the first GPU run)
+    assert s["device"]["torch"] and s["device"]["triton"] and s["device"]["gpu_standin"]
+    assert s["device"]["sms"] >= 1 and "nvidia_smi" in s["device"]
     assert s["ceilings"]["bf16_matmul_tflops"] > 0 and s["ceilings"]["copy_gbps"] > 0
+    assert "stand-ins" in s["ceilings"]["note"]
     # every GPU test lands in one group, each group is non-empty, none ran here
     groups = s["tests"]
     assert all(g["collected"] > 0 for g in groups.values()), groups
@@ -66,6 +69,9 @@ def test_dry_run_end_to_end(dry_run):
     assert "skipped" in by[("layer_actions", "triton")]["status"]
     assert by[("layer_actions", "torch_compile")]["status"].startswith("did not compile within")
     assert by[("energy", "eager_once")]["speedup_vs_baseline"] == 1.0
+    # the GPU timing path ran (do_bench quantiles, peak memory), not the CPU rounds
+    assert by[("energy", "eager_once")]["peak_mem_bytes"] == 0
+    assert "stand-in" in s["benches"]["energy"]["meta"]["timing"]
     # files: results with the device in the names; a compact --out set the device tool returns
     names = {f.name for f in (tmp / "results").iterdir()}
     for stem in ("gpu-check", "layer_actions", "energy", "step"):

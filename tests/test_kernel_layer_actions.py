@@ -23,6 +23,8 @@ def poison_buffers(monkeypatch):
 
 
 def _batch(B, T, D, H, Da, L, seed, dtype=F64):
+    if T < H * Da:
+        raise ValueError(f"_batch: T={T} cannot hold the H*Da={H * Da} action tokens")
     g = torch.Generator().manual_seed(seed)
     hs = [torch.randn(B, T, D, generator=g, dtype=F64) for _ in range(L + 1)]
     for h in hs:  # LLM-like: a few outlier dimensions
@@ -157,20 +159,41 @@ def test_layer_actions_triton_compiles_without_graph_breaks():
 # --------------------------------------------------------------------------------------------
 # GPU only: bf16, tf32, production and chunk shapes (LIBERO, BRIDGE, ALOHA)
 # --------------------------------------------------------------------------------------------
+CHUNKS = {"LIBERO": (8, 7), "BRIDGE": (5, 7), "ALOHA": (25, 14)}
+
+
+def _chunk_case(chunk, D, hidden, L, dtype, act):
+    """A batch whose sequence holds the chunk's H*Da action tokens plus 50 others (T = 300 for
+    LIBERO/BRIDGE, 400 for ALOHA's 350 action tokens)."""
+    H, Da = CHUNKS[chunk]
+    B, T = 3, max(300, H * Da + 50)
+    hs, mask = _batch(B, T, D, H, Da, L, 0, dtype)
+    head = _head(D, hidden, Da, H, act, 0, dtype)
+    return hs, build_action_index(num_tokens=H * Da, mask=mask), head
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("chunk", list(CHUNKS))
+def test_layer_actions_triton_chunks(chunk, precision):
+    """Every robot's chunk shape through the fused path (the GPU test's shapes at D = 32), fp32
+    with IEEE and with tf32 dots (operands rounded to the nearest tf32: the interpreter then
+    computes what the GPU's MMA does)."""
+    hs, idx, head = _chunk_case(chunk, 32, 48, 1, torch.float32, "relu")
+    out = layer_actions_triton(hs[1:], idx, action_head_weights(head), input_precision=precision)
+    ref, _ = _oracle(hs, idx, head, None)
+    assert_close("layer_actions", ref, out, "fp32" if precision == "ieee" else "tf32")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
                          ids=["bf16", "fp16", "fp32-tf32"])
-@pytest.mark.parametrize("chunk", [(8, 7), (5, 7), (25, 14)], ids=["LIBERO", "BRIDGE", "ALOHA"])
+@pytest.mark.parametrize("chunk", list(CHUNKS))
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_layer_actions_triton_gpu_chunks(chunk, dtype, act):
-    H, Da = chunk
-    B, T, D, L, hidden = 3, 300, 512, 5, 512
-    hs, mask = _batch(B, T, D, H, Da, L, 0, dtype)
-    head = _head(D, hidden, Da, H, act, 0, dtype)
-    idx = build_action_index(num_tokens=H * Da, mask=mask)
+    hs, idx, head = _chunk_case(chunk, 512, 512, 5, dtype, act)
     torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
     try:
-        out = layer_actions(hs, idx, head, backend="auto")  # auto picks triton on CUDA
+        out = layer_actions(hs, idx, head, backend="triton")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
     ref, _ = _oracle(hs, idx, head, None)

@@ -4,7 +4,10 @@ On the CPU the kernels run under TRITON_INTERPRET=1 (conftest); bf16 and tf32 on
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from energy_train.kernels._utils import round_tf32
 from energy_train.kernels.mlp import ln_linear, ln_stats
 from energy_train.kernels.mlp.reference import ln_linear_reference
 from energy_train.testing import assert_close, poison
@@ -163,6 +166,52 @@ def test_ln_linear_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ln_linear(torch.randn(4, 16), torch.randn(3, 16))
+
+
+def _rna_tf32(t):
+    """fp32 -> nearest tf32, ties away from zero (cuBLAS's cvt.rna), in torch."""
+    b = t.float().contiguous().view(torch.int32)
+    return ((b + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@triton.jit
+def _round_tf32_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(y_ptr + offs, round_tf32(x), mask=offs < n)
+
+
+def test_round_tf32_is_round_to_nearest_ties_away():
+    one = 1.0
+    ulp = 2.0 ** -10  # tf32's spacing at 1
+    x = torch.tensor([one, one + ulp / 2, one + ulp / 2 - 2 ** -23, -(one + ulp / 2), 3.0e38,
+                      float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-40],
+                     dtype=torch.float32)
+    x = torch.cat([x, torch.randn(245) * 1e3])
+    y = torch.full_like(x, 7.0)
+    _round_tf32_kernel[(1,)](x, y, x.numel(), BLOCK=256)
+    want = _rna_tf32(x)
+    want[5:8] = x[5:8]  # inf, -inf, nan pass unchanged
+    assert y[1] == one + ulp and y[2] == one and y[3] == -(one + ulp)  # ties away, below rounds down
+    assert torch.equal(y[~x.isnan()], want[~x.isnan()]) and y[7].isnan()
+
+
+def test_tf32_dot_rounds_operands_to_nearest():
+    """input_precision="tf32": the operands are rounded to the nearest tf32 before the dot (the
+    MMA would truncate them). Under the interpreter the result equals exact products of the
+    rounded operands; truncated operands would be ~2x further from float64."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(67, 150, generator=g)
+    w = torch.randn(45, 150, generator=g)
+    y = ln_linear(x, w, input_precision="tf32")
+    exact = x.double() @ w.double().T
+    rna = _rna_tf32(x).double() @ _rna_tf32(w).double().T
+    trunc = ((x.view(torch.int32) & ~0x1FFF).view(torch.float32).double()
+             @ (w.view(torch.int32) & ~0x1FFF).view(torch.float32).double().T)
+    assert_close("tf32 vs rounded operands", rna, y, tol=2e-6)
+    err = (y.double() - exact).abs().max() / exact.abs().max()
+    err_trunc = (trunc - exact).abs().max() / exact.abs().max()
+    assert 1e-5 < err < 1e-3 and err < 0.75 * err_trunc, (err, err_trunc)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,29 @@ TORCH_ACTIVATIONS = {"none": lambda h: h, "relu": F.relu, "silu": F.silu}
 POISON_ENV = "ENERGY_TRAIN_POISON"
 
 
+@triton.jit
+def round_tf32(x):
+    """fp32 -> the nearest tf32 value (10-bit mantissa; ties away from zero, as cuBLAS's
+    ``cvt.rna.tf32.f32``), kept in fp32; inf and NaN pass unchanged. The tensor core's tf32 MMA
+    TRUNCATES its fp32 operands (triton 3.6 emits no rounding), which doubles the error."""
+    bits = x.to(tl.uint32, bitcast=True)
+    r = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(x) < float("inf"), r, x)
+
+
+@triton.jit
+def dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` (fp32 accumulation; ``acc`` may be None). "tf32" on fp32 operands rounds
+    them to the nearest tf32 first (``round_tf32``): the same numbers as cuBLAS's TF32 GEMMs,
+    and the same under the interpreter (whose fp32 dot is exact) as on a GPU."""
+    if INPUT_PRECISION == "tf32":
+        if a.dtype == tl.float32:
+            a = round_tf32(a)
+        if b.dtype == tl.float32:
+            b = round_tf32(b)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
 def flags_from_pointers(**flags):
     """``@triton.heuristics`` for optional pointer arguments: each constexpr flag is True when
     its pointer argument is given (not None), e.g. ``flags_from_pointers(HAS_BIAS="b_ptr")``."""

@@ -26,10 +26,13 @@ def attn_config(head_dim: int, dtype: torch.dtype = torch.bfloat16,
     small = interpreting() if interpret is None else interpret
     bm = int(os.environ.get("ENERGY_ATTN_BLOCK_M", 16 if small else 64))
     bn = int(os.environ.get("ENERGY_ATTN_BLOCK_N", 16 if small else 64))
-    # fp32 dK/dV at 4 warps needs 255 registers + 32 B of stack on sm_90: 8 warps, no spill
-    dkdv_warps = 8 if dtype == torch.float32 else 4
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=2,
-                dkdv_warps=dkdv_warps)
+    # fp32 dK/dV and dQ at 4 warps need 255 registers + 32 B of stack on sm_90 (dQ since its
+    # tf32 operands are rounded to nearest): 8 warps; dQ then still spills 8 B at 2 stages,
+    # none at 3 (bench/results/resources-sm90.md)
+    fp32 = dtype == torch.float32
+    bwd_warps = 8 if fp32 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=3 if fp32 else 2,
+                dkdv_warps=bwd_warps, dq_warps=bwd_warps)
 
 
 def _attention_resources() -> list:
@@ -66,7 +69,8 @@ def _attention_resources() -> list:
                     args=dict(Q=p, K=p, V=p, PAD="*u8", DO=p, LSE="*fp32", DELTA="*fp32", DQ=p,
                               **q, **kv, **dout, stride_dqb=Q * E, stride_dqm=E, n_batch=B,
                               n_heads=heads, n_q=Q, n_k=S, head_dim=dh, **scales),
-                    constexprs=dict(SHARED_Q=shared, **common), expect_wgmma=True, **launch))
+                    constexprs=dict(SHARED_Q=shared, **common), expect_wgmma=True,
+                    num_warps=cfg["dq_warps"], num_stages=cfg["num_stages"]))
             out.append(dict(
                 name=f"energy.attn_bwd_dkdv.{tag}", kernel=_energy_attention_bwd_dkdv_kernel,
                 args=dict(Q=p, K=p, V=p, PAD="*u8", DO=p, LSE="*fp32", DELTA="*fp32", DK=p, DV=p,

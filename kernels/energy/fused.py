@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._utils import flags_from_pointers
+from .._utils import dot, flags_from_pointers
 
 _has_pad = flags_from_pointers(HAS_PAD="PAD")
 
@@ -90,14 +90,14 @@ def _energy_attention_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v, valid = _load_kv_tile(K, V, PAD, b, offs_n, col, d_ok, n_k, stride_kb, stride_kn,
                                     stride_vb, stride_vn, stride_pb, HAS_PAD, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = dot(q, tl.trans(k), None, INPUT_PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION)
         m_i = m_new
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -174,11 +174,11 @@ def _energy_attention_bwd_dq_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k, v, valid = _load_kv_tile(K, V, PAD, b, offs_n, col, d_ok, n_k, stride_kb, stride_kn,
                                         stride_vb, stride_vn, stride_pb, HAS_PAD, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            s = dot(q, tl.trans(k), None, INPUT_PRECISION) * qk_scale
             p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            dp = dot(do, tl.trans(v), None, INPUT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+            dq = dot(ds.to(k.dtype), k, dq, INPUT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + out_b * stride_dqb + offs_m[:, None] * stride_dqm + col[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -223,12 +223,12 @@ def _energy_attention_bwd_dkdv_kernel(
             do = do.to(tl.float32)
         lse = tl.load(LSE + row + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (N, M)
+        s_t = dot(k, tl.trans(q), None, INPUT_PRECISION) * qk_scale  # (N, M)
         p_t = tl.where(valid[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dv = dot(p_t.to(do.dtype), do, dv, INPUT_PRECISION)
+        dp_t = dot(v, tl.trans(do), None, INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+        dk = dot(ds_t.to(q.dtype), q, dk, INPUT_PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + offs_n[:, None] * stride_dkn + col[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)

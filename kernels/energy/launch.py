@@ -3,8 +3,9 @@ custom ops):
 
 ``attention_fwd(q, kv, pad, heads, prec)`` / ``attention_bwd(...)``: the cross-attention kernels
 (fused.py). q (Bq, Q, E) with Bq = B or 1 (one candidate pool shared by every sample), kv
-(B, S, 2E) the K|V projection (K = kv[..., :E], V = kv[..., E:], read in place), pad (B, S) uint8
-(1 = ignore) or None. The gradient of kv is ONE (B, S, 2E) buffer written by the dK/dV kernel (two
+(B, S, 2E) the K|V projection (K = kv[..., :E], V = kv[..., E:], read in place), pad (B, S) bool
+(True = ignore) or None; its uint8 view (the kernels read bytes) is taken here, inside the custom
+op's real body: inductor cannot lower a bit-cast view of a bool tensor in a traced graph. The gradient of kv is ONE (B, S, 2E) buffer written by the dK/dV kernel (two
 separate dk, dv tensors would make autograd materialise a zero-filled (B, S, 2E) buffer per
 slice).
 
@@ -42,10 +43,16 @@ def attention_dims(q, kv, heads):
     return B, S, E, Bq, Q, E // heads
 
 
+def _bytes(pad):
+    """The bool pad mask as the uint8 the kernels read (a view, no copy)."""
+    return None if pad is None else pad.view(torch.uint8)
+
+
 def attention_fwd(q, kv, pad, heads: int, input_precision: str):
     """-> out (B, Q, E) (q.dtype), lse (B, heads, Q) fp32 in log2 units (+inf: no valid key)."""
     B, S, E, Bq, Q, dh = attention_dims(q, kv, heads)
     k, v = kv[..., :E], kv[..., E:]
+    pad = _bytes(pad)
     out = empty((B, Q, E), q.dtype, q.device)
     lse = empty((B, heads, Q), torch.float32, q.device)
     cfg = attn_config(dh, q.dtype)
@@ -64,6 +71,7 @@ def attention_bwd(dout, q, kv, pad, out, lse, heads: int, input_precision: str):
     """-> dq (Bq, Q, E), dkv (B, S, 2E); with Bq = 1 dq is summed over samples."""
     B, S, E, Bq, Q, dh = attention_dims(q, kv, heads)
     k, v = kv[..., :E], kv[..., E:]
+    pad = _bytes(pad)
     cfg = attn_config(dh, q.dtype)
     BM, BN, BD = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     delta = empty((B, heads, Q), torch.float32, q.device)
@@ -84,7 +92,7 @@ def attention_bwd(dout, q, kv, pad, out, lse, heads: int, input_precision: str):
         q, k, v, pad, dout, lse, delta, dq,
         q_sb, q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad_sb,
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-        B, heads, Q, S, dh, qk_scale, sm_scale, SHARED_Q=shared, num_warps=cfg["num_warps"],
+        B, heads, Q, S, dh, qk_scale, sm_scale, SHARED_Q=shared, num_warps=cfg["dq_warps"],
         **common)
     _energy_attention_bwd_dkdv_kernel[(triton.cdiv(S, BN), B * heads)](
         q, k, v, pad, dout, lse, delta, dk, dv,

@@ -103,7 +103,7 @@ def energy_attention(q: torch.Tensor, kv: torch.Tensor, pad_mask: Optional[torch
         if pad_mask.shape != (B, S) or pad_mask.dtype != torch.bool:
             raise ValueError(f"pad_mask: expected bool ({B}, {S}), got {pad_mask.dtype} "
                              f"{tuple(pad_mask.shape)}")
-        pad = _last_unit(pad_mask).view(torch.uint8)
+        pad = _last_unit(pad_mask)  # bool; the kernels' uint8 view is taken inside the op
     out, _ = energy_attention_fwd(_last_unit(q), _last_unit(kv), pad, heads, input_precision)
     return out
 

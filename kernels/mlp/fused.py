@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._utils import ACT_RELU, ACT_SILU, flags_from_pointers
+from .._utils import ACT_RELU, ACT_SILU, dot, flags_from_pointers
 
 
 @triton.jit
@@ -185,7 +185,7 @@ def _ln_linear_fwd_kernel(
             if UPCAST:
                 acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+                acc = dot(a, w, acc, INPUT_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -278,10 +278,9 @@ def _ln_linear_bwd_dw_kernel(
         if HAS_BIAS:
             db += tl.sum(dh, 0)
         if UPCAST:
-            acc += tl.dot(tl.trans(dh), a, input_precision=INPUT_PRECISION)
+            acc = dot(tl.trans(dh), a, acc, INPUT_PRECISION)
         else:
-            acc += tl.dot(tl.trans(dh.to(DOT_DTYPE)), a.to(DOT_DTYPE),
-                          input_precision=INPUT_PRECISION)
+            acc = dot(tl.trans(dh.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, INPUT_PRECISION)
     tl.store(DW + cols[:, None] * stride_dwn + ks[None, :], acc.to(DW.dtype.element_ty),
              mask=n_ok[:, None] & (ks < K)[None, :])
     if HAS_BIAS:
@@ -318,9 +317,9 @@ def _ln_linear_bwd_dx_kernel(
             w = tl.load(W + cols[:, None].to(tl.int64) * stride_wn + ks[None, :] * stride_wk,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:
-                da += tl.dot(dh, w.to(tl.float32), input_precision=INPUT_PRECISION)
+                da = dot(dh, w.to(tl.float32), da, INPUT_PRECISION)
             else:
-                da += tl.dot(dh.to(DOT_DTYPE), w, input_precision=INPUT_PRECISION)
+                da = dot(dh.to(DOT_DTYPE), w, da, INPUT_PRECISION)
         if NORMALIZE:
             xhat, _ = _ln_tile(X, MEAN, RSTD, G, G, rows, ks, M, K, stride_xm, stride_xk,
                                True, False, False, DOT_DTYPE)
