@@ -2,9 +2,10 @@
 (``kernels/<op>/reference.py``) and its fused Triton path. Both take tensors: the ops here take
 the modules and map them through the one walker, :mod:`energy_train.models.weights`.
 
-``backend``: ``"auto"`` picks Triton on CUDA tensors when the op's kernel is available and
-eager otherwise; ``"eager"`` forces the PyTorch path; ``"triton"`` forces the kernel (on a
-CPU tensor only under ``TRITON_INTERPRET=1``; otherwise a clear error).
+``backend``: ``"auto"`` runs what :data:`AUTO` says for the op and the device class - the
+path a committed GPU measurement showed faster, never one no figure shows winning;
+``"eager"`` forces the PyTorch path; ``"triton"`` forces the kernel (on a CPU tensor only under
+``TRITON_INTERPRET=1``; otherwise a clear error). Benchmarks time every provider regardless.
 """
 from __future__ import annotations
 
@@ -20,6 +21,27 @@ from .models import EnergyModel, L1RegressionActionHead
 from .models.weights import action_head_weights, energy_weights
 
 BACKENDS = ("auto", "eager", "triton")
+
+#: What ``backend="auto"`` runs, per (op, device class), and the measurement that put it there.
+#: Device classes: "cpu", "cuda". A Triton path enters this table only with a committed GPU
+#: figure (bench/results/) showing it faster than eager and torch.compile of the reference.
+AUTO = {
+    ("layer_actions", "cpu"): ("eager", "the Triton path runs only under the interpreter on a CPU"),
+    ("energy", "cpu"): ("eager", "the Triton path runs only under the interpreter on a CPU"),
+    ("layer_actions", "cuda"): (
+        "eager", "H200, commit a02f753 (bench/results/h200-a02f753/layer_actions-h200.md): "
+        "production shape, eager batched 3.03 ms, triton 3.85 ms"),
+    ("energy", "cuda"): (
+        "eager", "H200, commit a02f753 (bench/results/h200-a02f753/energy-h200.md): swap "
+        "fwd+bwd, hidden 512/8: eager 4.72 ms, triton 46.4 ms; 1024/16: 8.04 vs 87.2 ms"),
+}
+
+
+def auto_backend(op: str, device: torch.device) -> str:
+    """What ``backend="auto"`` runs for ``op`` on ``device`` (:data:`AUTO`; eager where the
+    table has no entry)."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    return AUTO.get((op, kind), ("eager", ""))[0]
 #: the ops with a fused path: (reference, fused) each
 _PATHS = {"layer_actions": (layer_actions_reference, layer_actions_triton),
           "energy": (energy_scores_reference, energy_scores_triton)}
@@ -33,7 +55,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         return "eager"
     available = op in _PATHS
     if backend == "auto":
-        return "triton" if (device.type == "cuda" and available) else "eager"
+        return auto_backend(op, device) if available else "eager"
     if not available:
         raise NotImplementedError(f"{op}: no Triton kernel for this op; use backend='eager'")
     if device.type != "cuda" and not interpreting():

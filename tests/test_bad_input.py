@@ -117,3 +117,17 @@ def test_energy_scores_too_many_chunk_steps(backend, monkeypatch):
     c, mask, _ = _energy_args()
     with pytest.raises(ValueError, match=r"candidates: at most 4 chunk steps \(dim 2\), got shape \(2, 3, 5, 3\)"):
         energy_scores(m, c, mask, torch.randn(B, 3, 5, Da), backend=backend)
+
+
+def test_auto_runs_the_measured_faster_path():
+    """backend="auto" follows ops.AUTO, and every CUDA entry cites a committed measurement."""
+    from pathlib import Path
+
+    from energy_train import ops
+    root = Path(__file__).resolve().parents[1]
+    for (op, kind), (backend, evidence) in ops.AUTO.items():
+        assert backend in ("eager", "triton"), (op, kind)
+        assert ops.resolve_backend(op, "auto", torch.device(kind)) == backend
+        if kind == "cuda":
+            files = [w.strip("(),:") for w in evidence.split() if w.startswith(("(bench/", "bench/"))]
+            assert files and all((root / f).is_file() for f in files), (op, evidence)
