@@ -6,12 +6,14 @@ Providers (what is timed is what tests/test_kernel_energy.py proves equal):
   eager_once            losses.*(backend="eager"): context encoded once (the oracle)
   torch_compile         eager_once under torch.compile (GPU only here: inductor's CPU compile
                         on a 2-core box costs minutes per shape)
-  triton                losses.*(backend="triton") (GPU only: interpreter timings mean nothing)
+  triton                losses.*(backend="triton") (GPU only: interpreter timings mean nothing):
+                        energy_fwd / energy_bwd, 12 Triton launches (kernels/energy)
 Cases: swap InfoNCE and explicit-negative InfoNCE (M = 6), forward and forward+backward (the
 energy model's parameters; context detached, as the trainer does), hidden 512/8 and 1024/16,
-B=8, S=600, D=4096, H=8, Da=7, plus sweeps over B (8-64) and S (256-1024) on the GPU.
+B=8, S=600, D=4096, H=8, Da=7, an fp32 energy model (the default) and a bf16 one (the public
+fork trains it in bf16: ``-bf16`` cases), plus sweeps over B (8-64) and S (256-1024) on the GPU.
 The record's params carry ``ctx_bytes``: the encoded context itself (K|V, (B, S, 2*hidden) in
-the model dtype), the yardstick of the memory target (peak <= 1.2x that). Memory, fwd+bwd cases:
+the model dtype), the yardstick of the memory target (peak <= 2x that). Memory, fwd+bwd cases:
 on a GPU the harness records the peak of one call above what was allocated before it (inputs,
 model) as ``peak_mem_bytes``, shown as "+N MiB (x ctx)"; on the CPU ``saved_bytes`` is what the
 autograd graph keeps for the backward (bench/memory.py: distinct storages, parameters and
@@ -53,7 +55,8 @@ def make_benchmark(device: torch.device, quick: bool = False, cpu_shapes: bool =
         if not quick:
             grid.append(dict(B=8, S=96, D=256, E=64, heads=4))
     else:
-        grid = [dict(B=8, S=600, D=4096, E=512, heads=8), dict(B=8, S=600, D=4096, E=1024, heads=16)]
+        grid = [dict(B=8, S=600, D=4096, E=512, heads=8), dict(B=8, S=600, D=4096, E=1024, heads=16),
+                dict(B=8, S=600, D=4096, E=512, heads=8, dtype="bfloat16")]
         if not quick:
             grid += [dict(B=b, S=600, D=4096, E=512, heads=8) for b in (16, 32, 64)]
             grid += [dict(B=8, S=s, D=4096, E=512, heads=8) for s in (256, 1024)]
@@ -63,10 +66,13 @@ def make_benchmark(device: torch.device, quick: bool = False, cpu_shapes: bool =
             for mode in ("fwd", "fwdbwd"):
                 C = g["B"] if loss == "swap" else 1 + M_NEG
                 f = fwd_flops(g["B"], g["S"], g["D"], g["E"], C)
-                ctx_bytes = g["B"] * g["S"] * 2 * g["E"] * 4  # fp32 model: K|V
+                g = dict(g, dtype=g.get("dtype", "float32"))
+                esize = 2 if g["dtype"] == "bfloat16" else 4
+                ctx_bytes = g["B"] * g["S"] * 2 * g["E"] * esize  # K|V in the model's dtype
                 params = dict(g, loss=loss, mode=mode, C=C, ctx_bytes=ctx_bytes)
+                tag = "-bf16" if g["dtype"] == "bfloat16" else ""
                 cases.append(Case(
-                    name=f"{loss}-{mode}-B{g['B']}-S{g['S']}-D{g['D']}-E{g['E']}h{g['heads']}",
+                    name=f"{loss}-{mode}-B{g['B']}-S{g['S']}-D{g['D']}-E{g['E']}h{g['heads']}{tag}",
                     params=params, flops=f if mode == "fwd" else 3 * f,
                     make=lambda dev, p=params: _inputs(dev, p)))
     providers = [
@@ -76,8 +82,9 @@ def make_benchmark(device: torch.device, quick: bool = False, cpu_shapes: bool =
         Provider("triton", lambda i: _runner(i, "triton"), gpu_only=True),
     ]
     return Benchmark("energy", cases, providers, baseline="eager_once",
-                     notes=["context bf16 on the GPU (fp32 on the CPU), energy model fp32; "
-                            "fwd+bwd = energy-model parameter gradients, context detached",
+                     notes=["context bf16 on the GPU (fp32 on the CPU), energy model fp32 (bf16 in "
+                            "the -bf16 cases); fwd+bwd = energy-model parameter gradients, "
+                            "context detached",
                             "memory (fwd+bwd) vs ctx_bytes = the encoded context (K|V) itself: "
                             "GPU: peak above the inputs; CPU: bytes saved for the backward "
                             "and peak of live tensors (profiler memory timeline)"],
@@ -103,12 +110,13 @@ def _memory(case, provider, i):
 
 def _inputs(dev, p):
     torch.manual_seed(0)
-    model = EnergyModel(p["D"], DA, hidden=p["E"], heads=p["heads"]).to(dev)
+    mdt = getattr(torch, p.get("dtype", "float32"))
+    model = EnergyModel(p["D"], DA, hidden=p["E"], heads=p["heads"]).to(dev, mdt)
     cdt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     ctx = torch.randn(p["B"], p["S"], p["D"], device=dev, dtype=cdt)
     pad = torch.rand(p["B"], p["S"], device=dev) < 0.1
-    expert = torch.randn(p["B"], H, DA, device=dev)
-    negs = torch.randn(p["B"], M_NEG, H, DA, device=dev)
+    expert = torch.randn(p["B"], H, DA, device=dev).to(mdt)
+    negs = torch.randn(p["B"], M_NEG, H, DA, device=dev).to(mdt)
     return dict(p=p, model=model, ctx=ctx, pad=pad, expert=expert, negs=negs)
 
 

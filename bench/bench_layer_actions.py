@@ -8,8 +8,12 @@ code does):
 - eager_batched: energy_train.ops.layer_actions(backend="eager"): one batched head call;
 - torch_compile: the same under torch.compile (mode max-autotune-no-cudagraphs on a GPU,
   the default mode on the CPU);
-- triton: energy_train.ops.layer_actions(backend="triton") (GPU only).
-FLOPs: 2*M*N*K over the head's GEMMs, M = (L+1)*B*H; bytes: head weights + action rows read
+- triton: energy_train.ops.layer_actions(backend="triton") (GPU only): the gather +
+  LayerNorm row kernel and the persistent TMA GEMM (kernels/layer_actions);
+- triton_cublas: the same with the head's GEMMs on cuBLAS (torch.addmm), the row kernels Triton's.
+The L+1 hidden states are views of ONE (L+1, B, T, D) buffer (as the trainer's hook capture
+gives them; Hugging Face's separate output_hidden_states tensors take the fused path's
+documented gather fallback instead). FLOPs: 2*M*N*K over the head's GEMMs, M = (L+1)*B*H; bytes: head weights + action rows read
 once + actions written.
 """
 from __future__ import annotations
@@ -38,8 +42,7 @@ def _case(name, *, L1, B, H, Da, D, T, hidden=None, nb=2, dtype=torch.bfloat16, 
 
     def make(device):
         g = torch.Generator(device="cpu").manual_seed(0)
-        hs = tuple(torch.randn(B, T, D, generator=g).to(device=device, dtype=dtype)
-                   for _ in range(L1))
+        hs = tuple(torch.randn(L1, B, T, D, generator=g).to(device=device, dtype=dtype).unbind(0))
         starts = torch.randint(0, T - H * Da, (B,), generator=g)
         mask = torch.zeros(B, T, dtype=torch.bool)
         for b in range(B):
@@ -66,6 +69,16 @@ def _batched(backend):
                                  backend=backend)
         return run
     return factory
+
+
+def _triton_cublas(inp):
+    from energy_train.kernels.layer_actions import layer_actions_triton
+
+    def run():
+        idx = build_action_index(num_tokens=inp["H"] * inp["Da"], mask=inp["mask"])
+        return layer_actions_triton(list(inp["hs"]), idx, action_head_weights(inp["head"]),
+                                    gemm="cublas")
+    return run
 
 
 _COMPILED = {}
@@ -116,6 +129,7 @@ def make_benchmark(device: torch.device, quick: bool = False, cpu_shapes: bool =
         Provider("eager_batched", _batched("eager")),
         Provider("torch_compile", _compiled("max-autotune-no-cudagraphs" if gpu else "default")),
         Provider("triton", _batched("triton"), gpu_only=True),
+        Provider("triton_cublas", _triton_cublas, gpu_only=True),
     ]
     notes = ["every provider computes all L+1 hidden states (embeddings included)",
              "FLOPs = 2*M*N*K over fc1, the blocks and fc2, M = (L+1)*B*H; bytes = weights + "

@@ -1,5 +1,7 @@
 """Hopper evidence without a GPU: compile every shipped kernel config for sm_90 and report
-registers, spills (local memory / stack), shared memory and whether the PTX uses wgmma.
+registers, spills (local memory / stack), shared memory, whether the PTX uses wgmma, and the
+SASS of its hottest loop (``loop_sass``: instructions per iteration of the loop with the most
+tensor-core MMAs, ``loop_mma``: the HGMMA / HMMA in it) - what a K step costs the issue slots.
 
 ``python -m bench.resources [--filter SUBSTR] [--json PATH]`` (or ``make resources``).
 TRITON_INTERPRET must be unset (the command re-executes itself without it).
@@ -106,6 +108,33 @@ def compile_config(cfg: dict):
                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 
+def sass_loops(cubin: bytes) -> list:
+    """[(instructions, tensor-core MMAs: HGMMA or HMMA)] per loop of the SASS: a backward branch closes a loop, whose
+    body runs from the branch's target to it; counted along its shortest path, i.e. without
+    the blocks that a predicated forward branch inside the body skips (a persistent kernel's
+    once-per-tile epilogue and set-up): what one K step issues."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([_cuobjdump(), "--dump-sass", str(path)], capture_output=True,
+                              text=True, timeout=120).stdout
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+    branches = [(a, int(m.group(1), 16), t.startswith("@")) for a, t in ins
+                for m in [re.search(r"BRA (?:`\(\.L_x_\d+\) )?(0x[0-9a-f]+)", t)] if m]
+    loops = []
+    for end, start, _ in branches:
+        if start >= end:
+            continue
+        skipped = set()
+        for a, target, cond in branches:
+            if cond and start <= a < target <= end:
+                skipped.update(x for x, _ in ins if a < x < target)
+        body = [t for a, t in ins if start <= a <= end and a not in skipped]
+        loops.append((len(body), sum(("HGMMA" in t or "HMMA" in t) for t in body)))
+    return loops
+
+
 def resource_usage(cubin: bytes) -> dict:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
@@ -141,15 +170,20 @@ def report(configs: list[dict], log=print) -> list[dict]:
                    spills=bool(use["stack"] or use["local"]),
                    ld_local=ptx.count("ld.local"), st_local=ptx.count("st.local"),
                    expect_wgmma=bool(cfg.get("expect_wgmma", False)))
+        loops = sass_loops(k.asm["cubin"])
+        hot = max(loops, key=lambda x: (x[1], -x[0]), default=(0, 0))
+        row.update(loop_sass=hot[0], loop_mma=hot[1], n_loops=len(loops))
         rows.append(row)
         log(f"| {row['name']} | {row['num_warps']} | {row['num_stages']} | {row['registers']} | "
             f"{row['stack']} | {row['local']} | {row['shared_dynamic']} | "
-            f"{'yes' if row['wgmma'] else ('mma.sync' if row['mma_sync'] else 'no')} |")
+            f"{'yes' if row['wgmma'] else ('mma.sync' if row['mma_sync'] else 'no')} | "
+            f"{row['loop_sass']} | {row['loop_mma']} |")
     return rows
 
 
-HEADER = ("| config | warps | stages | registers/thread | stack B | local B | shared B | wgmma |\n"
-          "|---|---|---|---|---|---|---|---|")
+HEADER = ("| config | warps | stages | registers/thread | stack B | local B | shared B | wgmma "
+          "| SASS/iter of the hot loop | MMAs in it |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:

@@ -162,11 +162,11 @@ def test_layer_actions_triton_compiles_without_graph_breaks():
 CHUNKS = {"LIBERO": (8, 7), "BRIDGE": (5, 7), "ALOHA": (25, 14)}
 
 
-def _chunk_case(chunk, D, hidden, L, dtype, act):
+def _chunk_case(chunk, D, hidden, L, dtype, act, B=3):
     """A batch whose sequence holds the chunk's H*Da action tokens plus 50 others (T = 300 for
     LIBERO/BRIDGE, 400 for ALOHA's 350 action tokens)."""
     H, Da = CHUNKS[chunk]
-    B, T = 3, max(300, H * Da + 50)
+    T = max(300, H * Da + 50)
     hs, mask = _batch(B, T, D, H, Da, L, 0, dtype)
     head = _head(D, hidden, Da, H, act, 0, dtype)
     return hs, build_action_index(num_tokens=H * Da, mask=mask), head
@@ -178,7 +178,7 @@ def test_layer_actions_triton_chunks(chunk, precision):
     """Every robot's chunk shape through the fused path (the GPU test's shapes at D = 32), fp32
     with IEEE and with tf32 dots (operands rounded to the nearest tf32: the interpreter then
     computes what the GPU's MMA does)."""
-    hs, idx, head = _chunk_case(chunk, 32, 48, 1, torch.float32, "relu")
+    hs, idx, head = _chunk_case(chunk, 32, 48, 1, torch.float32, "relu", B=1)
     out = layer_actions_triton(hs[1:], idx, action_head_weights(head), input_precision=precision)
     ref, _ = _oracle(hs, idx, head, None)
     assert_close("layer_actions", ref, out, "fp32" if precision == "ieee" else "tf32")

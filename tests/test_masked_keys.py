@@ -8,7 +8,8 @@ import torch
 
 from energy_train import (EnergyModel, L1RegressionActionHead, build_action_index,
                           energy_scores, layer_actions, swap_infonce)
-from energy_train.kernels.energy import energy_attention, energy_attention_reference
+from energy_train.kernels.energy import energy_attention_reference
+from energy_train.kernels.energy.launch import attention_bwd, attention_fwd
 from energy_train.testing import assert_close
 
 B, S, D, C, H, Da, HID, HEADS = 3, 23, 12, 4, 3, 5, 24, 3
@@ -88,17 +89,21 @@ def test_attention_kernel_never_reads_a_padded_key(shared):
     kv = torch.randn(B, S, 2 * E, generator=g).to(DEV)
     dout = torch.randn(B, C * H, E, generator=g).to(DEV)
 
-    def run(kv_in, fn):
+    def reference(kv_in):
         qq, kk = q.clone().requires_grad_(), kv_in.clone().requires_grad_()
-        out = fn(qq, kk)
+        out = energy_attention_reference(qq, kk[..., :E], kk[..., E:], pad, HEADS)
         dq, dkv = torch.autograd.grad((out * dout).sum(), (qq, kk))
         return out, dq, dkv
 
-    def fused(qq, kk):
-        return energy_attention(qq, kk, pad, HEADS, "ieee")
+    def fused(kv_in):  # the launchers, as the energy op calls them
+        out, lse = torch.empty(B, C * H, E, device=DEV), torch.empty(B, HEADS, C * H, device=DEV)
+        attention_fwd(q, kv_in, pad, out, lse, HEADS, torch.float32, "ieee")
+        dq, dkv = torch.empty_like(q), torch.empty_like(kv_in)
+        attention_bwd(dout, q, kv_in, pad, out, lse, dq, dkv, HEADS, torch.float32, "ieee")
+        return out, dq, dkv
 
-    def reference(qq, kk):
-        return energy_attention_reference(qq, kk[..., :E], kk[..., E:], pad, HEADS)
+    def run(kv_in, fn):
+        return fn(kv_in)
 
     clean = kv.masked_fill(pad[..., None], 0.0)
     dirty = _poisoned(kv, pad)

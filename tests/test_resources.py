@@ -35,9 +35,20 @@ def _check(run, rows):
 def test_resource_report_bf16_configs_no_spills(tmp_path):
     run, rows = _report(tmp_path, "bf16")
     _check(run, rows)
-    assert any(r["name"].startswith("la.fc1.") and r["expect_wgmma"] for r in rows)
+    assert any(r["name"].startswith("la.gemm.fc1.") and r["expect_wgmma"] for r in rows)
 
 
 @pytest.mark.slow
 def test_resource_report_all_configs_no_spills(tmp_path):
     _check(*_report(tmp_path))
+
+
+def test_layer_actions_gemm_k_step_is_lean(tmp_path):
+    """The layer-actions GEMM's K step (bf16, TMA, no LayerNorm in the loop): HGMMA, and at
+    most 150 SASS instructions per warp on the shortest path of its hot loop (the LN-prologue
+    GEMM it replaced issued 455)."""
+    run, rows = _report(tmp_path, "la.gemm")
+    _check(run, rows)
+    for r in rows:
+        if r["name"].endswith(("bf16", "fp16")):
+            assert r["loop_mma"] >= 1 and r["loop_sass"] <= 150, r

@@ -16,9 +16,11 @@ One sub-package per op, every one laid out the same way, read top to bottom:
     configs.py     the shipped tile configs, read by the launchers and the sm_90 resource report
     __init__.py    re-exports only
 
-``mlp`` (``ln_linear``: the LayerNorm-prologue GEMM and the MLPResNet built on it),
-``layer_actions`` (OFT's head on every layer's action rows in one pass) and ``energy`` (energy
-scoring of many candidates against a context encoded once). The ops take tensors: the named
+``mlp`` (the layer stack: chains of LN-linear layers driven by a table, forward and backward
+in a handful of launches; every MLPResNet of the energy model runs through it),
+``layer_actions`` (OFT's head on every layer's action rows in one pass: gather + LayerNorm rows
+and a persistent TMA GEMM) and ``energy`` (energy scoring of many candidates against a context
+encoded once: the attention kernels and the plan that puts the layer stack around them). The ops take tensors: the named
 tuples of :mod:`.weights`. Plumbing shared by all (interpreter flag, precision default,
 poisoning, dtype and activation tables, argument checks) lives once in ``_utils.py``.
 Nothing here imports ``energy_train``; ``energy_train.ops`` dispatches between each op's

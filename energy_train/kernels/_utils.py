@@ -16,8 +16,8 @@ import triton.language as tl
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: ``input_precision`` of fp32 dots
-PRECISIONS = ("ieee", "tf32")
+#: ``input_precision`` of fp32 dots: exact FFMA, one TF32 MMA, or three TF32 MMAs (fp32-grade)
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 #: activation name -> the ``ACT`` constexpr of the kernels; ACT_* are those codes inside kernels
 ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2}
@@ -55,6 +55,17 @@ def dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
+@triton.jit
+def mm(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``acc + a @ b`` with both operands rounded to DOT_DTYPE (fp32 accumulation). UPCAST (the
+    interpreter, whose bf16 dot is wrong): the rounded operands multiplied exactly in fp32 -
+    what the tensor core computes."""
+    if UPCAST:
+        return tl.dot(a.to(DOT_DTYPE).to(tl.float32), b.to(DOT_DTYPE).to(tl.float32), acc,
+                      input_precision="ieee")
+    return dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, PREC)
+
+
 def flags_from_pointers(**flags):
     """``@triton.heuristics`` for optional pointer arguments: each constexpr flag is True when
     its pointer argument is given (not None), e.g. ``flags_from_pointers(HAS_BIAS="b_ptr")``."""
@@ -75,11 +86,12 @@ def check_runnable(name: str, t: torch.Tensor) -> None:
 
 
 def default_precision(dtype: torch.dtype) -> str:
-    """fp32 dots: "tf32" when torch allows TF32 for matmuls on a GPU, else "ieee" (the
-    interpreter's fp32 dot is IEEE whatever is asked)."""
-    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """fp32 dots on a GPU: "tf32" when torch allows TF32 for matmuls, else "tf32x3" (three TF32
+    MMAs: fp32-grade products on tensor cores; "ieee" compiles to FFMA, several times slower);
+    under the interpreter "ieee" (its fp32 dot is exact whatever is asked)."""
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def resolve_precision(input_precision: str | None, dtype: torch.dtype) -> str:

@@ -1,194 +1,245 @@
-"""Launchers of the energy path (validated by op.py's public functions; op.py wraps these in
-custom ops):
+"""Launchers of the energy path: the cross-attention kernels (fused.py) and the whole energy
+forward / backward as a plan of the layer stack (kernels/mlp) around them. op.py wraps
+``energy_forward`` / ``energy_backward`` in custom ops.
 
-``attention_fwd(q, kv, pad, heads, prec)`` / ``attention_bwd(...)``: the cross-attention kernels
-(fused.py). q (Bq, Q, E) with Bq = B or 1 (one candidate pool shared by every sample), kv
-(B, S, 2E) the K|V projection (K = kv[..., :E], V = kv[..., E:], read in place), pad (B, S) bool
-(True = ignore) or None; its uint8 view (the kernels read bytes) is taken here, inside the custom
-op's real body: inductor cannot lower a bit-cast view of a bool tensor in a traced graph. The gradient of kv is ONE (B, S, 2E) buffer written by the dK/dV kernel (two
-separate dk, dv tensors would make autograd materialise a zero-filled (B, S, 2E) buffer per
-slice).
+The plan (``energy_plan``, built once per shape and cached, its tables on the device): three
+chains of LN-linear layers and the attention between them, every activation in ONE fp32
+workspace ``ws`` (kept for the backward), every backward scratch in ONE ``wb``, the
+parameters ONE flat tensor ``P`` (``energy_tensors``' order, then constant ones / zeros):
 
-``context_kv_fwd(context, pad, params, ...)`` / ``context_kv_bwd(...)``: the context encoder (the
-state MLPResNet, then the K|V projection) by row chunks, every Linear the ``ln_linear`` kernels,
-keeping no activation: the backward recomputes each chunk's forward (fc1 and block GEMMs write
-their fp32 PRE-activations, which their backward needs anyway; fc2 is the only GEMM run again,
-2*B*S*E^2 FLOPs, ~3% of the fwd+bwd at B=8, S=600, D=4096, E=512), then runs the chunk's backward
-(``ln_linear_backward``), summing parameter gradients over chunks in fp32. Transient memory is one
-chunk's activations. A padded context row is replaced by zeros before the encoder (a select), and
-its gradient is exactly zero, so whatever it holds never reaches K|V or a parameter gradient.
+  context (B*S rows):  state fc1 (K = D) | state block, state fc2, K|V projection (N = 2E)
+  pool (Bq*C*H rows):  action fc1 (K = Da), action block, action fc2 (+ pe[h]), Q projection
+  attention:           z (B, C*H, E) = softmax(Q K^T / sqrt(dh)) V per head, lse saved
+  queries (B*C*H):     out projection, head fc1, head blocks, head fc2 (N = 1) -> raw
+
+Launches, forward (5 Triton + 1 copy of the pool into ws): the wide state fc1 (its own kernel),
+the context tail chain, the pool chain, the attention, the head chain. Backward (7): the head
+chain (-> dz), attention dQ and dK|V, the pool chain, the context chain (dx of the state fc1
+only when the context needs a gradient), every weight gradient (one launch), the dgamma/dbeta
+sums. Nothing is recomputed: the forward saves every layer's input statistics and
+pre-activation (ws is about 7 x B*S*E fp32 at the context side).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
 
-from .._utils import TORCH_ACTIVATIONS, empty, upcast_dot
-from ..mlp.launch import ln_linear, ln_linear_backward
-from ..weights import MLPResNetWeights
+from .._utils import TL_DTYPES, dot_precision, empty, upcast_dot
+from ..mlp.launch import (EXTERNAL, NONE, X_IN, StackLayer, StackPlan, constants, mlp_layers,
+                          mlp_tensors, new_plan, stack_backward, stack_forward,
+                          stack_forward_wide, stack_weight_grads)
+from ..weights import EnergyWeights
 from .configs import attn_config
 from .fused import (_energy_attention_bwd_dkdv_kernel, _energy_attention_bwd_dq_kernel,
-                    _energy_attention_bwd_preprocess_kernel, _energy_attention_fwd_kernel)
+                    _energy_attention_fwd_kernel)
 
 LOG2E = 1.4426950408889634
 
 
-def attention_dims(q, kv, heads):
-    """-> B, S, E, Bq, Q, head_dim."""
-    B, S, E2 = kv.shape
-    E = E2 // 2
-    Bq, Q, _ = q.shape
-    return B, S, E, Bq, Q, E // heads
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+def _dot_kw(dtype: torch.dtype, precision: str) -> dict:
+    return dict(DOT_DTYPE=TL_DTYPES[dtype], UPCAST=upcast_dot(dtype),
+                PREC=dot_precision(dtype, precision))
 
 
-def _bytes(pad):
-    """The bool pad mask as the uint8 the kernels read (a view, no copy)."""
+def _pad_bytes(pad):
     return None if pad is None else pad.view(torch.uint8)
 
 
-def attention_fwd(q, kv, pad, heads: int, input_precision: str):
-    """-> out (B, Q, E) (q.dtype), lse (B, heads, Q) fp32 in log2 units (+inf: no valid key)."""
-    B, S, E, Bq, Q, dh = attention_dims(q, kv, heads)
+def attention_fwd(q, kv, pad, out, lse, heads: int, dtype: torch.dtype, precision: str) -> None:
+    """q (Bq, Q, E), kv (B, S, 2E) = K | V (read in place), pad (B, S) bool or None -> out
+    (B, Q, E), lse (B, heads, Q) fp32 in log2 units (+inf: no valid key); the products in
+    ``dtype`` (the model's), fp32 accumulation."""
+    B, S, E2 = kv.shape
+    E = E2 // 2
+    Bq, Q, _ = q.shape
+    dh = E // heads
     k, v = kv[..., :E], kv[..., E:]
-    pad = _bytes(pad)
-    out = empty((B, Q, E), q.dtype, q.device)
-    lse = empty((B, heads, Q), torch.float32, q.device)
-    cfg = attn_config(dh, q.dtype)
-    _energy_attention_fwd_kernel[(triton.cdiv(Q, cfg["BLOCK_M"]), B * heads)](
-        q, k, v, pad, out, lse,
+    cfg = attn_config(dh, dtype, dot_precision(dtype, precision))
+    c = cfg["fwd"]
+    _energy_attention_fwd_kernel[(triton.cdiv(Q, c["BLOCK_M"]), B * heads)](
+        q, k, v, _pad_bytes(pad), out, lse,
         q.stride(0) if Bq > 1 else 0, q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), pad.stride(0) if pad is not None else 0, out.stride(0), out.stride(1),
-        heads, Q, S, dh, LOG2E / math.sqrt(dh),
-        UPCAST=upcast_dot(q.dtype), INPUT_PRECISION=input_precision,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out, lse
+        heads, Q, S, dh, LOG2E / math.sqrt(dh), **_dot_kw(dtype, precision),
+        BLOCK_D=cfg["BLOCK_D"], **c)
 
 
-def attention_bwd(dout, q, kv, pad, out, lse, heads: int, input_precision: str):
-    """-> dq (Bq, Q, E), dkv (B, S, 2E); with Bq = 1 dq is summed over samples."""
-    B, S, E, Bq, Q, dh = attention_dims(q, kv, heads)
+def attention_bwd(dout, q, kv, pad, out, lse, dq, dkv, heads: int, dtype: torch.dtype,
+                  precision: str) -> None:
+    """-> dq (Bq, Q, E) (with Bq = 1 summed over samples), dkv (B, S, 2E), written in place."""
+    B, S, E2 = kv.shape
+    E = E2 // 2
+    Bq, Q, _ = q.shape
+    dh = E // heads
     k, v = kv[..., :E], kv[..., E:]
-    pad = _bytes(pad)
-    cfg = attn_config(dh, q.dtype)
-    BM, BN, BD = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    delta = empty((B, heads, Q), torch.float32, q.device)
-    _energy_attention_bwd_preprocess_kernel[(triton.cdiv(Q, BM), B * heads)](
-        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        heads, Q, dh, BLOCK_M=BM, BLOCK_D=BD, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    shared = Bq == 1 and B > 1
-    dq = empty((Bq, Q, E), q.dtype, q.device)
-    dkv = empty((B, S, 2 * E), kv.dtype, kv.device)
     dk, dv = dkv[..., :E], dkv[..., E:]
+    cfg = attn_config(dh, dtype, dot_precision(dtype, precision))
+    shared = Bq == 1 and B > 1
     pad_sb = pad.stride(0) if pad is not None else 0
-    qk_scale, sm_scale = LOG2E / math.sqrt(dh), 1.0 / math.sqrt(dh)
     q_sb = q.stride(0) if Bq > 1 else 0
-    common = dict(UPCAST=upcast_dot(q.dtype), INPUT_PRECISION=input_precision,
-                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_stages=cfg["num_stages"])
-    _energy_attention_bwd_dq_kernel[(triton.cdiv(Q, BM), heads if shared else B * heads)](
-        q, k, v, pad, dout, lse, delta, dq,
+    common = dict(**_dot_kw(dtype, precision), BLOCK_D=cfg["BLOCK_D"])
+    qk_scale, sm_scale = LOG2E / math.sqrt(dh), 1.0 / math.sqrt(dh)
+    _energy_attention_bwd_dq_kernel[(triton.cdiv(Q, cfg["dq"]["BLOCK_M"]),
+                                     heads if shared else B * heads)](
+        q, k, v, _pad_bytes(pad), out, dout, lse, dq,
         q_sb, q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad_sb,
-        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-        B, heads, Q, S, dh, qk_scale, sm_scale, SHARED_Q=shared, num_warps=cfg["dq_warps"],
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+        B, heads, Q, S, dh, qk_scale, sm_scale, SHARED_Q=shared, **cfg["dq"], **common)
+    _energy_attention_bwd_dkdv_kernel[(triton.cdiv(S, cfg["dkdv"]["BLOCK_N"]), B * heads)](
+        q, k, v, _pad_bytes(pad), out, dout, lse, dk, dv,
+        q_sb, q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad_sb,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1),
+        dv.stride(0), dv.stride(1), heads, Q, S, dh, qk_scale, sm_scale, **cfg["dkdv"],
         **common)
-    _energy_attention_bwd_dkdv_kernel[(triton.cdiv(S, BN), B * heads)](
-        q, k, v, pad, dout, lse, delta, dk, dv,
-        q_sb, q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad_sb,
-        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        heads, Q, S, dh, qk_scale, sm_scale, num_warps=cfg["dkdv_warps"], **common)
-    return dq, dkv
 
 
 # --------------------------------------------------------------------------------------------
-# the context encoder, chunked, recomputed in the backward
+# the energy model as a plan of the layer stack
 # --------------------------------------------------------------------------------------------
-def default_chunk_rows(rows: int) -> int:
-    """An eighth of the rows (multiple of 64, at least 256): one chunk's activations stay well
-    below K|V. To tune on a GPU: fewer rows per GEMM means fewer output tiles per launch."""
-    return max(256, -(-rows // 8 // 64) * 64)
+def energy_tensors(w: EnergyWeights) -> list:
+    """The model's parameters in the flat layout's order: the state, action and head
+    MLPResNets (``mlp_tensors``), in_proj_weight, in_proj_bias, out_proj_weight,
+    out_proj_bias."""
+    return (mlp_tensors(w.state) + mlp_tensors(w.action) + mlp_tensors(w.head)
+            + [w.in_proj_weight, w.in_proj_bias, w.out_proj_weight, w.out_proj_bias])
 
 
-def _layers(params, eps, activation):
-    """-> [(LNLinear, activation?, residual?)] for fc1, blocks, fc2 of the state encoder
-    (params: ``MLPResNetWeights.flat()`` + [W_kv, b_kv])."""
-    w = MLPResNetWeights.from_flat(params[:-2], eps, activation)
-    return ([(w.fc1, True, False)] + [(blk, True, True) for blk in w.blocks] +
-            [(w.fc2, False, False)])
+def energy_layout(w: EnergyWeights) -> tuple:
+    """(w_shapes of state, action, head (each ((N, K), ...)), eps of each): what the plan needs
+    of the weights, hashable."""
+    mlps = (w.state, w.action, w.head)
+    return (tuple(tuple(tuple(l.weight.shape) for l in m.layers) for m in mlps),
+            tuple(tuple(float(l.ln_eps) for l in m.layers) for m in mlps))
 
 
-def _chunk(x, keep, r0, rows):
-    """Rows r0:r0+rows of x, padded rows replaced by zeros (a select: NaN there never leaks)."""
-    h = x[r0:r0 + rows]
-    return h if keep is None else h.masked_fill(~keep[r0:r0 + rows, None], 0)
+@dataclass(frozen=True)
+class EnergyShape:
+    B: int      # samples
+    S: int      # context keys
+    D: int      # context features
+    Bq: int     # candidate pools: B, or 1 (shared by every sample)
+    C: int      # candidates
+    H: int      # chunk steps
+    Da: int     # action dims
+    E: int      # hidden
+    heads: int
 
 
-def context_kv_fwd(context, pad, params, eps, activation: str, input_precision: str,
-                   chunk_rows: int) -> torch.Tensor:
-    """context (B, S, D), pad (B, S) bool (True = ignore) or None -> kv (B, S, 2E) in the
-    parameters' dtype; nothing kept."""
-    B, S, D = context.shape
-    x = context.reshape(B * S, D)
-    keep = None if pad is None else ~pad.reshape(B * S)
-    kv = empty((B * S, params[-2].shape[0]), params[-2].dtype, context.device)
-    layers = _layers(params, eps, activation)
-    for r0 in range(0, B * S, chunk_rows):
-        h = _chunk(x, keep, r0, chunk_rows)
-        for lin, act, res in layers:
-            h = ln_linear(h, lin.weight, lin.bias, ln_weight=lin.ln_weight, ln_bias=lin.ln_bias,
-                          ln_eps=lin.ln_eps, normalize=True,
-                          activation=activation if act else "none", residual=h if res else None,
-                          input_precision=input_precision)
-        ln_linear(h, params[-2], params[-1], out=kv[r0:r0 + chunk_rows],
-                  input_precision=input_precision)
-    return kv.view(B, S, kv.shape[1])
+@dataclass
+class EnergyPlan:
+    plan: StackPlan
+    ctx: tuple          # (first, last) layer indices of the context chain
+    pool: tuple
+    head: tuple
+    pool_in: int        # ws offset of the pool rows (fp32 copy)
+    kv: int             # ws offset of K|V (B*S, 2E)
+    q: int              # ws offset of Q (Bq*C*H, E)
+    z: int              # ws offset of the attention output (B*C*H, E)
+    lse: int            # ws offset of lse (B, heads, C*H)
+    dz: int             # wb offsets of dz, dq, dkv
+    dq: int
+    dkv: int
+    n_params: int       # flat parameter count before the constants
+    n_const: int
 
 
-def context_kv_bwd(dkv, context, pad, params, eps, activation: str, input_precision: str,
-                   chunk_rows: int, needs_dcontext: bool) -> list:
-    """-> [dcontext (B, S, D) or None] + [one gradient per parameter (None where absent)]."""
-    B, S, D = context.shape
-    x = context.reshape(B * S, D)
-    keep = None if pad is None else ~pad.reshape(B * S)
-    dkv2 = dkv.reshape(B * S, dkv.shape[-1])
-    fn = TORCH_ACTIVATIONS[activation]
-    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
-    dctx = empty((B * S, D), context.dtype, context.device) if needs_dcontext else None
-    layers = _layers(params, eps, activation)
-    prec = dict(input_precision=input_precision)
-    for r0 in range(0, B * S, chunk_rows):
-        h = _chunk(x, keep, r0, chunk_rows)
-        saved = []  # per layer: (input, mean, rstd, fp32 pre-activation or None)
-        for lin, act, res in layers:
-            use_act = act and activation != "none"
-            pre, mean, rstd = ln_linear(h, lin.weight, lin.bias, ln_weight=lin.ln_weight,
-                                        ln_bias=lin.ln_bias, ln_eps=lin.ln_eps, normalize=True,
-                                        return_stats=True, **prec,
-                                        out_dtype=torch.float32 if use_act else None)
-            saved.append((h, mean, rstd, pre if use_act else None))
-            out = fn(pre) if use_act else pre
-            h = (out + h.float() if res else out).to(lin.weight.dtype)  # as the epilogue rounds
-        dh, dw, db, _, _ = ln_linear_backward(dkv2[r0:r0 + chunk_rows], h, params[-2],
-                                              params[-1], **prec)
-        acc[-2] += dw
-        acc[-1] += db
-        for i in range(len(layers) - 1, -1, -1):
-            lin, act, res = layers[i]
-            xin, mean, rstd, pre = saved[i]
-            need_dx = i > 0 or needs_dcontext
-            dx, dw, db, dg, dbeta = ln_linear_backward(
-                dh, xin, lin.weight, lin.bias, ln_weight=lin.ln_weight, ln_bias=lin.ln_bias,
-                normalize=True, mean=mean, rstd=rstd, h=pre,
-                activation=activation if pre is not None else "none", needs_dx=need_dx, **prec)
-            for j, grad in enumerate((dg, dbeta, dw, db)):
-                if grad is not None:
-                    acc[4 * i + j] += grad
-            if i > 0:
-                dh = dx + dh if res else dx
-            elif needs_dcontext:
-                dctx[r0:r0 + chunk_rows] = dx if keep is None else dx.masked_fill(
-                    ~keep[r0:r0 + chunk_rows, None], 0)
-    grads = [a.to(p.dtype) if p.numel() else None for a, p in zip(acc, params)]
-    return [dctx.reshape(B, S, D) if needs_dcontext else None] + grads
+@lru_cache(maxsize=64)
+def energy_plan(shape: EnergyShape, layout: tuple, activation: str, dtype: torch.dtype,
+                needs_dcontext: bool, needs_dpool: bool) -> EnergyPlan:
+    """The plan of one energy forward/backward at these shapes (module docstring). The
+    forward layout (ws) does not depend on the ``needs_*`` flags."""
+    s = shape
+    E = s.E
+    (sh_state, sh_action, sh_head), (eps_state, eps_action, eps_head) = layout
+    state, off = mlp_layers(sh_state, 0, eps_state, activation)
+    action, off = mlp_layers(sh_action, off, eps_action, activation)
+    head, off = mlp_layers(sh_head, off, eps_head, activation)
+    in_w, in_b = off, off + 3 * E * E
+    out_w = in_b + 3 * E
+    out_b = out_w + E * E
+    n_params = out_b + E
+    n_const = max(s.D, s.Da, 3 * E)
+    plan = new_plan(dtype, ones=n_params, zeros=n_params + n_const)
+    R, Mq, Mh = s.B * s.S, s.Bq * s.C * s.H, s.B * s.C * s.H
+    # context: state MLPResNet, then the K|V projection (rows E:3E of in_proj)
+    dkv = plan.alloc_wb(R * 2 * E)
+    kv_layer = StackLayer(E, 2 * E, in_w + E * E, in_b + E, ln=False)
+    c0, c1, kv = plan.add_chain(R, state + [kv_layer], X_IN, dkv,
+                                EXTERNAL if needs_dcontext else NONE)
+    # pool: action MLPResNet (+ pe after fc2), then the Q projection (rows 0:E)
+    pool_in = plan.alloc_ws(Mq * s.Da)
+    dq = plan.alloc_wb(Mq * E)
+    action[-1] = dataclasses.replace(action[-1], pe=True)
+    q_layer = StackLayer(E, E, in_w, in_b, ln=False)
+    p0, p1, q = plan.add_chain(Mq, action + [q_layer], pool_in, dq,
+                               EXTERNAL if needs_dpool else NONE)
+    # attention, then the head on every (sample, candidate, step) row
+    z = plan.alloc_ws(Mh * E)
+    lse = plan.alloc_ws(s.B * s.heads * s.C * s.H)
+    dz = plan.alloc_wb(Mh * E)
+    out_layer = StackLayer(E, E, out_w, out_b, ln=False)
+    h0, h1, _ = plan.add_chain(Mh, [out_layer] + head, z, EXTERNAL, dz, out=EXTERNAL)
+    return EnergyPlan(plan, (c0, c1), (p0, p1), (h0, h1), pool_in, kv, q, z, lse, dz, dq, dkv,
+                      n_params, n_const)
+
+
+def flat_parameters(w: EnergyWeights, n_const: int) -> torch.Tensor:
+    """The flat parameter tensor P (differentiable: torch.cat's backward splits the gradient)."""
+    return torch.cat([t.reshape(-1) for t in energy_tensors(w)]
+                     + [constants(n_const, w.dtype, w.in_proj_weight.device)])
+
+
+def _views(ep: EnergyPlan, s: EnergyShape, ws, wb=None):
+    CH = s.C * s.H
+    v = dict(kv=ws[ep.kv: ep.kv + s.B * s.S * 2 * s.E].view(s.B, s.S, 2 * s.E),
+             q=ws[ep.q: ep.q + s.Bq * CH * s.E].view(s.Bq, CH, s.E),
+             z=ws[ep.z: ep.z + s.B * CH * s.E].view(s.B, CH, s.E),
+             lse=ws[ep.lse: ep.lse + s.B * s.heads * CH].view(s.B, s.heads, CH))
+    if wb is not None:
+        v.update(dz=wb[ep.dz: ep.dz + s.B * CH * s.E].view(s.B, CH, s.E),
+                 dq=wb[ep.dq: ep.dq + s.Bq * CH * s.E].view(s.Bq, CH, s.E),
+                 dkv=wb[ep.dkv: ep.dkv + s.B * s.S * 2 * s.E].view(s.B, s.S, 2 * s.E))
+    return v
+
+
+def energy_forward(ep: EnergyPlan, s: EnergyShape, P, context, pad, pool, pe, raw, ws,
+                   precision: str) -> None:
+    """Fill ws and raw (B*C*H,) (the head's output per (sample, candidate, step)).
+    context (B*S, D) rows, unit feature stride; pad (B*S,) bool or None; pool (Bq*C*H, Da)."""
+    plan, dt = ep.plan, P.dtype
+    R, Mq, Mh = s.B * s.S, s.Bq * s.C * s.H, s.B * s.C * s.H
+    v = _views(ep, s, ws)
+    c0, c1 = ep.ctx
+    stack_forward_wide(plan, P, ws, c0, R, context, pad=pad, precision=precision)
+    stack_forward(plan, P, ws, c0 + 1, c1, R, precision=precision)
+    ws[ep.pool_in: ep.pool_in + Mq * s.Da].view(Mq, s.Da).copy_(pool)
+    stack_forward(plan, P, ws, *ep.pool, Mq, pe=pe, precision=precision)
+    attention_fwd(v["q"], v["kv"], None if pad is None else pad.view(s.B, s.S), v["z"], v["lse"],
+                  s.heads, dt, precision)
+    stack_forward(plan, P, ws, *ep.head, Mh, out=raw, precision=precision)
+
+
+def energy_backward(ep: EnergyPlan, s: EnergyShape, P, context, pad, draw, ws, grad,
+                    dcontext, dpool, precision: str) -> None:
+    """Fill grad (P's layout; the constants' entries unwritten) and, when given, dcontext
+    (B*S, D) and dpool (Bq*C*H, Da), from draw (B*C*H,)."""
+    plan, dt = ep.plan, P.dtype
+    R, Mq, Mh = s.B * s.S, s.Bq * s.C * s.H, s.B * s.C * s.H
+    wb = empty((max(plan.wb, 1),), torch.float32, P.device)
+    v = _views(ep, s, ws, wb)
+    pad2 = None if pad is None else pad.view(s.B, s.S)
+    stack_backward(plan, P, ws, wb, *ep.head, Mh, dy=draw, precision=precision)
+    attention_bwd(v["dz"], v["q"], v["kv"], pad2, v["z"], v["lse"], v["dq"], v["dkv"], s.heads,
+                  dt, precision)
+    stack_backward(plan, P, ws, wb, *ep.pool, Mq, dx=dpool, precision=precision)
+    stack_backward(plan, P, ws, wb, *ep.ctx, R, X=context if dcontext is not None else None,
+                   pad=pad, dx=dcontext, precision=precision)
+    stack_weight_grads(plan, P, ws, wb, grad, X=context, pad=pad, precision=precision)

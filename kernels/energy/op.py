@@ -1,24 +1,17 @@
-"""The energy path as differentiable ``torch.library`` custom ops with registered fakes and
-autograd (``loss.backward()`` works; ``torch.compile(fullgraph=True)`` traces through them), and
-the public functions that compose them.
+"""The energy path as two differentiable ``torch.library`` custom ops with registered fakes
+(``loss.backward()`` works; ``torch.compile(fullgraph=True)`` traces through them: each op is
+one opaque node), and the public function that calls them.
 
 ``energy_scores_triton(weights, context, pad_mask, candidates)`` -> energies (B, C), the fused
-counterpart of ``energy_scores_reference``. Differentiable w.r.t. every weight, the candidates
-(when they require grad) and the context (when it requires grad). Pipeline (E = hidden,
-Q = C*H queries per sample):
-  context (B, S, D) -> state encoder -> one K|V projection (B, S, 2E)   once per sample
-                       (``context_kv``: one op that recomputes its activations in the backward)
-  candidates -> action encoder -> + positional table -> Q projection (Bq, Q, E)
-  cross-attention (``energy_attention``: flash-style, K/V read in place for all C candidates)
-  out projection -> prediction head -> mean over H -> output transform -> (B, C)
-Every Linear is the fused ``ln_linear`` (kernels/mlp). When ``candidates`` is an expanded view
-with stride 0 over the batch (``pool.unsqueeze(0).expand(B, ...)``), the C chunks are encoded
-ONCE (Bq = 1) and the attention kernels read one Q for all samples.
-
-Custom ops: ``energy_train::energy_attention_fwd/_bwd`` and ``energy_train::context_kv_fwd/_bwd``.
-Not triton_op: its automatic fake re-runs the launcher on fake tensors, which under the
-interpreter reaches the data pointers; with custom_op, inductor calls each op as one opaque
-kernel-launching node (no graph break either).
+counterpart of ``energy_scores_reference``: ``energy_train::energy_fwd`` runs the whole model
+on every (sample, candidate, step) row (launch.py: 5 Triton launches) and returns the head's
+raw output per row plus the fp32 workspace the backward reads; ``energy_train::energy_bwd``
+(7 launches) returns the gradient of the flat parameter tensor (torch.cat's backward hands
+each parameter its slice), of the candidates (when they require one) and of the context (when
+it requires one). The mean over the H steps and the output transform are torch ops on the
+(B, C, H) raw outputs. When ``candidates`` is an expanded view with stride 0 over the batch
+(``pool.unsqueeze(0).expand(B, ...)``), the C chunks are encoded ONCE and the attention reads
+one Q for all samples.
 """
 from __future__ import annotations
 
@@ -26,157 +19,114 @@ from typing import Optional
 
 import torch
 
-from .._utils import check_kernel_dtype, resolve_precision
-from ..mlp.op import ln_linear_autograd, mlp_resnet
+from .._utils import check_kernel_dtype, empty, resolve_precision
 from ..weights import EnergyWeights, check_weights
-from . import launch
+from .launch import EnergyShape, energy_backward, energy_forward, energy_layout, energy_plan
+from .launch import flat_parameters
 from .reference import output_transform
 
 
-def _last_unit(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _shape(dims: list, layout: list) -> tuple:
+    """(EnergyShape, the plan's layout tuple) from the ops' int / float lists."""
+    shape = EnergyShape(*dims[:9])
+    sizes, rest = dims[9:12], dims[12:]
+    shapes, i = [], 0
+    for n in sizes:
+        shapes.append(tuple((rest[i + 2 * j], rest[i + 2 * j + 1]) for j in range(n)))
+        i += 2 * n
+    eps, k = [], 0
+    for n in sizes:
+        eps.append(tuple(layout[k:k + n]))
+        k += n
+    return shape, (tuple(shapes), tuple(eps))
 
 
-# --------------------------------------------------------------------------------------------
-# attention
-# --------------------------------------------------------------------------------------------
-@torch.library.custom_op("energy_train::energy_attention_fwd", mutates_args=())
-def energy_attention_fwd(q: torch.Tensor, kv: torch.Tensor, pad: Optional[torch.Tensor],
-                         heads: int, input_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> out (B, Q, E) (q.dtype), lse (B, heads, Q) fp32 in log2 units (+inf: no valid key)."""
-    return launch.attention_fwd(q, kv, pad, heads, input_precision)
+def _rows(context: torch.Tensor) -> torch.Tensor:
+    """(B, S, D) -> (B*S, D) rows with unit feature stride (a view when the strides allow)."""
+    B, S, D = context.shape
+    if context.stride(2) == 1 and context.stride(0) == S * context.stride(1):
+        return context.as_strided((B * S, D), (context.stride(1), 1))
+    return context.reshape(B * S, D).contiguous()
 
 
-@energy_attention_fwd.register_fake
-def _energy_attention_fwd_fake(q, kv, pad, heads, input_precision):
-    B, S, E, Bq, Q, dh = launch.attention_dims(q, kv, heads)
-    return q.new_empty((B, Q, E)), q.new_empty((B, heads, Q), dtype=torch.float32)
+def _plan(context, dims, eps, activation, dtype, needs_dcontext=False, needs_dpool=False):
+    shape, layout = _shape(dims, eps)
+    return shape, energy_plan(shape, layout, activation, dtype, needs_dcontext, needs_dpool)
 
 
-@torch.library.custom_op("energy_train::energy_attention_bwd", mutates_args=())
-def energy_attention_bwd(dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
-                         pad: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                         heads: int, input_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> dq (Bq, Q, E), dkv (B, S, 2E); with Bq = 1 dq is summed over samples."""
-    return launch.attention_bwd(dout, q, kv, pad, out, lse, heads, input_precision)
+@torch.library.custom_op("energy_train::energy_fwd", mutates_args=())
+def energy_fwd(context: torch.Tensor, pad: Optional[torch.Tensor], pool: torch.Tensor,
+               flat: torch.Tensor, pe: torch.Tensor, dims: list[int], eps: list[float],
+               activation: str, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """context (B, S, D), pad (B, S) bool or None, pool (Bq*C*H, Da), flat parameters, pe (H, E)
+    -> raw (B*C*H,) in flat's dtype, ws (fp32: what the backward reads)."""
+    shape, ep = _plan(context, dims, eps, activation, flat.dtype)
+    ws = empty((max(ep.plan.ws, 1),), torch.float32, context.device)
+    raw = empty((shape.B * shape.C * shape.H,), flat.dtype, context.device)
+    if raw.numel():
+        energy_forward(ep, shape, flat, _rows(context), None if pad is None else pad.reshape(-1),
+                       pool, pe, raw, ws, precision)
+    return raw, ws
 
 
-@energy_attention_bwd.register_fake
-def _energy_attention_bwd_fake(dout, q, kv, pad, out, lse, heads, input_precision):
-    B, S, E, Bq, Q, dh = launch.attention_dims(q, kv, heads)
-    return q.new_empty((Bq, Q, E)), kv.new_empty((B, S, 2 * E))
+@energy_fwd.register_fake
+def _energy_fwd_fake(context, pad, pool, flat, pe, dims, eps, activation, precision):
+    shape, ep = _plan(context, dims, eps, activation, flat.dtype)
+    return (context.new_empty((shape.B * shape.C * shape.H,), dtype=flat.dtype),
+            context.new_empty((max(ep.plan.ws, 1),), dtype=torch.float32))
 
 
-def _attention_setup_context(ctx, inputs, output):
-    q, kv, pad, heads, input_precision = inputs
-    out, lse = output
-    ctx.save_for_backward(q, kv, pad, out, lse)
-    ctx.heads, ctx.input_precision = heads, input_precision
+@torch.library.custom_op("energy_train::energy_bwd", mutates_args=())
+def energy_bwd(draw: torch.Tensor, context: torch.Tensor, pad: Optional[torch.Tensor],
+               pool: torch.Tensor, flat: torch.Tensor, ws: torch.Tensor, dims: list[int],
+               eps: list[float], activation: str, precision: str, needs_dcontext: bool,
+               needs_dpool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dflat (flat's layout and dtype), dcontext (B, S, D), dpool (Bq*C*H, Da); an unwanted
+    one is a fresh empty (0,) tensor (custom ops return tensors only; fresh: no aliasing)."""
+    shape, ep = _plan(context, dims, eps, activation, flat.dtype, needs_dcontext, needs_dpool)
+    dflat = empty(flat.shape, flat.dtype, flat.device)
+    dctx = empty(context.shape, context.dtype, context.device) if needs_dcontext else None
+    dpool = empty(pool.shape, pool.dtype, pool.device) if needs_dpool else None
+    if draw.numel():
+        energy_backward(ep, shape, flat, _rows(context),
+                        None if pad is None else pad.reshape(-1), draw, ws, dflat,
+                        None if dctx is None else dctx.view(-1, shape.D), dpool, precision)
+    else:
+        dflat.zero_()
+        for t in (dctx, dpool):
+            if t is not None:
+                t.zero_()
+    none = flat.new_empty((0,))
+    return (dflat, dctx if dctx is not None else none,
+            dpool if dpool is not None else none.clone())
 
 
-def _attention_backward(ctx, dout, dlse):
-    q, kv, pad, out, lse = ctx.saved_tensors
-    dq, dkv = energy_attention_bwd(_last_unit(dout), q, kv, pad, out, lse, ctx.heads,
-                                   ctx.input_precision)
-    return dq, dkv, None, None, None
+@energy_bwd.register_fake
+def _energy_bwd_fake(draw, context, pad, pool, flat, ws, dims, eps, activation, precision,
+                     needs_dcontext, needs_dpool):
+    none = flat.new_empty((0,))
+    return (torch.empty_like(flat), torch.empty_like(context) if needs_dcontext else none,
+            torch.empty_like(pool) if needs_dpool else none.clone())
 
 
-energy_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+def _setup(ctx, inputs, output):
+    context, pad, pool, flat, pe, dims, eps, activation, precision = inputs
+    ctx.save_for_backward(context, pad, pool, flat, output[1])
+    ctx.cfg = (dims, eps, activation, precision)
 
 
-def energy_attention(q: torch.Tensor, kv: torch.Tensor, pad_mask: Optional[torch.Tensor],
-                     heads: int, input_precision: Optional[str] = None) -> torch.Tensor:
-    """Differentiable masked cross-attention: q (1 or B, Q, E), kv (B, S, 2E) = K | V, pad_mask
-    (B, S) bool (True = ignore) or None -> (B, Q, E). A padded key is never read."""
-    if kv.dim() != 3 or kv.shape[2] % 2:
-        raise ValueError(f"kv: expected (B, S, 2E) (K | V), got {tuple(kv.shape)}")
-    B, S, E = kv.shape[0], kv.shape[1], kv.shape[2] // 2
-    if q.dim() != 3 or q.shape[0] not in (1, B) or q.shape[2] != E:
-        raise ValueError(f"q: expected (1 or {B}, Q, {E}), got {tuple(q.shape)}")
-    if E % heads:
-        raise ValueError(f"heads: expected a divisor of {E}, got {heads}")
-    if q.dtype != kv.dtype:
-        raise TypeError(f"q, kv: expected one dtype, got {q.dtype}, {kv.dtype}")
-    input_precision = resolve_precision(input_precision, q.dtype)
-    pad = None
-    if pad_mask is not None:
-        if pad_mask.shape != (B, S) or pad_mask.dtype != torch.bool:
-            raise ValueError(f"pad_mask: expected bool ({B}, {S}), got {pad_mask.dtype} "
-                             f"{tuple(pad_mask.shape)}")
-        pad = _last_unit(pad_mask)  # bool; the kernels' uint8 view is taken inside the op
-    out, _ = energy_attention_fwd(_last_unit(q), _last_unit(kv), pad, heads, input_precision)
-    return out
+def _backward(ctx, draw, dws):
+    context, pad, pool, flat, ws = ctx.saved_tensors
+    needs_dcontext, needs_dpool = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dflat, dctx, dpool = energy_bwd(draw.contiguous(), context, pad, pool, flat, ws, *ctx.cfg,
+                                    needs_dcontext, needs_dpool)
+    return ((dctx if needs_dcontext else None), None, (dpool if needs_dpool else None), dflat,
+            None, None, None, None, None)
 
 
-# --------------------------------------------------------------------------------------------
-# the context encoder (recomputed in the backward)
-# --------------------------------------------------------------------------------------------
-@torch.library.custom_op("energy_train::context_kv_fwd", mutates_args=())
-def context_kv_fwd(context: torch.Tensor, pad: Optional[torch.Tensor], params: list[torch.Tensor],
-                   eps: list[float], activation: str, input_precision: str, chunk_rows: int
-                   ) -> torch.Tensor:
-    """context (B, S, D) -> kv (B, S, 2E) in the parameters' dtype; nothing kept."""
-    return launch.context_kv_fwd(context, pad, params, eps, activation, input_precision,
-                                 chunk_rows)
+energy_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-@context_kv_fwd.register_fake
-def _context_kv_fwd_fake(context, pad, params, eps, activation, input_precision, chunk_rows):
-    B, S, _ = context.shape
-    return context.new_empty((B, S, params[-2].shape[0]), dtype=params[-2].dtype)
-
-
-@torch.library.custom_op("energy_train::context_kv_bwd", mutates_args=())
-def context_kv_bwd(dkv: torch.Tensor, context: torch.Tensor, pad: Optional[torch.Tensor],
-                   params: list[torch.Tensor], eps: list[float], activation: str,
-                   input_precision: str, chunk_rows: int, needs_dcontext: bool
-                   ) -> list[torch.Tensor]:
-    """-> [dcontext (B, S, D)] + [one gradient per parameter]; an absent one is a fresh empty
-    (0,) tensor (custom ops return tensors only; fresh: no aliasing)."""
-    grads = launch.context_kv_bwd(dkv, context, pad, params, eps, activation, input_precision,
-                                  chunk_rows, needs_dcontext)
-    return [g if g is not None else context.new_empty((0,)) for g in grads]
-
-
-@context_kv_bwd.register_fake
-def _context_kv_bwd_fake(dkv, context, pad, params, eps, activation, input_precision, chunk_rows,
-                         needs_dcontext):
-    first = torch.empty_like(context) if needs_dcontext else context.new_empty((0,))
-    return [first] + [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
-
-
-def _context_setup_context(ctx, inputs, output):
-    context, pad, params, eps, activation, prec, chunk_rows = inputs
-    ctx.save_for_backward(context, pad, *params)
-    ctx.cfg = (eps, activation, prec, chunk_rows)
-
-
-def _context_backward(ctx, dkv):
-    context, pad, *params = ctx.saved_tensors
-    needs_dctx = ctx.needs_input_grad[0]
-    grads = context_kv_bwd(dkv.contiguous(), context, pad, params, *ctx.cfg, needs_dctx)
-    dparams = [g if p.numel() else None for g, p in zip(grads[1:], params)]
-    return (grads[0] if needs_dctx else None), None, dparams, None, None, None, None
-
-
-context_kv_fwd.register_autograd(_context_backward, setup_context=_context_setup_context)
-
-
-def context_kv(w: EnergyWeights, context: torch.Tensor, pad_mask: Optional[torch.Tensor],
-               input_precision: str, chunk_rows: Optional[int] = None) -> torch.Tensor:
-    """kv (B, S, 2E) of the context (B, S, D) through the state encoder and the K|V projection,
-    differentiable w.r.t. every weight and the context; padded rows contribute nothing."""
-    B, S, _ = context.shape
-    E = w.hidden
-    rows = chunk_rows if chunk_rows is not None else launch.default_chunk_rows(B * S)
-    params = w.state.flat() + [w.in_proj_weight[E:], w.in_proj_bias[E:]]
-    return context_kv_fwd(context, pad_mask, params, w.state.eps(), w.state.activation,
-                          input_precision, int(rows))
-
-
-# --------------------------------------------------------------------------------------------
-# the whole scoring
-# --------------------------------------------------------------------------------------------
 def is_shared_pool(candidates: torch.Tensor) -> bool:
     """True when every sample sees the same candidates (an expand: stride 0 over the batch)."""
     return candidates.shape[0] > 1 and candidates.stride(0) == 0
@@ -184,34 +134,29 @@ def is_shared_pool(candidates: torch.Tensor) -> bool:
 
 def energy_scores_triton(w: EnergyWeights, context: torch.Tensor,
                          pad_mask: Optional[torch.Tensor], candidates: torch.Tensor, *,
-                         input_precision: Optional[str] = None, recompute_context: bool = True,
-                         chunk_rows: Optional[int] = None) -> torch.Tensor:
+                         input_precision: Optional[str] = None) -> torch.Tensor:
     """Energies (B, C) of candidates (B, C, H, Da) against context (B, S, D); pad_mask (B, S)
-    bool, True = ignore (a padded key contributes nothing: its context row is replaced by zeros,
-    its K/V never read). Shapes are checked by ``energy_train.ops.energy_scores``.
-
-    ``recompute_context`` (default): the context encoder keeps no activation for the backward
-    and recomputes it there, by row chunks of ``chunk_rows`` (~3% more FLOPs, 2.5x K|V less
-    memory saved); False: one autograd op per Linear, which saves every layer's input."""
+    bool, True = ignore (a padded key contributes nothing: its context row reads as zeros, its
+    K/V are never read, its gradient is exactly zero). Shapes are checked by
+    ``energy_train.ops.energy_scores``. fp32 models compute on tensor cores with fp32-grade
+    products ("tf32x3") unless torch allows TF32 ("tf32") or ``input_precision`` says."""
     check_weights("weights", w, EnergyWeights)
     B, C, H, Da = candidates.shape
-    E, heads, dt = w.hidden, w.heads, w.dtype
+    B, S, D = context.shape
+    dt = w.dtype
     check_kernel_dtype("weights", dt)
     check_kernel_dtype("context", context.dtype)
     prec = resolve_precision(input_precision, dt)
     pool = candidates[:1] if is_shared_pool(candidates) else candidates  # (Bq, C, H, Da)
     Bq = pool.shape[0]
-    W, b = w.in_proj_weight, w.in_proj_bias
-    # the context is read in its own dtype and rounded to the model's inside the first GEMM
-    if recompute_context:
-        kv = context_kv(w, context, pad_mask, prec, chunk_rows)             # (B, S, 2E): K | V
-    else:
-        x = context if pad_mask is None else context.masked_fill(pad_mask[:, :, None], 0)
-        kv = ln_linear_autograd(mlp_resnet(x, w.state, prec), W[E:], b[E:], input_precision=prec)
-    pe = w.pe[:H].to(dt).expand(Bq * C, H, E)                           # added in fc2's epilogue
-    a = mlp_resnet(pool.to(dt).reshape(Bq * C, H, Da), w.action, prec, residual=pe)
-    q = ln_linear_autograd(a, W[:E], b[:E], input_precision=prec).reshape(Bq, C * H, E)
-    z = energy_attention(q, kv, pad_mask, heads, prec)                      # (B, C*H, E)
-    z = ln_linear_autograd(z, w.out_proj_weight, w.out_proj_bias, input_precision=prec)
-    raw = mlp_resnet(z, w.head, prec).reshape(B, C, H).mean(dim=-1)
-    return output_transform(raw, w.output)
+    shapes, eps = energy_layout(w)
+    dims = [B, S, D, Bq, C, H, Da, w.hidden, w.heads, *(len(s) for s in shapes),
+            *(d for s in shapes for ab in s for d in ab)]
+    flat_eps = [e for es in eps for e in es]
+    ep = energy_plan(*_shape(dims, flat_eps), w.state.activation, dt, False, False)
+    flat = flat_parameters(w, ep.n_const)
+    pe = w.pe[:H].to(dt).contiguous()
+    pad = None if pad_mask is None else pad_mask.contiguous()
+    raw, _ = energy_fwd(context, pad, pool.reshape(Bq * C * H, Da), flat, pe, dims, flat_eps,
+                        w.state.activation, prec)
+    return output_transform(raw.view(B, C, H).mean(dim=-1), w.output)

@@ -1,50 +1,143 @@
-"""@triton.jit kernel of the all-layer action-head pass: the fc1 gather table. The GEMMs are
-``ln_linear``'s (kernels/mlp/fused.py); fc1 reads its A rows through this table, straight from
-every layer's (B, T, D) tensor.
+"""@triton.jit kernels of the all-layer action-head pass (M = L'*B*H rows through OFT's head).
 
-Gather without pointers loaded from memory: row m = (l, b, h) of fc1's A operand is Da segments
-of D elements, segment j at the element offset
-    seg[m, j] = delta_l + b * stride_b[l] + tok * stride_t[l],   tok = action_index[b, h*Da + j]
-from the first layer tensor's first element, delta_l = (data_ptr(layer l) - data_ptr(layer 0)) /
-itemsize (one address space on a GPU; the same on the CPU under the interpreter, whose CPU tensors
-are not copied). A token outside [0, T_l) points at a row of zeros instead, so a bad index never
-reads outside its own layer row. The (M, Da) int64 table costs M*Da*8 bytes (118 KB at the
-production shape) instead of a compact (L', B, H*Da, D) copy of the rows (121 MB written + read
-in bf16).
+``_la_norm_kernel``  one program per row: the row's K = NSEG * D elements gathered from a
+                     strided (L', B, T, D) layer stack (segment j of row m = (l, b, h) is token
+                     ``action_index[b, h*NSEG + j]`` of layer l; NSEG = 1 for a plain matrix),
+                     rounded to the head's dtype as ``rows.to(head dtype)`` would, the LayerNorm
+                     statistics in fp32 (sums shifted by the first chunk's mean), then either
+                       NORM: LN(x) * gamma + beta rounded to the head's dtype -> a compact
+                             (M, K) row buffer (what an eager LayerNorm outputs), or
+                       FC2:  the head's last LayerNorm + fc2 (N = Da <= 16 outputs): the
+                             rounded LN output times W2 (Da, K) accumulated in fp32, + b2.
+                     An index outside [0, T) reads a row of zeros (never another sample's row).
+``_la_gemm_kernel``  persistent (one program per SM) grouped-order GEMM over the compact rows:
+                     y = act(A @ W^T + b) [+ R], A (M, K) and W (N, K) loaded by TMA tensor
+                     descriptors, bias / activation / residual in the fp32 epilogue, one rounding
+                     to the output dtype.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .._utils import flags_from_pointers
-
-#: columns of the per-layer table: delta, stride_b, stride_t, read by index (0/1), T
-TABLE_COLS = tl.constexpr(5)
+from .._utils import ACT_NONE, ACT_RELU, mm
 
 
-@flags_from_pointers(HAS_INDEX="index_ptr")
 @triton.jit
-def _layer_actions_offsets_kernel(table_ptr, index_ptr, seg_ptr, n_batch, n_tok, stride_ib,
-                                  zero_off, HAS_INDEX: tl.constexpr, BLOCK: tl.constexpr):
-    """seg[l, b, t] (int64) for the (B * n_tok) tokens of layer l = program_id(1); tokens are
-    t itself for layers not read by index (rows already gathered)."""
-    pid = tl.program_id(0).to(tl.int64)
-    layer = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n_batch * n_tok
-    b = offs // n_tok
-    t = offs % n_tok
-    row = table_ptr + layer * TABLE_COLS
-    delta = tl.load(row)
-    stride_b = tl.load(row + 1)
-    stride_t = tl.load(row + 2)
-    by_index = tl.load(row + 3)
-    n_t = tl.load(row + 4)
-    tok = t
+def _segment_ptrs(X, INDEX, layer, b, h, j, d, d_ok, n_tok, stride_l, stride_b, stride_t,
+                  stride_ib, NSEG: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """Pointers and mask of elements d of segment j of row (layer, b, h)."""
     if HAS_INDEX:
-        idx = tl.load(index_ptr + b * stride_ib + t, mask=ok, other=0).to(tl.int64)
-        tok = tl.where(by_index != 0, idx, t)
-    inside = (tok >= 0) & (tok < n_t)
-    seg = tl.where(inside, delta + b * stride_b + tok * stride_t, zero_off)
-    tl.store(seg_ptr + layer * n_batch * n_tok + offs, seg, mask=ok)
+        tok = tl.load(INDEX + b * stride_ib + h * NSEG + j).to(tl.int64)
+    else:
+        tok = h * NSEG + j
+    inside = (tok >= 0) & (tok < n_tok)
+    tok = tl.where(inside, tok, 0)
+    ptrs = X + layer * stride_l + b * stride_b + tok * stride_t + d
+    return ptrs, d_ok & inside
+
+
+@triton.jit
+def _load_chunk(X, INDEX, layer, b, h, j, d0, D, n_tok, stride_l, stride_b, stride_t,
+                stride_ib, NSEG: tl.constexpr, HAS_INDEX: tl.constexpr, ROUND: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Elements d0..d0+BLOCK of segment j of row (layer, b, h), rounded to ROUND, in fp32
+    (0 outside the row), their offsets d and mask."""
+    d = d0 + tl.arange(0, BLOCK)
+    d_ok = d < D
+    ptrs, ok = _segment_ptrs(X, INDEX, layer, b, h, j, d, d_ok, n_tok, stride_l, stride_b,
+                             stride_t, stride_ib, NSEG, HAS_INDEX)
+    return tl.load(ptrs, mask=ok, other=0.0).to(ROUND).to(tl.float32), d, d_ok
+
+
+@triton.heuristics({"HAS_INDEX": lambda a: a["INDEX"] is not None})
+@triton.jit
+def _la_norm_kernel(X, INDEX, G, BETA, OUT, W2, B2, n_batch, n_chunk, n_tok, D, stride_l,
+                    stride_b, stride_t, stride_ib, N2, eps,
+                    NSEG: tl.constexpr, HAS_INDEX: tl.constexpr, FC2: tl.constexpr,
+                    ROUND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """Row m = (layer, b, h) of the M = L' * n_batch * n_chunk rows; K = NSEG * D."""
+    m = tl.program_id(0).to(tl.int64)
+    h = m % n_chunk
+    b = (m // n_chunk) % n_batch
+    layer = m // (n_chunk * n_batch)
+    K = NSEG * D
+    # shifted sums: the shift is the first chunk's mean, so a row with |mean| >> std loses
+    # nothing to cancellation in E[(x-s)^2] - E[x-s]^2
+    x, d, d_ok = _load_chunk(X, INDEX, layer, b, h, 0, 0, D, n_tok, stride_l, stride_b,
+                             stride_t, stride_ib, NSEG, HAS_INDEX, ROUND, BLOCK)
+    shift = tl.sum(x, 0) / tl.sum(d_ok.to(tl.float32), 0)
+    s1 = tl.zeros([BLOCK], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, NSEG):
+        for d0 in range(0, D, BLOCK):
+            x, d, d_ok = _load_chunk(X, INDEX, layer, b, h, j, d0, D, n_tok, stride_l, stride_b,
+                                     stride_t, stride_ib, NSEG, HAS_INDEX, ROUND, BLOCK)
+            c = tl.where(d_ok, x - shift, 0.0)
+            s1 += c
+            s2 += c * c
+    mean_c = tl.sum(s1, 0) / K
+    m2 = tl.maximum(tl.sum(s2, 0) - K * mean_c * mean_c, 0.0)
+    mean = shift + mean_c
+    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    n2 = tl.arange(0, BLOCK_N2)
+    acc = tl.zeros([BLOCK_N2], dtype=tl.float32)
+    for j in range(0, NSEG):
+        for d0 in range(0, D, BLOCK):
+            x, d, d_ok = _load_chunk(X, INDEX, layer, b, h, j, d0, D, n_tok, stride_l, stride_b,
+                                     stride_t, stride_ib, NSEG, HAS_INDEX, ROUND, BLOCK)
+            k = j * D + d
+            g = tl.load(G + k, mask=d_ok, other=0.0).to(tl.float32)
+            be = tl.load(BETA + k, mask=d_ok, other=0.0).to(tl.float32)
+            y = ((x - mean) * rstd * g + be).to(ROUND)
+            if FC2:
+                w = tl.load(W2 + n2[:, None] * K + k[None, :],
+                            mask=(n2 < N2)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(w * y.to(tl.float32)[None, :], 1)
+            else:
+                tl.store(OUT + m * K + k, y, mask=d_ok)
+    if FC2:
+        acc += tl.load(B2 + n2, mask=n2 < N2, other=0.0).to(tl.float32)
+        tl.store(OUT + m * N2 + n2, acc.to(OUT.dtype.element_ty), mask=n2 < N2)
+
+
+@triton.jit
+def _tile_pid(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    group = GROUP_M * num_pid_n
+    first_m = (tile // group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@triton.heuristics({"HAS_RES": lambda a: a["R"] is not None})
+@triton.jit
+def _la_gemm_kernel(a_desc, w_desc, B, R, Y, M, N, K, NUM_PROGRAMS,
+                    ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """y (M, N) = act(A @ W^T + b) [+ R]; A, W through TMA descriptors (block shapes
+    [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]); R and y row-major with stride N."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_pid(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kt in range(k_tiles):
+            a = a_desc.load([off_m, kt * BLOCK_K])
+            w = w_desc.load([off_n, kt * BLOCK_K])
+            acc = mm(a, w.T, acc, DOT_DTYPE, UPCAST, PREC)
+        rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        acc += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if ACT == ACT_RELU:
+            acc = tl.maximum(acc, 0.0)
+        elif ACT != ACT_NONE:
+            acc = acc * tl.sigmoid(acc)
+        if HAS_RES:
+            acc += tl.load(R + rows[:, None] * N + cols[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+        tl.store(Y + rows[:, None] * N + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)

@@ -1,11 +1,16 @@
-"""``ln_linear``: ``y = act(LN(x) @ W^T + b) [+ residual]``, a LayerNorm-prologue GEMM with a
-bias / activation / residual epilogue, forward and backward; and the MLPResNet built on it.
-reference.py -> fused.py -> launch.py -> op.py; configs.py holds the shipped tile configs."""
-from .configs import bwd_config, gemm_config, stats_config
-from .launch import ln_linear, ln_linear_backward, ln_stats
-from .op import ln_linear_autograd, ln_linear_bwd_op, ln_linear_fwd_op, mlp_resnet
+"""The layer stack: chains of LN-linear layers ``y = act(LN(x) @ W^T + b) [+ x]`` (every
+MLPResNet of the energy model; any MLPResNet through ``mlp_resnet_stack``), forward and
+backward, driven by a table. reference.py -> fused.py -> launch.py -> op.py; configs.py holds
+the shipped tile configs."""
+from .configs import stack_config, stack_resources
+from .launch import (EXTERNAL, NONE, X_IN, StackLayer, StackPlan, constants, mlp_layers,
+                     mlp_tensors, new_plan, stack_backward, stack_forward, stack_forward_wide,
+                     stack_weight_grads)
+from .op import mlp_plan, mlp_resnet_stack, mlp_stack_bwd, mlp_stack_fwd
 from .reference import ln_linear_reference, mlp_resnet_reference
 
-__all__ = ["ln_linear", "ln_stats", "ln_linear_backward", "ln_linear_autograd",
-           "ln_linear_fwd_op", "ln_linear_bwd_op", "mlp_resnet", "ln_linear_reference",
-           "mlp_resnet_reference", "gemm_config", "stats_config", "bwd_config"]
+__all__ = ["StackLayer", "StackPlan", "new_plan", "mlp_layers", "mlp_tensors", "constants",
+           "stack_forward", "stack_forward_wide", "stack_backward", "stack_weight_grads",
+           "EXTERNAL", "NONE", "X_IN", "mlp_plan", "mlp_resnet_stack", "mlp_stack_fwd",
+           "mlp_stack_bwd", "mlp_resnet_reference", "ln_linear_reference", "stack_config",
+           "stack_resources"]

@@ -1,231 +1,274 @@
-"""Launchers of ``ln_linear``'s kernels (fused.py): validate, allocate, pick the config
-(configs.py), launch. Not differentiable; op.py wraps them in autograd.
+"""Launchers of the layer stack (fused.py): a plan of chains of layers, its device tables
+(built once per plan and device and kept: no host-to-device copy per call), the launches.
 
-    ln_linear(x, weight, bias=None, *, ln_weight=None, ln_bias=None, ln_eps=1e-5,
-              normalize=False, activation="none", residual=None, out=None, out_dtype=None,
-              row_index=None, segment_offsets=None, segment_align=1, input_precision=None,
-              stats=None, return_stats=False) -> y | (y, mean, rstd)
-
-- x (M, K) fp16/bf16/fp32 (any strides); weight (N, K) like ``nn.Linear``; bias (N,).
-  x is first rounded to ``weight.dtype`` (as ``x.to(weight.dtype)`` would), the dot runs in
-  weight.dtype with fp32 accumulation.
-- ``normalize=True``: LayerNorm over K with optional ``ln_weight``/``ln_bias`` (K,) and
-  ``ln_eps``; statistics in fp32 (a pre-pass kernel, or inline when N fits one tile).
-  ``stats=(mean, rstd)`` (M,) fp32 reuses statistics already computed (no pre-pass);
-  ``return_stats=True`` returns ``(y, mean, rstd)`` for a backward pass to reuse.
-- ``activation`` in {"none", "relu", "silu"}, applied after the bias and before the residual.
-- ``residual`` (M, N), added last (may be ``out`` itself).
-- ``out`` (M, N) preallocated output; else one of ``out_dtype`` (default weight.dtype).
-- ``row_index`` (M,) int64: A[m] = x[row_index[m]] (x is then (R, K) with any R).
-- ``segment_offsets`` (M, NSEG) int64: row m of A is NSEG segments of K/NSEG elements, segment
-  j starting ``segment_offsets[m, j]`` elements past ``x``'s first element (stride along a
-  segment: x.stride(-1)). Offsets may reach into other tensors of x's dtype (one address
-  space); the caller keeps them alive. K/NSEG must be a multiple of 16. ``segment_align``: a
-  number every offset is a multiple of (the caller's promise); > 1 lets the kernel vectorise
-  and pipeline the gathered loads.
-- ``input_precision`` for fp32 operands: "ieee" or "tf32" (default: ``default_precision``).
-
-``ln_stats(x, ...)`` -> (mean, rstd) of the rows alone. ``ln_linear_backward(dy, x, weight, ...)``
--> (dx, dW, db, dgamma, dbeta). On CUDA tensors the kernels run compiled; on CPU tensors only
-under TRITON_INTERPRET=1 (a clear error otherwise).
+A plan (:class:`StackPlan`) lays chains of :class:`StackLayer` out in three fp32 workspaces -
+``ws`` (what the forward saves: every layer's output, pre-activation and row statistics), ``wb``
+(the backward's dy / dpre / dx) and ``part`` (dgamma/dbeta partials) - and writes the int64
+table the kernels read (one row per layer, columns ``fused.STACK_COLS``). The parameters are
+ONE flat tensor P (``mlp_tensors``' order for an MLPResNet, then ``constants``: ones / zeros
+that a layer without LayerNorm or bias reads instead); their gradient is one tensor of P's
+layout. Launches: ``stack_forward`` (a chain, each program its rows through every layer),
+``stack_forward_wide`` (one wide layer with its own compiled kernel), ``stack_backward``,
+``stack_weight_grads`` (every dW in one launch, the dgamma/dbeta sums in a second).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import triton
 
-from .._utils import (ACTIVATIONS, DTYPES, TL_DTYPES, check_runnable, check_tensor, dot_precision,
-                      empty, resolve_precision, upcast_dot)
-from .configs import bwd_config, gemm_config, stats_config
-from .fused import (_ln_linear_act_bwd_kernel, _ln_linear_bwd_dw_kernel, _ln_linear_bwd_dx_kernel,
-                    _ln_linear_fwd_kernel, _ln_linear_stats_kernel)
+from .._utils import ACTIVATIONS, TL_DTYPES, dot_precision, empty, upcast_dot
+from .configs import stack_config
+from .fused import (STACK_COLS, _linear_wide_kernel, _stack_bwd_kernel,  # noqa: E402
+                    _stack_dgamma_kernel, _stack_dw_kernel, _stack_fwd_kernel)
+
+C = STACK_COLS
+X_IN = -1                 # a layer input: the launch's external X (PAD-masked rows)
+EXTERNAL, NONE = -1, -2   # an output / dy / dx: the launch's external tensor, or not wanted
+_ALIGN = 16               # every workspace region starts on 16 elements (64 B)
 
 
-def _a_operand(x, weight, row_index, segment_offsets):
-    """Validate the A operand -> (M, K, seg or None, nseg, seg_len, stride_xm, stride_xk)."""
-    check_tensor("weight", weight, ndim=2, dtype=DTYPES)
-    N, K = weight.shape
-    check_tensor("x", x, dtype=DTYPES)
-    if segment_offsets is not None:
-        if row_index is not None:
-            raise ValueError("ln_linear: give row_index= or segment_offsets=, not both")
-        check_tensor("segment_offsets", segment_offsets, ndim=2, dtype=torch.int64,
-                     device=x.device)
-        M, nseg = segment_offsets.shape
-        if K % nseg:
-            raise ValueError(f"segment_offsets: K={K} must be a multiple of NSEG={nseg}")
-        return (M, K, segment_offsets.contiguous(), nseg, K // nseg, 0, x.stride(-1))
-    check_tensor("x", x, ndim=2, shape={1: K})
-    if row_index is not None:
-        check_tensor("row_index", row_index, ndim=1, integer=True, device=x.device)
-        seg = (row_index.to(torch.int64) * x.stride(0))[:, None].contiguous()
-        return (row_index.shape[0], K, seg, 1, K, 0, x.stride(1))
-    return (x.shape[0], K, None, 1, K, x.stride(0), x.stride(1))
+@dataclass(frozen=True)
+class StackLayer:
+    """One layer of a plan: ``y = act(LN(x) @ W^T + b) [+ x] [+ pe[row % H]]``, x (M, K),
+    y (M, N); ``w``, ``b``, ``g``, ``beta``: element offsets of W (N, K), b (N,), gamma and
+    beta (K,) in the flat parameter tensor (-1: no bias; ``ln=False``: no LayerNorm)."""
+    K: int
+    N: int
+    w: int
+    b: int = -1
+    g: int = -1
+    beta: int = -1
+    ln: bool = True
+    eps: float = 1e-5
+    act: str = "none"
+    res: bool = False
+    pe: bool = False
 
 
-def _seg_align(x, row_index, segment_offsets, segment_align) -> int:
-    """What every gathered row offset is a multiple of (elements), known on the host."""
-    if segment_offsets is not None:
-        if segment_align < 1:
-            raise ValueError(f"segment_align: expected a positive int, got {segment_align}")
-        return int(segment_align) if x.data_ptr() % (segment_align * x.element_size()) == 0 else 1
-    if row_index is not None:
-        aligned = x.stride(0) % 16 == 0 and x.data_ptr() % (16 * x.element_size()) == 0
-        return 16 if aligned else 1
-    return 1
+@dataclass
+class StackPlan:
+    """Chains of layers laid out in the workspaces: ``ws`` (fp32, what the forward saves),
+    ``wb`` (fp32, the backward's dy/dpre/dx scratch), ``part`` (fp32, the dgamma/dbeta
+    partials), sizes in elements; ``rows`` the int64 table (one row per layer). ``ones`` /
+    ``zeros``: offsets of constant vectors in the flat parameters (at least as long as any K
+    or N), what a layer without LayerNorm or bias reads instead (one code path)."""
+    ones: int
+    zeros: int
+    block_n_dw: int
+    block_k_dw: int
+    block_k_g: int
+    rows: list = field(default_factory=list)
+    eps: list = field(default_factory=list)
+    ws: int = 0
+    wb: int = 0
+    part: int = 0
+    _tables: dict = field(default_factory=dict)
+
+    def alloc_ws(self, n: int) -> int:
+        off, self.ws = self.ws, self.ws + -(-n // _ALIGN) * _ALIGN
+        return off
+
+    def alloc_wb(self, n: int) -> int:
+        off, self.wb = self.wb, self.wb + -(-n // _ALIGN) * _ALIGN
+        return off
+
+    def add_chain(self, M: int, layers: list, x_in: int, dy: int, dx: int = NONE,
+                  out: int | None = None) -> tuple:
+        """Append layers whose input is the previous layer's output; the first reads ``x_in``
+        (a ws offset or X_IN); the last layer's gradient comes from ``dy`` (a wb offset or
+        EXTERNAL); the first layer's input gradient goes to ``dx`` (a wb offset, EXTERNAL or
+        NONE). ``out=EXTERNAL`` sends the last output to the launch's OUT tensor.
+        -> (index of the first layer, of the last, ws offset of the last output or -1)."""
+        first = len(self.rows)
+        x = x_in
+        for j, L in enumerate(layers):
+            row = [0] * len(C)
+            row[C["K"]], row[C["N"]], row[C["M"]], row[C["IN"]] = L.K, L.N, M, x
+            ext = j == len(layers) - 1 and out == EXTERNAL
+            row[C["OUT"]] = EXTERNAL if ext else self.alloc_ws(M * L.N)
+            row[C["PRE"]] = self.alloc_ws(M * L.N) if L.act != "none" else -1
+            row[C["MU"]], row[C["RSTD"]] = self.alloc_ws(M), self.alloc_ws(M)
+            row[C["W"]] = row[C["GW"]] = L.w
+            row[C["B"]] = L.b if L.b >= 0 else self.zeros
+            row[C["GB"]] = L.b
+            row[C["LN"]] = int(L.ln)
+            row[C["G"]], row[C["BETA"]] = (L.g, L.beta) if L.ln else (self.ones, self.zeros)
+            row[C["GG"]], row[C["GBETA"]] = (L.g, L.beta) if L.ln else (-1, -1)
+            row[C["ACT"]], row[C["RES"]], row[C["PE"]] = ACTIVATIONS[L.act], int(L.res), int(L.pe)
+            row[C["DPRE"]] = self.alloc_wb(M * L.N)
+            if L.ln:
+                row[C["PART"]] = self.part
+                self.part += 2 * -(-L.N // self.block_n_dw) * L.K
+            else:
+                row[C["PART"]] = -1
+            self.rows.append(row)
+            self.eps.append(float(L.eps))
+            x = row[C["OUT"]]
+        # backward wiring, last layer first: a layer's dx is the previous layer's dy
+        g = dy
+        for i in range(len(self.rows) - 1, first - 1, -1):
+            row = self.rows[i]
+            row[C["DY"]] = g
+            row[C["DX"]] = g = (self.alloc_wb(M * row[C["K"]]) if i > first else dx)
+            # dxhat in fp32: in dx's own region when that is in wb, else a region of its own
+            row[C["SCR"]] = (row[C["DX"]] if row[C["DX"]] >= 0 else
+                             self.alloc_wb(M * row[C["K"]]) if row[C["DX"]] == EXTERNAL else -1)
+        return first, len(self.rows) - 1, x
+
+    def tables(self, device) -> dict:
+        """{"T": int64 table, "EPS": fp32, "DW": (layer, n tile, k tile) work, longest layers
+        first, "DG": (LN layer, k tile) work}, built once per device."""
+        key = str(device)
+        if key not in self._tables:
+            dw = []
+            order = sorted(range(len(self.rows)), key=lambda i: -self.rows[i][C["M"]] *
+                           self.rows[i][C["N"]] * self.rows[i][C["K"]])  # longest first
+            for i in order:
+                r = self.rows[i]
+                for nt in range(-(-r[C["N"]] // self.block_n_dw)):
+                    for kt in range(-(-r[C["K"]] // self.block_k_dw)):
+                        dw.append((i, nt, kt))
+            dg = [(i, kt) for i, r in enumerate(self.rows) if r[C["LN"]]
+                  for kt in range(-(-r[C["K"]] // self.block_k_g))]
+
+            def t(x, cols):
+                return torch.tensor(x, dtype=torch.int64, device=device).reshape(-1, cols)
+            self._tables[key] = dict(
+                T=t(self.rows, len(C)), EPS=torch.tensor(self.eps, dtype=torch.float32,
+                                                         device=device),
+                DW=t(dw, 3), DG=t(dg, 2))
+        return self._tables[key]
 
 
-def _launch_stats(x, seg, M, K, nseg, seg_len, sxm, sxk, eps, round_dtype, align=1):
-    mean = empty(M, torch.float32, x.device)
-    rstd = empty(M, torch.float32, x.device)
-    if M == 0:
-        return mean, rstd
-    cfg = stats_config(seg_len if (seg is not None and nseg > 1) else None)
-    _ln_linear_stats_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-        x, seg, mean, rstd, M, K, sxm, sxk, float(eps),
-        NSEG=nseg, SEG_LEN=seg_len, SEG_ALIGN=align, ROUND_DTYPE=TL_DTYPES[round_dtype],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    return mean, rstd
+def _dot_kw(dtype: torch.dtype, precision: str) -> dict:
+    return dict(DOT_DTYPE=TL_DTYPES[dtype], UPCAST=upcast_dot(dtype),
+                PREC=dot_precision(dtype, precision))
 
 
-def ln_stats(x, *, K: int | None = None, eps: float = 1e-5, round_dtype=None, row_index=None,
-             segment_offsets=None):
-    """(mean, rstd) (M,) fp32 of the rows of A (x, gathered as in ``ln_linear``) after rounding
-    to ``round_dtype`` (default x.dtype)."""
-    round_dtype = x.dtype if round_dtype is None else round_dtype
-    if K is None:
-        K = x.shape[-1] if segment_offsets is None else None
-    w_like = torch.empty((1, K), dtype=round_dtype, device=x.device)
-    M, K, seg, nseg, seg_len, sxm, sxk = _a_operand(x, w_like, row_index, segment_offsets)
-    check_runnable("x", x)
-    return _launch_stats(x, seg, M, K, nseg, seg_len, sxm, sxk, eps, round_dtype)
+def _launch_kw(cfg: dict) -> dict:
+    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def ln_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-              ln_weight: torch.Tensor | None = None, ln_bias: torch.Tensor | None = None,
-              ln_eps: float = 1e-5, normalize: bool = False, activation: str = "none",
-              residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-              out_dtype: torch.dtype | None = None, row_index: torch.Tensor | None = None,
-              segment_offsets: torch.Tensor | None = None, segment_align: int = 1,
-              input_precision: str | None = None, stats: tuple | None = None,
-              return_stats: bool = False):
-    """y (M, N) = act(LN(x) @ weight^T + bias) [+ residual]; see the module docstring."""
-    M, K, seg, nseg, seg_len, sxm, sxk = _a_operand(x, weight, row_index, segment_offsets)
-    align = _seg_align(x, row_index, segment_offsets, segment_align)
-    N = weight.shape[0]
-    dev = x.device
-    check_runnable("x", x)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    input_precision = resolve_precision(input_precision, weight.dtype)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, shape={0: N}, floating=True, device=dev)
-    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if t is not None:
-            if not normalize:
-                raise ValueError(f"{name}: given but normalize=False")
-            check_tensor(name, t, ndim=1, shape={0: K}, floating=True, device=dev)
-    if (return_stats or stats is not None) and not normalize:
-        raise ValueError("return_stats/stats: only with normalize=True")
-    if residual is not None:
-        check_tensor("residual", residual, ndim=2, shape={0: M, 1: N}, floating=True, device=dev)
-    if out is None:
-        out_dtype = weight.dtype if out_dtype is None else out_dtype
-        if out_dtype not in DTYPES:
-            raise TypeError(f"out_dtype: expected one of {DTYPES}, got {out_dtype}")
-        out = empty((M, N), out_dtype, dev)
-    else:
-        check_tensor("out", out, ndim=2, shape={0: M, 1: N}, dtype=DTYPES, device=dev)
-    cfg = gemm_config(N, weight.dtype, seg_len if (seg is not None and nseg > 1) else None)
-    single_n_tile = N <= cfg["BLOCK_N"]
+def _pad_bytes(pad):
+    return pad.view(torch.uint8) if pad is not None and pad.dtype == torch.bool else pad
 
-    mean = rstd = None
-    stats_inline = False
-    if normalize:
-        if stats is not None:
-            mean, rstd = stats
-            check_tensor("stats[0] (mean)", mean, ndim=1, shape={0: M}, dtype=torch.float32)
-            check_tensor("stats[1] (rstd)", rstd, ndim=1, shape={0: M}, dtype=torch.float32)
-        elif single_n_tile:  # one program per row block: no redundant statistics passes
-            stats_inline = True
-            mean = empty(M, torch.float32, dev)
-            rstd = empty(M, torch.float32, dev)
-        else:
-            mean, rstd = _launch_stats(x, seg, M, K, nseg, seg_len, sxm, sxk, ln_eps, weight.dtype,
-                                       align)
-    if M == 0 or N == 0:
-        return (out, mean, rstd) if return_stats else out
 
+def stack_forward(plan: StackPlan, P, ws, first: int, last: int, M: int, *, X=None, pad=None,
+                  pe=None, out=None, precision: str = "ieee") -> None:
+    """Run layers first..last of ``plan`` on M rows (each program its BLOCK_M rows through
+    every layer). X (rows, features), unit feature stride; pad (rows,) bool for X's rows (True
+    = padded: read as zeros); pe (H, N) added by layers with ``pe`` at row % H; out: the last
+    layer's external output."""
+    t = plan.tables(P.device)
+    cfg = stack_config("fwd", P.dtype)
+    _stack_fwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), 1)](
+        t["T"], t["EPS"], P, ws, X if X is not None else ws, _pad_bytes(pad),
+        pe if pe is not None else ws, out if out is not None else ws, first, last - first + 1,
+        X.stride(0) if X is not None else 0, pe.shape[0] if pe is not None else 1,
+        HAS_X=X is not None, **_dot_kw(P.dtype, precision), **_launch_kw(cfg))
+
+
+def stack_forward_wide(plan: StackPlan, P, ws, layer: int, M: int, X, *, pad=None,
+                       precision: str = "ieee") -> None:
+    """One wide layer of ``plan`` (input X, LayerNorm, output in ws) with its own kernel,
+    compiled for it (``_linear_wide_kernel``): a tiled grid over (rows, N)."""
+    r = plan.rows[layer]
+    if r[C["IN"]] != X_IN or not r[C["LN"]] or r[C["OUT"]] < 0 or r[C["RES"]] or r[C["PE"]]:
+        raise ValueError("stack_forward_wide: the layer must read X, have a LayerNorm and "
+                         "write ws (no residual, no pe)")
+    cfg = stack_config("wide", P.dtype)
+    N, K = r[C["N"]], r[C["K"]]
+    act = {v: k for k, v in ACTIVATIONS.items()}[r[C["ACT"]]]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    res_strides = residual.stride() if residual is not None else (0, 0)
-    _ln_linear_fwd_kernel[grid](
-        x, seg, weight, bias, ln_weight, ln_bias, residual, out, mean, rstd,
-        M, N, K, sxm, sxk, weight.stride(0), weight.stride(1), *res_strides,
-        out.stride(0), out.stride(1), float(ln_eps),
-        NSEG=nseg, SEG_LEN=seg_len, SEG_ALIGN=align, STATS_INLINE=stats_inline,
-        ACT=ACTIVATIONS[activation], DOT_DTYPE=TL_DTYPES[weight.dtype],
-        UPCAST=upcast_dot(weight.dtype),
-        INPUT_PRECISION=dot_precision(weight.dtype, input_precision),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return (out, mean, rstd) if return_stats else out
+    _linear_wide_kernel[grid](
+        X, _pad_bytes(pad), P, ws, M, N, K, X.stride(0), r[C["W"]], r[C["B"]], r[C["G"]],
+        r[C["BETA"]], r[C["OUT"]], max(r[C["PRE"]], 0), r[C["MU"]], r[C["RSTD"]],
+        plan.eps[layer], ACT=ACTIVATIONS[act], GROUP_M=cfg["GROUP_M"],
+        **_dot_kw(P.dtype, precision), **_launch_kw(cfg))
 
 
-def ln_linear_backward(dy, x, weight, bias=None, *, ln_weight=None, ln_bias=None,
-                       normalize=False, mean=None, rstd=None, h=None, activation="none",
-                       needs_dx=True, input_precision="ieee"):
-    """Gradients of y = act(LN(x) @ W^T + b): x (M, K), weight (N, K), dy (M, N); mean/rstd
-    (M,) fp32 (normalize); h (M, N) the pre-activation (activation != "none").
-    -> (dx or None, dW, db or None, dgamma or None, dbeta or None), dx in x.dtype, the others in
-    their parameter's dtype. Every reduction is a fixed-order loop or per-program partials
-    summed afterwards: deterministic."""
-    M, K = x.shape
-    N = weight.shape[0]
-    dev = x.device
-    cfg = bwd_config()
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    kw = dict(DOT_DTYPE=TL_DTYPES[weight.dtype], UPCAST=upcast_dot(weight.dtype),
-              INPUT_PRECISION=dot_precision(weight.dtype, input_precision),
-              BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **launch)
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
-    if activation != "none":
-        dh = empty((M, N), torch.float32, dev)
-        _ln_linear_act_bwd_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-            dy, h, dh, M, N, dy.stride(0), h.stride(0), dh.stride(0),
-            ACT=ACTIVATIONS[activation], BLOCK_M=BM, BLOCK_N=BN, **launch)
-    else:
-        dh = dy
-    if not normalize:
-        mean = rstd = ln_weight = ln_bias = None
+def stack_backward(plan: StackPlan, P, ws, wb, first: int, last: int, M: int, *, X=None,
+                   pad=None, dy=None, dx=None, precision: str = "ieee") -> None:
+    """The backward of layers last..first on M rows: dpre per layer into wb, dx chained; dy /
+    dx: the external gradient tensors where the plan says EXTERNAL; X: only when the first
+    layer's dx is wanted and reads X."""
+    t = plan.tables(P.device)
+    cfg = stack_config("bwd_x" if X is not None else "bwd", P.dtype)
+    _stack_bwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        t["T"], P, ws, wb, X if X is not None else ws, _pad_bytes(pad),
+        dy if dy is not None else wb, dx if dx is not None else wb, last, last - first + 1,
+        X.stride(0) if X is not None else 0, HAS_X=X is not None,
+        **_dot_kw(P.dtype, precision), **_launch_kw(cfg))
 
-    dw = empty((N, K), weight.dtype, dev)
-    db = empty((N,), bias.dtype, dev) if bias is not None else None
-    _ln_linear_bwd_dw_kernel[(triton.cdiv(N, BN), triton.cdiv(K, BK))](
-        dh, x, mean, rstd, ln_weight, ln_bias, dw, db,
-        M, N, K, dh.stride(0), x.stride(0), x.stride(1), dw.stride(0), **kw)
 
-    need_parts = normalize and (ln_weight is not None or ln_bias is not None)
-    if not (needs_dx or need_parts):
-        return None, dw, db, None, None
-    n_mb = triton.cdiv(M, BM)
-    dx = empty((M, K), x.dtype, dev) if needs_dx else None
-    scratch = None
-    if normalize and needs_dx:
-        scratch = dx if dx.dtype == torch.float32 else empty((M, K), torch.float32, dev)
-    parts = empty((2, n_mb, K), torch.float32, dev) if need_parts else None
-    _ln_linear_bwd_dx_kernel[(n_mb,)](
-        dh, weight, x, mean, rstd, ln_weight, dx, scratch,
-        parts[0] if parts is not None else None, parts[1] if parts is not None else None,
-        M, N, K, dh.stride(0), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
-        dx.stride(0) if dx is not None else 0, scratch.stride(0) if scratch is not None else 0,
-        **kw)
-    dg = dbeta = None
-    if need_parts:  # fixed-order sums of the per-row-block partials: deterministic
-        # two separate sums: dgamma and dbeta must not be views of one buffer (a custom op's
-        # outputs may not alias each other)
-        dg = parts[0].sum(dim=0).to(ln_weight.dtype) if ln_weight is not None else None
-        dbeta = parts[1].sum(dim=0).to(ln_bias.dtype) if ln_bias is not None else None
-    return dx, dw, db, dg, dbeta
+def stack_weight_grads(plan: StackPlan, P, ws, wb, grad, *, X=None, pad=None,
+                       precision: str = "ieee") -> None:
+    """Every layer's dW, db and dgamma, dbeta into ``grad`` (the flat gradient, P's layout and
+    dtype), from the dpre the backward launches left in wb: one launch for every layer's dW
+    and db (the layers reading X - the context's first Linear - are why it is compiled with
+    HAS_X), one that sums the dgamma/dbeta partials."""
+    t = plan.tables(P.device)
+    cfg = stack_config("dw", P.dtype)
+    if (cfg["BLOCK_N"], cfg["BLOCK_K"]) != (plan.block_n_dw, plan.block_k_dw):
+        raise RuntimeError("stack_weight_grads: the plan was laid out for other dW tiles")
+    part = empty((max(plan.part, 1),), torch.float32, P.device)
+    if t["DW"].shape[0]:
+        _stack_dw_kernel[(t["DW"].shape[0],)](
+            t["T"], t["DW"], P, ws, wb, X if X is not None else ws,
+            _pad_bytes(pad) if X is not None else None, grad, part,
+            X.stride(0) if X is not None else 0, HAS_X=X is not None,
+            **_dot_kw(P.dtype, precision), **_launch_kw(cfg))
+    if t["DG"].shape[0]:
+        g = stack_config("dgamma", P.dtype)
+        _stack_dgamma_kernel[(t["DG"].shape[0],)](t["T"], t["DG"], part, grad, plan.block_n_dw,
+                                                  BLOCK_K=g["BLOCK_K"], num_warps=g["num_warps"],
+                                                  num_stages=1)
+
+
+def new_plan(dtype: torch.dtype, ones: int, zeros: int) -> StackPlan:
+    """An empty plan whose partials are laid out for the dW launch's tiles of ``dtype``."""
+    dw, g = stack_config("dw", dtype), stack_config("dgamma", dtype)
+    return StackPlan(ones, zeros, dw["BLOCK_N"], dw["BLOCK_K"], g["BLOCK_K"])
+
+
+def mlp_layers(w_shapes: tuple, offset: int, eps: tuple, activation: str) -> tuple:
+    """The StackLayers of an MLPResNet whose parameters sit in the flat tensor from ``offset``
+    on, per layer [gamma (K), beta (K), W (N, K), b (N)] (``mlp_tensors``' order);
+    ``w_shapes``: (N, K) of fc1, the blocks, fc2. -> (layers, offset after them)."""
+    layers = []
+    n = len(w_shapes)
+    for i, ((N, K), e) in enumerate(zip(w_shapes, eps)):
+        g, beta, W = offset, offset + K, offset + 2 * K
+        b = W + N * K
+        offset = b + N
+        layers.append(StackLayer(K, N, W, b, g, beta, ln=True, eps=e,
+                                 act="none" if i == n - 1 else activation, res=0 < i < n - 1))
+    return layers, offset
+
+
+def mlp_tensors(w) -> list:
+    """An MLPResNet's parameters in ``mlp_layers``' order (an absent LayerNorm weight, bias or
+    Linear bias as ones / zeros: their gradients are discarded)."""
+    out = []
+    for lin in w.layers:
+        N, K = lin.weight.shape
+        ones = lin.weight.new_ones(K) if lin.ln_weight is None else lin.ln_weight
+        zeros = lin.weight.new_zeros(K) if lin.ln_bias is None else lin.ln_bias
+        out += [ones, zeros, lin.weight,
+                lin.bias if lin.bias is not None else lin.weight.new_zeros(N)]
+    return out
+
+
+def constants(n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[ones(n), zeros(n)]: the tail of a flat parameter tensor (cached per size/dtype/device)."""
+    key = (n, dtype, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.cat([torch.ones(n, dtype=dtype, device=device),
+                                     torch.zeros(n, dtype=dtype, device=device)])
+    return _CONSTANTS[key]
+
+
+_CONSTANTS: dict = {}
