@@ -50,6 +50,7 @@ from typing import Sequence
 
 import torch
 
+from .files import atomic_write_text
 from .losses import correct_actions
 from .models import EnergyModel
 from .ops import energy_scores
@@ -340,9 +341,7 @@ def export_verifier(energy_model: EnergyModel, *, path: str | Path,
         shutil.rmtree(tmp_dir, ignore_errors=True)
     manifest["files"] = {spec["file"]: sha256_file(out / spec["file"])
                          for spec in manifest["functions"].values()}
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return out / "manifest.json"
 
 

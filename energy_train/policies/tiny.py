@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_multiple
-from ..config import knob
+from ..knobs import knob
 from ..data import PAD, TaskData
 from ..models import EnergyModel, L1RegressionActionHead, TinyVLA
 from ..ops import build_action_index

@@ -1,5 +1,5 @@
 """Checkpoint I/O, all of it: what is saved and under which names, gathering shards and
-per-rank state, and the atomic files.
+per-rank state (the files are written by :mod:`energy_train.files`).
 
 - ``theta.safetensors``: theta's TRAINABLE tensors only (a frozen base is never written),
   named ``backbone.<name>``, ``action_head.<name>``, ``extras.<key>.<name>`` - the module's own
@@ -35,39 +35,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _write(path: Path, data: bytes) -> str:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest()
+from .. import files
 
 
 class CheckpointError(RuntimeError):
@@ -106,19 +74,20 @@ def save_checkpoint(run_dir: str | Path, step: int, theta: dict[str, torch.Tenso
         buf = io.BytesIO()
         torch.save(state, buf)
         digests = {
-            "theta.safetensors": _write(tmp / "theta.safetensors", st_save(
+            "theta.safetensors": files.write_synced(tmp / "theta.safetensors", st_save(
                 {k: v.detach().contiguous().cpu() for k, v in theta.items()})),
-            "phi.safetensors": _write(tmp / "phi.safetensors", st_save(
+            "phi.safetensors": files.write_synced(tmp / "phi.safetensors", st_save(
                 {k: v.detach().contiguous().cpu() for k, v in phi.items()})),
-            "state.pt": _write(tmp / "state.pt", buf.getvalue()),
+            "state.pt": files.write_synced(tmp / "state.pt", buf.getvalue()),
         }
-        _write(tmp / "meta.json", json.dumps({"step": step, "sha256": digests}, indent=1).encode())
-        _fsync_dir(tmp)
+        files.write_synced(tmp / "meta.json",
+                           json.dumps({"step": step, "sha256": digests}, indent=1).encode())
+        files.fsync_dir(tmp)
         os.replace(tmp, root / name)  # a fresh name: atomic, replaces nothing
         tmp = None
-        _fsync_dir(root)
+        files.fsync_dir(root)
         history = [d for d in _pointer(root).get("history", []) if (root / d).is_dir()] + [name]
-        atomic_write_text(root / "latest.json",
+        files.atomic_write_text(root / "latest.json",
                           json.dumps({"step": step, "dir": name, "history": history[-keep:]}))
     except OSError as e:
         if tmp is not None:

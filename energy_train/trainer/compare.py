@@ -33,7 +33,8 @@ import torch
 from ..config import TrainConfig, build
 from ..plots import plot_compare
 from ..policies import default_energy, resolve_factory
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_theta_state
+from ..files import atomic_write_text
+from .checkpoint import CheckpointError, load_checkpoint, load_theta_state
 from .core import resolve_device
 from .report import analyse, parse_spec, render, study
 from .run import read_metrics, train

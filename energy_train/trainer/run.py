@@ -30,12 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..files import append_lines, atomic_write_text
 from ..config import TrainConfig, build, canonical, resumable_keys
 from ..plots import plot_run, series
 from ..policies import Setup, default_energy, resolve_factory
 from ..policy import Policy
 from . import checkpoint
-from .checkpoint import atomic_write_text
 from .core import Trainer, resolve_device
 from .feed import Feed
 from .loggers import NullLogger, open_logger
@@ -134,7 +134,7 @@ def _keep_metrics_before(run_dir: Path, step: int) -> int:
     kept = [r for r in records if r["step"] < step]
     moved = [json.dumps(r) for r in records if r["step"] >= step] + torn
     if moved:
-        _append_lines(run_dir / "metrics.discarded.jsonl", moved)
+        append_lines(run_dir / "metrics.discarded.jsonl", moved)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(moved)
 
@@ -176,19 +176,8 @@ def _unlock(run_dir) -> None:
         lock.close()
 
 
-def _append_lines(path: Path, lines: list[str]) -> None:
-    with open(path, "a") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _append(path: Path, records: list[dict]) -> None:
-    with open(path, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_lines(path, [json.dumps(r) for r in records])
 
 
 def chance_level(cfg: TrainConfig, records: list[dict] = ()) -> float:
@@ -327,7 +316,7 @@ def _retire_error(run_dir: Path) -> None:
     """A resume continues past a failure: error.txt moves to the end of error.history.txt."""
     path = run_dir / "error.txt"
     if path.is_file():
-        _append_lines(run_dir / "error.history.txt", [path.read_text().rstrip(), "-" * 40])
+        append_lines(run_dir / "error.history.txt", [path.read_text().rstrip(), "-" * 40])
         path.unlink()
 
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from ...checks import check_multiple
-from ...config import knob
+from ...knobs import knob
 
 
 @dataclass

@@ -32,6 +32,7 @@ from ...capture import find_decoder
 from ...losses import correct_actions
 from ...ops import build_action_index, energy_scores
 from ...policy import BatchLayout, Policy
+from ...tensors import gather_rows
 
 IGNORE_INDEX = -100
 ACTION_TOKEN_BEGIN_IDX = 31743  # action tokens are ids > this (Llama-2's last 256 ids)
@@ -112,7 +113,7 @@ def context_and_mask(hidden: torch.Tensor, labels: torch.Tensor,
                             f"T = L + num_patches = {T}, got {tuple(hidden.shape)}")
     if index.shape[1] == T:
         return hidden, pad
-    return hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1])), pad
+    return gather_rows(hidden, index), pad
 
 
 @torch.no_grad()
@@ -436,7 +437,7 @@ class OFTPolicy(Policy):
             labels = batch["labels"].to(h.device)
             index = build_action_index(num_tokens=self.num_action_tokens, labels=labels,
                                        action_token_begin_idx=self.begin, offset=self.num_patches - 1)
-            actions = self.predict_action(h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1])))
+            actions = self.predict_action(gather_rows(h, index))
         ctx, pad = context_and_mask(h, labels, batch["attention_mask"].to(h.device),
                                     self.num_patches, self.context,
                                     num_action_tokens=self.num_action_tokens,
