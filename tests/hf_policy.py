@@ -15,7 +15,7 @@ from torch import nn
 
 from energy_train import BatchLayout, Policy, build_action_index
 from energy_train.knobs import knob
-from energy_train.data import generate_scenes
+from energy_train.policies.tiny.task import generate_scenes
 from energy_train.models import L1RegressionActionHead
 from energy_train.policy import prefix_context
 

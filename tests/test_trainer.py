@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from energy_train.models import ActionRowCapture, TinyVLA
 from energy_train.ops import build_action_index, layer_actions
+from energy_train.policies.tiny import ActionRowCapture, TinyVLA
 from energy_train.trainer import STRATEGIES, Trainer
 from trainer_helpers import deepcopy_policy, grads, make_trainer, same, snapshot, tiny_cfg
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from energy_train.data import TaskData
+from energy_train.policies.tiny.task import TaskData
 from energy_train.trainer import CheckpointError, RunError, is_complete, read_metrics, train
 from energy_train.trainer import checkpoint as ck
 from energy_train.trainer.checkpoint import load_checkpoint

@@ -25,7 +25,7 @@ import torch
 
 from .. import losses
 from ..config import TrainConfig
-from ..data import to_device
+from ..tensors import index_tensor as to_device
 from .feed import Micro
 
 

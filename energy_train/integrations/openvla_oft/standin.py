@@ -16,7 +16,7 @@ that runs the integration on the CPU without downloading anything.
   (``energy_train.models.L1RegressionActionHead``): OFT's names.
 - :class:`PaddedCollatorForActionPrediction`: OFT's collator, same output (right padding with
   the pad id, labels padded with IGNORE_INDEX, proprio squeezed by ``np.squeeze``).
-- :class:`StandinEpisodes`: procedural episodes of the embedded task (energy_train/data.py):
+- :class:`StandinEpisodes`: procedural episodes of the embedded task (energy_train/policies/tiny/task.py):
   each episode is one scene rolled forward by its scripted expert; a sample at step t has the
   scene image and a gripper-centred "wrist" image, the gripper state as proprio, and the
   next H expert actions as its chunk, tokenised like OFT's RLDS transform ("In: What action
@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers.modeling_outputs import ModelOutput
 
-from ...data import MAX_ROT, MAX_STEP, VOCAB as TASK_VOCAB, generate_scenes
+from ...policies.tiny.task import MAX_ROT, MAX_STEP, VOCAB as TASK_VOCAB, generate_scenes
 from ...models import L1RegressionActionHead
 from .policy import IGNORE_INDEX, OFTPolicy
 
