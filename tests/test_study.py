@@ -13,10 +13,10 @@ import torch
 from energy_train import EnergyModel, losses
 from energy_train.cli import main
 from energy_train.ops import energy_scores
+from energy_train.study.analysis import find_spikes
+from energy_train.study.compare import PRESETS, parse_seeds, parse_spec
 from energy_train.trainer.checkpoint import load_checkpoint
-from energy_train.trainer.compare import PRESETS, parse_seeds, parse_spec
 from energy_train.trainer.core import row_diversity
-from energy_train.trainer.report import find_spikes
 from energy_train.trainer.run import read_metrics
 from tests.public_models import ForkEnergy
 from trainer_helpers import TINY, make_trainer, tiny_cfg
@@ -369,7 +369,7 @@ def test_compare_bad_input_is_a_clear_error(tmp_path, capsys):
 def test_fork_preset_runs_and_diverged_runs_are_recorded(tmp_path, monkeypatch):
     """The fork preset's settings reach the runs; a run that hits a non-finite loss is recorded
     as diverged and the study goes on."""
-    from energy_train.trainer import compare as cmp
+    from energy_train.study import compare as cmp
     cfgs = []
     real = cmp.train
 
