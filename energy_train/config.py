@@ -6,7 +6,7 @@ Sections (TOML tables; ``--set section.key=value``)::
     [run]       what to train and how long: policy, strategy, steps, batch, device, precision, ...
     [optim]     theta's and phi's AdamW, schedules, clipping
     [energy]    the energy model and its loss
-    [strategy]  per-strategy knobs
+    [strategy]  every strategy's options (declared beside it: energy_train/strategies.py)
     [dist]      several processes (torchrun)
     [policy]    the options of the policy named by run.policy (e.g. the tiny VLA's sizes)
 
@@ -29,14 +29,13 @@ from typing import Any
 
 from .checks import check_multiple
 from .knobs import check_value, kind_of, knob, section_fields
+from .strategies import STRATEGIES, StrategyConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-STRATEGIES = ("joint", "two_phase", "shared_forward", "alternating", "adaptive_weights",
-              "cached_negatives")
 ENERGY_LOSSES = ("swap", "explicit", "margin")
 PICKS = r"\s*((first|middle|last|-?\d+)\s*(,\s*(first|middle|last|-?\d+)\s*)*)?"
 FLOATS = r"\s*((\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*(,\s*(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*)*)?"
@@ -45,7 +44,7 @@ FLOATS = r"\s*((\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*(,\s*(\d+(\.\d*)?|\.\d+)([eE
 @dataclass
 class RunConfig:
     policy: str = knob("tiny", what="a registered policy name or module:factory")
-    strategy: str = knob("two_phase", choices=STRATEGIES)
+    strategy: str = knob("two_phase", choices=tuple(STRATEGIES))
     steps: int = knob(800, ge=1, resumable=True)          # optimizer steps (the schedules' length)
     stop_after: int = knob(0, ge=0, resumable=True)       # stop (checkpointed) after this step; 0 = off
     batch_size: int = knob(16, ge=1)                      # the GLOBAL batch (split over ranks)
@@ -122,15 +121,6 @@ class EnergyConfig:
 
 
 @dataclass
-class StrategyConfig:
-    detach_context: bool = knob(True)    # joint: False = the leaky diagnostic variant
-    phase2_every: int = knob(1, ge=1)    # two_phase: phase 2 on every k-th step (its batch)
-    alternate_every: int = knob(10, ge=1)  # alternating: N theta steps, then N phi steps
-    cache_refresh: int = knob(64, ge=1)    # cached_negatives: refresh an entry after K steps
-    adaptive_window: int = knob(10, ge=2)  # adaptive_weights: losses in the variance window
-
-
-@dataclass
 class DistConfig:
     global_negatives: bool = knob(True)  # swap InfoNCE against the expert chunks of EVERY rank
     fsdp: bool = knob(False)             # shard the policy's decoder layers with FSDP2
@@ -179,13 +169,7 @@ class TrainConfig:
                 raise ValueError(f"energy.loss={self.energy.loss!r}: every kind of negative is off "
                                  "(energy.layer_picks, own_prediction, noise_sigma, amplitudes, "
                                  "sign_flip)")
-        if self.run.strategy == "cached_negatives" and not self.energy.theta_negatives():
-            raise ValueError(
-                "run.strategy: cached_negatives caches the negatives made from the policy's "
-                "weights (energy.layer_picks, energy.own_prediction of the explicit or margin "
-                f"loss), got energy.loss={self.energy.loss!r}, energy.layer_picks="
-                f"{self.energy.layer_picks!r}, energy.own_prediction={self.energy.own_prediction}:"
-                " none to cache")
+        STRATEGIES[self.run.strategy].check(self)
         check = getattr(self.policy, "validate", None)
         if check is not None:
             check(self)

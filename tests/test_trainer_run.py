@@ -133,7 +133,7 @@ def test_resume_on_cuda(tmp_path):
     # (on the GPU, non-capturable AdamW reads each one back with .item() on every step)
     t = make_trainer(tiny_cfg(**kw))
     ck.restore(t, tmp_path / "half")
-    for opt in (t.opt_theta, t.opt_phi):
+    for opt in (t.optim.opt_theta, t.optim.opt_phi):
         assert all(s["step"].device.type == "cpu" for s in opt.state.values())
     t.train_step()  # warm-up (lazy allocations)
     torch.cuda.set_sync_debug_mode("error")

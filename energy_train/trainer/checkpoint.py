@@ -224,7 +224,7 @@ def payload(trainer):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_optimizer_state_dict)
         state["opt_theta"] = get_optimizer_state_dict(
-            trainer.policy.root(), trainer.opt_theta,
+            trainer.policy.root(), trainer.optim.opt_theta,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dp.active:
         ranks = dp.gather_object(_cpu({"rng": state["rng"], "strategy": state["strategy"]}))
@@ -262,10 +262,10 @@ def restore(trainer, run_dir: str | Path) -> Loaded:
     if dp.fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_optimizer_state_dict)
-        set_optimizer_state_dict(trainer.policy.root(), trainer.opt_theta, state["opt_theta"],
+        set_optimizer_state_dict(trainer.policy.root(), trainer.optim.opt_theta, state["opt_theta"],
                                  options=StateDictOptions(full_state_dict=True))
     else:
-        trainer.opt_theta.load_state_dict(state["opt_theta"])
+        trainer.optim.opt_theta.load_state_dict(state["opt_theta"])
     trainer.energy.load_state_dict(phi)
     trainer.load_state_dict(state)
     return loaded

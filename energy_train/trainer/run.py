@@ -36,7 +36,7 @@ from ..plots import plot_run, series
 from ..policies import Setup, default_energy, resolve_factory
 from ..policy import Policy
 from . import checkpoint
-from .core import Trainer, resolve_device
+from .core import Trainer
 from .feed import Feed
 from .loggers import NullLogger, open_logger
 from .metrics import check_finite_records
@@ -45,6 +45,17 @@ from .validate import check_policy, check_sizes
 
 class RunError(RuntimeError):
     pass
+
+
+def resolve_device(name: str) -> torch.device:
+    """run.device ("auto", "cpu", "cuda", "cuda:N") -> a torch.device; a clear error when CUDA
+    is asked for and absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device: {name!r} asked for, but CUDA is not available")
+    return dev
 
 
 @dataclass
@@ -404,7 +415,7 @@ def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: 
                                                      "skipped; exact only if it replays its order)")
         echo(f"resumed {run_dir} at step {step}{note}")
     if loaded is None and cfg.run.probe_every:
-        trainer.meter.add(-1, trainer.probe())  # the probe before training, logged as step -1
+        trainer.meter.add(-1, trainer.diagnostics.probe(trainer))  # before training: step -1
     logger = (open_logger(cfg.run.log, run_dir, cfg.to_dict(), trainer.step if resume else None)
               if main else NullLogger())  # W&B / TensorBoard beside metrics.jsonl (run.log)
     target = cfg.run.stop_after or cfg.run.steps

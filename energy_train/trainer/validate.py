@@ -125,7 +125,7 @@ def check_policy(trainer) -> None:
     policy, cfg = trainer.policy, trainer.cfg
     H, Da = policy.chunk_shape
     D = policy.hidden_size
-    mb = trainer.probe_batch()
+    mb = trainer.diagnostics.probe_batch(trainer)
     lay = mb.layout
     if not isinstance(lay, BatchLayout):
         raise PolicyError("Policy.layout(batch): expected an energy_train.BatchLayout(action_index, "
