@@ -253,7 +253,7 @@ def test_a_torn_metrics_line_does_not_block_a_resume(tmp_path):
 
 
 def test_one_process_per_run_directory(tmp_path):
-    from energy_train.trainer.run import RunLock
+    from energy_train.trainer.rundir import RunLock
     run = tmp_path / "run"
     train(tiny_cfg(steps=4, stop_after=2), run, **QUIET)
     lock = RunLock(run)

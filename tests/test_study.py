@@ -17,7 +17,7 @@ from energy_train.study.analysis import find_spikes
 from energy_train.study.compare import PRESETS, parse_seeds, parse_spec
 from energy_train.trainer.checkpoint import load_checkpoint
 from energy_train.trainer.diagnostics import row_diversity
-from energy_train.trainer.run import read_metrics
+from energy_train.trainer.rundir import read_metrics
 from tests.public_models import ForkEnergy
 from trainer_helpers import TINY, make_trainer, tiny_cfg
 
@@ -79,7 +79,7 @@ def test_default_explicit_negatives_never_tie():
 
 def test_chance_comes_from_the_candidate_count(tmp_path):
     from energy_train.trainer import train
-    from energy_train.trainer.run import chance_level
+    from energy_train.trainer.summary import chance_level
     cfg = tiny_cfg(**{"energy.layer_picks": "first", "energy.own_prediction": False,
                       "probe_every": 2, "steps": 2})
     assert chance_level(cfg) == pytest.approx(1 / 4)  # expert + layer + noise + flip
