@@ -29,6 +29,7 @@ from typing import Any
 
 from .checks import check_multiple
 from .knobs import check_value, kind_of, knob, section_fields
+from .policies import options_class
 from .strategies import STRATEGIES, StrategyConfig
 
 if sys.version_info >= (3, 11):
@@ -184,12 +185,6 @@ def parse_floats(text: str) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # building a config from layers of values
 # --------------------------------------------------------------------------------------------
-def policy_options_class(name: str):
-    """The options dataclass of a policy (None: a free-form dict)."""
-    from .policies import options_class
-    return options_class(name)
-
-
 def key_map(policy_cls) -> dict[str, str]:
     """Every accepted key spelling -> "section.key"."""
     out = {}
@@ -238,7 +233,7 @@ def build(base: dict, layers: list[tuple[dict, str]]) -> TrainConfig:
         for k, v in flatten(values).items():
             if k in ("policy", "run.policy"):
                 policy_name = check_value("run.policy", str, {}, v)
-    pcls = policy_options_class(policy_name)
+    pcls = options_class(policy_name)
     keys = key_map(pcls)
     if flat.get("run.policy", policy_name) != policy_name:  # another policy: its own defaults
         flat = {k: v for k, v in flat.items() if not k.startswith("policy.")}
@@ -273,7 +268,7 @@ def resumable_keys() -> tuple[str, ...]:
 
 def canonical(values: dict[str, Any], policy: str, where: str) -> dict[str, Any]:
     """{flat or dotted key: value} -> {"section.key": checked value}."""
-    pcls = policy_options_class(policy)
+    pcls = options_class(policy)
     keys = key_map(pcls)
     out = {}
     for k, v in flatten(values).items():

@@ -54,6 +54,7 @@ from .files import atomic_write_text
 from .losses import correct_actions
 from .models import EnergyModel
 from .ops import energy_scores
+from .testing import relative_error
 
 FORMAT = "energy-train-verifier"
 FORMAT_VERSION = 1
@@ -355,8 +356,6 @@ def _embedded_spec(manifest: dict, spec: dict) -> dict:
 def _check_package(plan: _Plan, name: str, package: Path) -> None:
     """Run the compiled package at sizes other than the tracing sizes; compare with eager."""
     from torch._inductor import aoti_load_package
-
-    from .testing import relative_error
 
     runner = aoti_load_package(str(package))
     b, s, c = (plan.ranges[k] for k in ("batch", "context_len", "candidates"))

@@ -15,6 +15,7 @@ from ...losses import correct_actions
 from ...ops import build_action_index
 from ...policy import BatchLayout, Policy
 from ...tensors import gather_rows
+from .checkpoints import is_peft, oft_checkpoint_dir, save_oft_checkpoint
 from .context import (ACTION_TOKEN_BEGIN_IDX, CONTEXTS, IGNORE_INDEX, PAD_TOKEN_ID, REQUIRED,
                       OFTInputError, context_and_mask, context_layout, unwrap)
 
@@ -279,7 +280,6 @@ class OFTPolicy(Policy):
         model, and with FiLM the vision backbone."""
         if not self.save_oft:
             return
-        from .checkpoints import is_peft, oft_checkpoint_dir, save_oft_checkpoint
         adapter = {k[len("backbone."):]: v for k, v in theta.items() if k.startswith("backbone.")}
         peft_vla = self.backbone if is_peft(self.backbone) else None
         save_oft_checkpoint(oft_checkpoint_dir(run_dir, step), step, vla=peft_vla,

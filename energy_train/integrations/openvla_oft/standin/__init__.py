@@ -36,6 +36,7 @@ import torch
 
 from ....models import L1RegressionActionHead
 from ....policies import Setup
+from ..checkpoints import apply_lora
 from ..policy import OFTPolicy
 from .data import (PaddedCollatorForActionPrediction, StandinData, StandinEpisodes, action_tokens,
                    prompt_ids)
@@ -68,7 +69,6 @@ def make_standin(seed: int = 0, *, image_size: int = 16, patch_size: int = 4,
     elif weights != "fp32":
         raise ValueError(f"weights: expected 'fp32' or 'bf16', got {weights!r}")
     if lora_rank:
-        from ..checkpoints import apply_lora
         vla = apply_lora(vla, rank=lora_rank, alpha=lora_alpha or None)
     return OFTPolicy(vla, head, projector, context=context,
                      action_token_begin_idx=ACTION_TOKEN_BEGIN_IDX, pad_token_id=PAD_TOKEN_ID,
