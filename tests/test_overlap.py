@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from energy_train import losses
 from energy_train.ops import layer_actions
+from energy_train.tensors import gather_rows
 from energy_train.trainer import STRATEGIES, Trainer
 from trainer_helpers import make_trainer, same, snapshot, tiny_cfg
 
@@ -51,7 +52,7 @@ def plain_two_phase(t: Trainer, steps: int, bf16: bool = False) -> list[tuple[to
             idx = mb.layout.action_index
             with amp():
                 h = policy.forward(mb.batch)
-                rows = h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1]))
+                rows = gather_rows(h, idx)
                 pred = policy.action_head.predict_action(rows)
             loss = F.l1_loss(f32(pred), mb.expert) / n
             loss.backward()
@@ -63,7 +64,7 @@ def plain_two_phase(t: Trainer, steps: int, bf16: bool = False) -> list[tuple[to
                 hs = policy.forward(mb.batch, output_hidden_states=True).hidden_states
                 negs = layer_actions(hs, mb.layout.action_index, policy.action_head,
                                      final_norm=policy.decoder()[1])
-            ctx = f32(hs[-1].gather(1, mb.layout.context_index[:, :, None].expand(-1, -1, hs[-1].shape[-1])))
+            ctx = f32(gather_rows(hs[-1], mb.layout.context_index))
             g = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + k) * 1024 + mb.index)
             cand = losses.structured_negatives(mb.expert, negs, own_prediction=True, generator=g)
             e = losses.explicit_infonce(t.energy, ctx, mb.layout.pad_mask, mb.expert, cand,

@@ -23,6 +23,11 @@ from .context import (ACTION_TOKEN_BEGIN_IDX, CONTEXTS, IGNORE_INDEX, PAD_TOKEN_
 # --------------------------------------------------------------------------------------------
 # the policy
 # --------------------------------------------------------------------------------------------
+def _rows(flags: torch.Tensor) -> list[int]:
+    """The rows where ``flags`` (B,) bool is True, as host ints (a host read)."""
+    return flags.nonzero().flatten().tolist() if bool(flags.any()) else []
+
+
 class _LastHidden:
     """A forward hook on the LLM's final norm that keeps its output (= ``hidden_states[-1]``)
     while armed, so the forward needs no ``output_hidden_states`` tuple of L+1 states."""
@@ -258,17 +263,15 @@ class OFTPolicy(Policy):
             return  # host reads of a device batch would synchronise: the first one only
         self._checked_on_device |= on_device
         labels = batch["labels"]
-        padded = (labels >= self.pad_id).any(dim=1)
-        if bool(padded.any()):
-            rows = padded.nonzero().flatten().tolist()
+        rows = _rows((labels >= self.pad_id).any(dim=1))
+        if rows:
             raise OFTInputError(
                 f"batch['labels']: rows {rows[:8]} hold ids >= the pad id {self.pad_id}, outside "
                 f"the action-token range ({self.begin + 1}..{self.pad_id - 1}); pad labels with "
                 f"{IGNORE_INDEX} (IGNORE_INDEX), as OFT's collator does")
         counts = (labels > self.begin).sum(dim=1)
-        bad = counts != H * Da
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten().tolist()
+        rows = _rows(counts != H * Da)
+        if rows:
             raise OFTInputError(
                 f"batch['labels']: expected H*Da = {H * Da} action tokens (ids > "
                 f"{self.begin}) in every row, got {[int(counts[r]) for r in rows[:8]]} in rows "
