@@ -164,7 +164,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render(meta: dict, res: dict, runs: list[dict]) -> str:
     cfg = meta["config"]
-    run, o, e = cfg["run"], cfg["optim"], cfg["energy"]
+    o, e = cfg["optim"], cfg["energy"]
     per = res["per_spec"]
     init = meta["init"]
     start = ("the initialisation" if init is None else
@@ -237,9 +237,9 @@ def render(meta: dict, res: dict, runs: list[dict]) -> str:
     ident = res["identity"]
     lines += ["", "## Identical runs", ""]
     if ident["all"] or ident["l1"]:
-        lines += [f"- bitwise identical (L1, energy loss, rank acc) in every seed: "
+        lines += ["- bitwise identical (L1, energy loss, rank acc) in every seed: "
                   + " = ".join(f"`{s}`" for s in g) for g in ident["all"]]
-        lines += [f"- the same L1 series in every seed: " + " = ".join(f"`{s}`" for s in g)
+        lines += ["- the same L1 series in every seed: " + " = ".join(f"`{s}`" for s in g)
                   for g in ident["l1"]]
     else:
         lines.append("- none: every spec differs from every other in some seed")

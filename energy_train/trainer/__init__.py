@@ -9,7 +9,9 @@
     metrics.py      device-side metrics, phase timers, the wall clock
     validate.py     the start-up check of a policy against its data
     checkpoint.py   checkpoint files, atomic, sharded theta gathered
-    run.py          train(): a run and its directory (rundir.py), the loop, the summary
+    run.py          train(): the policy, energy model and data built and checked, the loop
+    rundir.py       the run directory: created or reopened, locked, metrics.jsonl, error.txt
+    summary.py      the summary of a finished run
     loggers.py      W&B / TensorBoard beside metrics.jsonl
 
 The strategies (energy_train/strategies.py) sit a floor below: they drive a Trainer through

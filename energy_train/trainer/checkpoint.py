@@ -249,7 +249,7 @@ def restore(trainer, run_dir: str | Path) -> Loaded:
     the parameters and keeps its ``step`` counters where they are loaded - on the GPU they would
     be read back with ``.item()`` at every optimizer step (a host sync)."""
     loaded = load_checkpoint(run_dir, map_location="cpu")
-    step, theta, phi, state = loaded.step, loaded.theta, loaded.phi, loaded.state
+    theta, phi, state = loaded.theta, loaded.phi, loaded.state
     dp = trainer.dp
     ranks = state.pop("ranks", None)
     written = 1 if ranks is None else len(ranks)

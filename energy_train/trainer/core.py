@@ -54,6 +54,9 @@ from .validate import PolicyError, decoder_of
 
 
 class Trainer:
+    """theta, phi and the blocks a step is built from (see the module docstring). ``data``: a
+    Feed, a step-indexed source or an iterable of batch dicts; ``probe``: a held-out batch."""
+
     def __init__(self, cfg: TrainConfig, policy: Policy, energy: nn.Module, data, device: torch.device,
                  *, probe: dict | None = None):
         self.cfg, self.policy, self.energy, self.device = cfg, policy, energy, device
