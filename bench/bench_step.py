@@ -36,9 +36,8 @@ import torch
 from bench.harness import Benchmark, Case, Provider
 from bench.llama_like import DecoderVLA
 from energy_train.config import default_config
-from energy_train.policies.tiny.task import TaskData
 from energy_train.models import EnergyModel, L1RegressionActionHead
-from energy_train.policies.tiny import TinyPolicy
+from energy_train.policies.tiny import TaskData, TinyPolicy
 from energy_train.telemetry import GpuTelemetry
 from energy_train.trainer import Trainer, build_trainer
 

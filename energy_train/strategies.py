@@ -35,11 +35,22 @@ from .knobs import knob
 from .tensors import index_tensor
 
 
+class Objective(Protocol):
+    """The energy side a strategy composes (energy_train.trainer.objective.EnergyObjective)."""
+
+    def context(self, fwd, detach: bool = True) -> torch.Tensor: ...  # (B, S, D)
+    def negatives(self, fwd) -> torch.Tensor | None: ...  # (L, B, H, Da) layer actions
+    def loss(self, context, mb, negs, step: int): ...  # -> losses.EnergyLoss
+    def stats(self, out) -> dict: ...
+    def weight(self, step: int) -> float: ...
+    def joint_backward(self, e_loss, l1_loss, *, detached: bool, audit: bool): ...
+
+
 class Blocks(Protocol):
     """The building blocks a strategy composes (implemented by energy_train.trainer.Trainer)."""
     device: torch.device
-    dp: object         # data-parallel hooks: .mean(tensor) (averaged over ranks)
-    objective: object  # trainer.objective.EnergyObjective: context, negatives, loss, stats, ...
+    dp: object  # data-parallel hooks: .mean(tensor) (averaged over ranks)
+    objective: Objective
 
     def accumulate(self, batch: list, sides: tuple, micro: Callable): ...  # -> metrics.Mean
     def forward_l1(self, mb, *, capture: bool = False): ...  # -> (l1, Forward)
@@ -292,6 +303,6 @@ def make_strategy(name: str, options) -> Strategy:
     return STRATEGIES[name](options)
 
 
-__all__ = ["STRATEGIES", "Strategy", "Blocks", "StrategyConfig", "make_strategy", "joint_step",
+__all__ = ["STRATEGIES", "Strategy", "Blocks", "Objective", "StrategyConfig", "make_strategy", "joint_step",
            "Joint", "TwoPhase", "SharedForward", "Alternating", "AdaptiveWeights",
            "CachedNegatives"]
