@@ -137,41 +137,14 @@ def build_trainer(cfg: TrainConfig, device: torch.device, ctx=None, *, policy=No
 
 
 def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: bool = False) -> RunResult:
+    """The loop: the resume (or the probe before training), the steps, a read-back every
+    run.log_every steps, checkpoints, then the summary."""
     trainer.clock.start()
-    cfg = trainer.cfg
     main = ctx is None or ctx.rank == 0
     if not main:
         echo = lambda *a, **k: None  # noqa: E731 - rank 0 speaks for the run
-    metrics_path = run_dir / "metrics.jsonl"
-    loaded = None
-    if resume:
-        try:
-            loaded = checkpoint.restore(trainer, run_dir)  # every rank
-        except checkpoint.CheckpointError as e:
-            if any((run_dir / "checkpoints").glob("step_*")):
-                raise  # checkpoints exist but none is intact: never start over silently
-            # the run died before its first checkpoint: nothing to lose, start it over
-            echo(f"{e}; the run died before its first checkpoint: starting it over from step 0 "
-                 "with its saved config")
-        trainer.dp.barrier()  # every rank has read the files before rank 0 rewrites any
-    step = 0 if loaded is None else loaded.step
-    if resume:
-        for why in (loaded.skipped if loaded is not None else []):
-            echo(f"warning: skipped a newer checkpoint: {why}")
-        if cfg.run.stop_after and cfg.run.stop_after <= step and not keep_stop:
-            # the saved stop point is reached: a plain --resume continues to run.steps (else it
-            # would stop at once and suggest the same --resume again)
-            cfg = trainer.cfg = cfg.with_values({"run.stop_after": 0}, "--resume")
-        if main:
-            (run_dir / "complete.json").unlink(missing_ok=True)
-            retire_error(run_dir)
-            atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-            moved = keep_metrics_before(run_dir, step if loaded is not None else -1)
-            if moved:
-                echo(f"moved {moved} metrics row(s) after step {step} to metrics.discarded.jsonl")
-        note = "" if trainer.feed.exact_resume else (" (iterable data: the consumed batches are "
-                                                     "skipped; exact only if it replays its order)")
-        echo(f"resumed {run_dir} at step {step}{note}")
+    loaded = _resume(trainer, run_dir, echo, main, keep_stop) if resume else None
+    cfg = trainer.cfg
     if loaded is None and cfg.run.probe_every:
         trainer.meter.add(-1, trainer.diagnostics.probe(trainer))  # before training: step -1
     logger = (open_logger(cfg.run.log, run_dir, cfg.to_dict(), trainer.step if resume else None)
@@ -187,7 +160,7 @@ def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: 
         if trainer.step % cfg.run.log_every == 0 or trainer.step == target or ckpt_due:
             records = trainer.flush()  # under torchrun: a collective (mean over ranks)
             if main:
-                append_metrics(metrics_path, records)
+                append_metrics(run_dir / "metrics.jsonl", records)
                 logger.log(records)
             check_finite_records(records)
             last = {k: v for r in records for k, v in r.items() if k in ("l1", "energy_loss", "rank_acc")}
@@ -202,8 +175,45 @@ def _train(trainer: Trainer, run_dir: Path, resume: bool, echo, ctx, keep_stop: 
         echo(f"stopped after step {trainer.step} of {cfg.run.steps} (checkpointed); continue with "
              f"`energy-train train --resume --out {run_dir}`")
         return RunResult(run_dir, False, None, trainer)
-    if not main:
-        return RunResult(run_dir, True, None, trainer)
+    return _finish(trainer, run_dir, echo) if main else RunResult(run_dir, True, None, trainer)
+
+
+def _resume(trainer: Trainer, run_dir: Path, echo, main: bool, keep_stop: bool):
+    """--resume: the newest intact checkpoint loaded on every rank (None: the run died before
+    its first one and starts over); on rank 0 the directory made consistent with it."""
+    loaded = None
+    try:
+        loaded = checkpoint.restore(trainer, run_dir)  # every rank
+    except checkpoint.CheckpointError as e:
+        if any((run_dir / "checkpoints").glob("step_*")):
+            raise  # checkpoints exist but none is intact: never start over silently
+        # the run died before its first checkpoint: nothing to lose, start it over
+        echo(f"{e}; the run died before its first checkpoint: starting it over from step 0 "
+             "with its saved config")
+    trainer.dp.barrier()  # every rank has read the files before rank 0 rewrites any
+    step, cfg = (0 if loaded is None else loaded.step), trainer.cfg
+    for why in (loaded.skipped if loaded is not None else []):
+        echo(f"warning: skipped a newer checkpoint: {why}")
+    if cfg.run.stop_after and cfg.run.stop_after <= step and not keep_stop:
+        # the saved stop point is reached: a plain --resume continues to run.steps (else it
+        # would stop at once and suggest the same --resume again)
+        cfg = trainer.cfg = cfg.with_values({"run.stop_after": 0}, "--resume")
+    if main:
+        (run_dir / "complete.json").unlink(missing_ok=True)
+        retire_error(run_dir)
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        moved = keep_metrics_before(run_dir, step if loaded is not None else -1)
+        if moved:
+            echo(f"moved {moved} metrics row(s) after step {step} to metrics.discarded.jsonl")
+    note = "" if trainer.feed.exact_resume else (" (iterable data: the consumed batches are "
+                                                 "skipped; exact only if it replays its order)")
+    echo(f"resumed {run_dir} at step {step}{note}")
+    return loaded
+
+
+def _finish(trainer: Trainer, run_dir: Path, echo) -> RunResult:
+    """A finished run (rank 0): the summary, the curves, complete.json last."""
+    cfg = trainer.cfg
     records = read_metrics(run_dir)
     summary = summarize(cfg, records, trainer.clock.seconds())
     plot_run(records, run_dir / "curves.png",
