@@ -14,7 +14,7 @@ Backbones (cases):
 - tiny: the embedded default (TinyVLA d=64, 4 layers, batch 16, T=79);
 - oftstandin: ``--policy oft-standin``, the OpenVLA-OFT stand-in with OFT's LoRA (r=16) on a
   frozen random base (a Llama d=64, 2 layers, two 3-block ViTs per image, 2 images + proprio:
-  T = 104-106), batch 16 (energy_train/integrations/openvla_oft/standin.py);
+  T = 104-106), batch 16 (energy_train/integrations/openvla_oft/standin/);
 - llama1b (GPU only): a Llama-style decoder, hidden 2048, 16 layers, 32 heads / 8 KV heads,
   FFN 8192 (~1.0B parameters), T=591 (529 patches), B=8, bf16, random weights (bench/llama_like.py);
 - prodhead (GPU only): the production action head (D=4096, H*Da=56, hidden 4096, ~151M
@@ -36,9 +36,8 @@ import torch
 from bench.harness import Benchmark, Case, Provider
 from bench.llama_like import DecoderVLA
 from energy_train.config import default_config
-from energy_train.data import TaskData
 from energy_train.models import EnergyModel, L1RegressionActionHead
-from energy_train.policies.tiny import TinyPolicy
+from energy_train.policies.tiny import TaskData, TinyPolicy
 from energy_train.telemetry import GpuTelemetry
 from energy_train.trainer import Trainer, build_trainer
 

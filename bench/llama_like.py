@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from energy_train.models.tiny_vla import Embed, Layout, TinyVLAOutput
+from energy_train.policies.tiny.model import Embed, Layout, TinyVLAOutput
 
 
 class RMSNorm(nn.Module):

@@ -37,6 +37,8 @@ from typing import Hashable, Sequence
 import torch
 from torch import nn
 
+from .tensors import gather_rows
+
 NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
 
 
@@ -150,9 +152,9 @@ class HiddenStateCapture:
         if a.out.action_rows is None:
             self._allocate(a, h)
         with torch.no_grad():
-            _gather_rows(h, a.index, a.out.action_rows[i])
+            gather_rows(h, a.index, a.out.action_rows[i])
             if i == self.num_states - 1:
-                _gather_rows(h, a.context_index, a.out.context)
+                gather_rows(h, a.context_index, a.out.context)
         a.fired.append(i)
 
     def _allocate(self, a: _Armed, h: torch.Tensor) -> None:
@@ -209,21 +211,10 @@ def _context_index(context_index, action_index: torch.Tensor) -> torch.Tensor:
     return torch.arange(int(context_index), device=action_index.device).expand(B, int(context_index))
 
 
-def _gather_rows(h: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-    """out (B, N, D) <- h[b, index[b, n]] (cast to out's dtype where the state's differs)."""
-    idx = index[:, :, None].expand(-1, -1, h.shape[-1])
-    if h.dtype == out.dtype:
-        torch.gather(h, 1, idx, out=out)
-    else:
-        out.copy_(torch.gather(h, 1, idx))
-
-
 def gather_hidden_states(hidden_states: Sequence[torch.Tensor], action_index: torch.Tensor,
                          context_index: torch.Tensor | int) -> CapturedStates:
     """The ``output_hidden_states`` path: the same rows taken from L+1 full (B, T, D) states."""
     cidx = _context_index(context_index, action_index)
     with torch.no_grad():
-        rows = torch.stack([h.gather(1, action_index[:, :, None].expand(-1, -1, h.shape[-1]))
-                            for h in hidden_states])
-        last = hidden_states[-1]
-        return CapturedStates(rows, last.gather(1, cidx[:, :, None].expand(-1, -1, last.shape[-1])))
+        rows = torch.stack([gather_rows(h, action_index) for h in hidden_states])
+        return CapturedStates(rows, gather_rows(hidden_states[-1], cidx))

@@ -88,10 +88,10 @@ def _train(args) -> int:
 
 
 def _compare(args) -> int:
-    from .trainer.compare import PRESETS, PRETRAIN_STEPS, STUDY, compare, default_jobs, parse_seeds
+    from .study.compare import PRESETS, PRETRAIN_STEPS, STUDY, compare, default_jobs, parse_seeds
 
     if args.report_only:
-        from .trainer.compare import report_again
+        from .study.compare import report_again
         report_again(args.out, args.k)
         return 0
     preset = PRESETS[args.preset]

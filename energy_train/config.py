@@ -6,53 +6,46 @@ Sections (TOML tables; ``--set section.key=value``)::
     [run]       what to train and how long: policy, strategy, steps, batch, device, precision, ...
     [optim]     theta's and phi's AdamW, schedules, clipping
     [energy]    the energy model and its loss
-    [strategy]  per-strategy knobs
+    [strategy]  every strategy's options (declared beside it: energy_train/strategies.py)
     [dist]      several processes (torchrun)
     [policy]    the options of the policy named by run.policy (e.g. the tiny VLA's sizes)
 
-Every key is declared once, with its type and range (:func:`knob`); a value is checked where
-it enters (TOML, ``--set``, flags, ``compare`` specs), before a run directory exists, and the
-error names the key: ``optim.lr: expected a number >= 0, got -0.1``. Unknown keys are errors
-that suggest the closest known key. The flat keys of earlier versions (``lr``, ``d_model``,
-``energy_hidden``, ...) are mapped to their section (:data:`FLAT`); they keep working.
+Every key is declared once, with its type and range (:func:`~energy_train.knobs.knob`); a
+value is checked where it enters (TOML, ``--set``, flags, ``compare`` specs), before a run
+directory exists, and the error names the key: ``optim.lr: expected a number >= 0, got
+-0.1``. Unknown keys are errors that suggest the closest known key. The flat keys of earlier
+versions (``lr``, ``d_model``, ``energy_hidden``, ...) are mapped to their section
+(:data:`FLAT`); they keep working.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
-import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .checks import check_multiple
+from .knobs import check_value, kind_of, knob, section_fields
+from .policies import options_class
+from .strategies import STRATEGIES, StrategyConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-STRATEGIES = ("joint", "two_phase", "shared_forward", "alternating", "adaptive_weights",
-              "cached_negatives")
 ENERGY_LOSSES = ("swap", "explicit", "margin")
 PICKS = r"\s*((first|middle|last|-?\d+)\s*(,\s*(first|middle|last|-?\d+)\s*)*)?"
 FLOATS = r"\s*((\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*(,\s*(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*)*)?"
 
 
-def knob(default, *, ge=None, gt=None, le=None, choices=None, resumable: bool = False,
-         pattern: str | None = None, what: str | None = None):
-    """A config key: its default, its range (``ge``/``gt``/``le``, ``choices``, a regex
-    ``pattern`` for strings, described by ``what``) and whether ``--resume`` may change it."""
-    return field(default=default, metadata=dict(ge=ge, gt=gt, le=le, choices=choices,
-                                                resumable=resumable, pattern=pattern, what=what))
-
-
 @dataclass
 class RunConfig:
     policy: str = knob("tiny", what="a registered policy name or module:factory")
-    strategy: str = knob("two_phase", choices=STRATEGIES)
+    strategy: str = knob("two_phase", choices=tuple(STRATEGIES))
     steps: int = knob(800, ge=1, resumable=True)          # optimizer steps (the schedules' length)
     stop_after: int = knob(0, ge=0, resumable=True)       # stop (checkpointed) after this step; 0 = off
     batch_size: int = knob(16, ge=1)                      # the GLOBAL batch (split over ranks)
@@ -129,15 +122,6 @@ class EnergyConfig:
 
 
 @dataclass
-class StrategyConfig:
-    detach_context: bool = knob(True)    # joint: False = the leaky diagnostic variant
-    phase2_every: int = knob(1, ge=1)    # two_phase: phase 2 on every k-th step (its batch)
-    alternate_every: int = knob(10, ge=1)  # alternating: N theta steps, then N phi steps
-    cache_refresh: int = knob(64, ge=1)    # cached_negatives: refresh an entry after K steps
-    adaptive_window: int = knob(10, ge=2)  # adaptive_weights: losses in the variance window
-
-
-@dataclass
 class DistConfig:
     global_negatives: bool = knob(True)  # swap InfoNCE against the expert chunks of EVERY rank
     fsdp: bool = knob(False)             # shard the policy's decoder layers with FSDP2
@@ -186,13 +170,7 @@ class TrainConfig:
                 raise ValueError(f"energy.loss={self.energy.loss!r}: every kind of negative is off "
                                  "(energy.layer_picks, own_prediction, noise_sigma, amplitudes, "
                                  "sign_flip)")
-        if self.run.strategy == "cached_negatives" and not self.energy.theta_negatives():
-            raise ValueError(
-                "run.strategy: cached_negatives caches the negatives made from the policy's "
-                "weights (energy.layer_picks, energy.own_prediction of the explicit or margin "
-                f"loss), got energy.loss={self.energy.loss!r}, energy.layer_picks="
-                f"{self.energy.layer_picks!r}, energy.own_prediction={self.energy.own_prediction}:"
-                " none to cache")
+        STRATEGIES[self.run.strategy].check(self)
         check = getattr(self.policy, "validate", None)
         if check is not None:
             check(self)
@@ -205,87 +183,8 @@ def parse_floats(text: str) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------
-# one value
-# --------------------------------------------------------------------------------------------
-def _describe(kind, meta) -> str:
-    if meta.get("what"):
-        return meta["what"]
-    if meta.get("choices"):
-        return f"one of {tuple(meta['choices'])}"
-    base = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}[kind]
-    bounds = [f">= {meta['ge']}" if meta.get("ge") is not None else None,
-              f"> {meta['gt']}" if meta.get("gt") is not None else None,
-              f"<= {meta['le']}" if meta.get("le") is not None else None]
-    return " ".join([base, " and ".join(b for b in bounds if b)]).strip()
-
-
-def check_value(key: str, kind: type, meta: dict, value: Any) -> Any:
-    """The value coerced to ``kind`` (strings from the CLI parse) and range-checked; a
-    ValueError ``key: expected ..., got ...`` otherwise."""
-    def bad():
-        extra = ""
-        if meta.get("choices") and isinstance(value, str):
-            close = difflib.get_close_matches(value, meta["choices"], n=1)
-            extra = f" (did you mean {close[0]!r}?)" if close else ""
-        return ValueError(f"{key}: expected {_describe(kind, meta)}, got {value!r}{extra}")
-
-    if kind is bool:
-        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-            return False
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if kind in (int, float):
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, str):
-            try:
-                value = float(value.strip()) if kind is float else int(value.strip())
-            except ValueError:
-                raise bad() from None
-        if not isinstance(value, (int, float)) or value != value or value in (float("inf"), -float("inf")):
-            raise bad()
-        if kind is int:
-            if value != int(value):
-                raise bad()
-            value = int(value)
-        else:
-            value = float(value)
-        if ((meta.get("ge") is not None and value < meta["ge"]) or
-                (meta.get("gt") is not None and value <= meta["gt"]) or
-                (meta.get("le") is not None and value > meta["le"]) or
-                (meta.get("choices") and value not in meta["choices"])):
-            raise bad()
-        return value
-    if not isinstance(value, str):
-        raise bad()
-    if meta.get("choices") and value not in meta["choices"]:
-        raise bad()
-    if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
-        raise bad()
-    return value
-
-
-def _kind(f) -> type:
-    return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str)
-                                                                   else f.type.__name__]
-
-
-def section_fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in fields(cls)}
-
-
-# --------------------------------------------------------------------------------------------
 # building a config from layers of values
 # --------------------------------------------------------------------------------------------
-def policy_options_class(name: str):
-    """The options dataclass of a policy (None: a free-form dict)."""
-    from .policies import options_class
-    return options_class(name)
-
-
 def key_map(policy_cls) -> dict[str, str]:
     """Every accepted key spelling -> "section.key"."""
     out = {}
@@ -334,7 +233,7 @@ def build(base: dict, layers: list[tuple[dict, str]]) -> TrainConfig:
         for k, v in flatten(values).items():
             if k in ("policy", "run.policy"):
                 policy_name = check_value("run.policy", str, {}, v)
-    pcls = policy_options_class(policy_name)
+    pcls = options_class(policy_name)
     keys = key_map(pcls)
     if flat.get("run.policy", policy_name) != policy_name:  # another policy: its own defaults
         flat = {k: v for k, v in flat.items() if not k.startswith("policy.")}
@@ -359,7 +258,7 @@ def _check(key: str, value, pcls):
     if cls is None:  # a free-form policy section: passed through as given
         return value
     f = section_fields(cls)[name]
-    return check_value(key, _kind(f), dict(f.metadata), value)
+    return check_value(key, kind_of(f), dict(f.metadata), value)
 
 
 def resumable_keys() -> tuple[str, ...]:
@@ -369,7 +268,7 @@ def resumable_keys() -> tuple[str, ...]:
 
 def canonical(values: dict[str, Any], policy: str, where: str) -> dict[str, Any]:
     """{flat or dotted key: value} -> {"section.key": checked value}."""
-    pcls = policy_options_class(policy)
+    pcls = options_class(policy)
     keys = key_map(pcls)
     out = {}
     for k, v in flatten(values).items():

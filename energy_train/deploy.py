@@ -50,9 +50,11 @@ from typing import Sequence
 
 import torch
 
+from .files import atomic_write_text
 from .losses import correct_actions
 from .models import EnergyModel
 from .ops import energy_scores
+from .testing import relative_error
 
 FORMAT = "energy-train-verifier"
 FORMAT_VERSION = 1
@@ -340,9 +342,7 @@ def export_verifier(energy_model: EnergyModel, *, path: str | Path,
         shutil.rmtree(tmp_dir, ignore_errors=True)
     manifest["files"] = {spec["file"]: sha256_file(out / spec["file"])
                          for spec in manifest["functions"].values()}
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return out / "manifest.json"
 
 
@@ -356,8 +356,6 @@ def _embedded_spec(manifest: dict, spec: dict) -> dict:
 def _check_package(plan: _Plan, name: str, package: Path) -> None:
     """Run the compiled package at sizes other than the tracing sizes; compare with eager."""
     from torch._inductor import aoti_load_package
-
-    from .testing import relative_error
 
     runner = aoti_load_package(str(package))
     b, s, c = (plan.ranges[k] for k in ("batch", "context_len", "candidates"))

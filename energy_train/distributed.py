@@ -340,7 +340,6 @@ def shard_backbone(policy) -> None:
 def distribute(trainer, ctx: Context):
     """Install the data-parallel hooks on a freshly built trainer (before any step)."""
     cfg = trainer.cfg
-    trainer.dp = Parallel(ctx, trainer.policy, trainer.energy, fsdp=cfg.dist.fsdp,
-                          find_unused_parameters=cfg.dist.find_unused_parameters)
-    trainer.meter.reduce = trainer.dp.mean  # metrics: mean over ranks, once per read-back
+    trainer.use_parallel(Parallel(ctx, trainer.policy, trainer.energy, fsdp=cfg.dist.fsdp,
+                                  find_unused_parameters=cfg.dist.find_unused_parameters))
     return trainer

@@ -10,6 +10,9 @@ tensors, plus non-tensor fields that are passed through)::
     expert(batch)   -> (B, H, Da)  the expert action chunk (the L1 target, the positive)
     decoder()       -> (layers, final norm), for hook capture, the logit lens and FSDP
 
+and, with defaults, ``predict_action(rows)`` (the head on one set of action rows) and
+``layer_actions(rows, final_norm)`` (the head on every layer's action rows: the negatives).
+
 A plain Hugging Face decoder needs about 30 lines (see the README, "Bring your own policy").
 The trainer calls ``forward`` with or without grad and under autocast as configured; every
 tensor of the batch is already on the device. Nothing in these methods may synchronise with
@@ -28,6 +31,8 @@ import torch
 from torch import nn
 
 from .capture import find_decoder
+from .models import L1RegressionActionHead
+from .ops import layer_actions
 
 
 @dataclass
@@ -88,6 +93,24 @@ class Policy(abc.ABC):
     def predict_action(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, H*Da, D) action rows -> (B, H, Da)."""
         return self.action_head.predict_action(rows)
+
+    def layer_actions(self, rows: Sequence[torch.Tensor],
+                      final_norm: nn.Module | None = None) -> torch.Tensor:
+        """The head on every layer's action rows, the embeddings (entry 0) skipped: L+1 tensors
+        (B, H*Da, D) -> (L, B, H, Da). ``final_norm`` (the logit lens): applied to every layer
+        but the last (which the backbone has normalised). The trainer calls it under no_grad
+        and the policy's autocast. Default: this package's head runs the fused op
+        (:func:`energy_train.ops.layer_actions`, all layers in one pass); any other head runs
+        ``predict_action`` once on the layers stacked along the batch. Override it to give
+        another head a faster path."""
+        if isinstance(self.action_head, L1RegressionActionHead):
+            return layer_actions(list(rows), None, self.action_head, final_norm=final_norm)
+        picked = [(final_norm(r) if final_norm is not None and i < len(rows) - 1 else r)
+                  for i, r in enumerate(rows) if i > 0]
+        stacked = torch.stack(picked)
+        L, B = stacked.shape[:2]
+        out = self.predict_action(stacked.reshape(L * B, *stacked.shape[2:]))
+        return out.reshape(L, B, *out.shape[1:])
 
     def check_batch(self, batch: dict) -> None:
         """Optional: check a batch as the data gives it, before the trainer moves it to the

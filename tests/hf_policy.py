@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from energy_train import BatchLayout, Policy, build_action_index
-from energy_train.config import knob
-from energy_train.data import generate_scenes
+from energy_train.knobs import knob
 from energy_train.models import L1RegressionActionHead
+from energy_train.policies.tiny.task import generate_scenes
 from energy_train.policy import prefix_context
 
 VOCAB, ACTION_BEGIN, ACTION_ID, PAD_ID = 64, 40, 41, 63

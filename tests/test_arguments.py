@@ -10,7 +10,8 @@ from energy_train import (EnergyModel, L1RegressionActionHead, build_action_inde
                           correct_actions, energy_scores, explicit_infonce, layer_actions,
                           margin_ranking, structured_negatives, swap_infonce)
 from energy_train.losses import infonce_from_energies
-from energy_train.models import MLPResNet, TinyVLA, load_oft_state_dict
+from energy_train.models import MLPResNet, load_oft_state_dict
+from energy_train.policies.tiny import TinyVLA
 
 B, S, D, H, Da, HID, HEADS = 2, 7, 8, 2, 3, 8, 2
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels under the interpreter

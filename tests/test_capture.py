@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 from bench.llama_like import DecoderVLA, LlamaLikeModel
 from energy_train.capture import HiddenStateCapture, find_decoder, gather_hidden_states
-from energy_train.models import TinyVLA
+from energy_train.policies.tiny import TinyVLA
 from energy_train.ops import build_action_index
 from trainer_helpers import make_trainer, same, snapshot, tiny_cfg
 
@@ -144,7 +144,7 @@ def test_llama_like_decoder_found_and_bitwise():
 def test_trainer_hooks_equal_hidden_states_path_on_a_decoder_vla():
     """The Trainer on a Llama-style VLA (hooks found by find_decoder) trains bitwise like the
     output_hidden_states path."""
-    from energy_train.data import TaskData
+    from energy_train.policies.tiny.task import TaskData
     from energy_train.models import EnergyModel, L1RegressionActionHead
     from energy_train.policies.tiny import TinyPolicy
 

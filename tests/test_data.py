@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from energy_train.data import COLOURS, PAD, VOCAB, TaskData, generate_scenes, scripted_expert
-from energy_train.models import L1RegressionActionHead, TinyVLA
-from energy_train.policies.tiny import TinyPolicy
+from energy_train.models import L1RegressionActionHead
+from energy_train.policies.tiny import TinyPolicy, TinyVLA
+from energy_train.policies.tiny.task import (COLOURS, PAD, VOCAB, TaskData, generate_scenes,
+                                             scripted_expert)
 
 
 def test_scenes_are_deterministic_per_seed():

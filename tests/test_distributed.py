@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from energy_train import distributed
-from energy_train.data import TaskData
+from energy_train.policies.tiny.task import TaskData
 from energy_train.trainer import read_metrics
 from trainer_helpers import TINY, grads, make_trainer, tiny_cfg
 

@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from energy_train import files
 from energy_train.cli import main
 from energy_train.config import default_config
 from energy_train.trainer import CheckpointError, RunError, is_complete, read_metrics, train
@@ -116,7 +117,8 @@ class Crash(BaseException):
 
 def crash_at(monkeypatch, k: int) -> list:
     """Make the k-th filesystem action of a save (a file written, an fsync of a directory, a
-    rename, a removal, latest.json written) crash; returns the call log."""
+    rename, a removal, latest.json written - energy_train.files and the os/shutil calls of
+    the checkpoint module) crash; returns the call log."""
     calls = []
 
     def wrap(name, fn):
@@ -127,9 +129,9 @@ def crash_at(monkeypatch, k: int) -> list:
             return fn(*a, **kw)
         return inner
 
-    monkeypatch.setattr(ck, "_write", wrap("write", ck._write))
-    monkeypatch.setattr(ck, "_fsync_dir", wrap("fsync_dir", ck._fsync_dir))
-    monkeypatch.setattr(ck, "atomic_write_text", wrap("latest", ck.atomic_write_text))
+    monkeypatch.setattr(files, "write_synced", wrap("write", files.write_synced))
+    monkeypatch.setattr(files, "fsync_dir", wrap("fsync_dir", files.fsync_dir))
+    monkeypatch.setattr(files, "atomic_write_text", wrap("latest", files.atomic_write_text))
     monkeypatch.setattr(ck.os, "replace", wrap("replace", os.replace))
     monkeypatch.setattr(ck.shutil, "rmtree", wrap("rmtree", shutil.rmtree))
     return calls
@@ -188,13 +190,13 @@ def test_resume_after_a_crash_inside_a_periodic_save_is_exact(tmp_path, monkeypa
                 return real_replace(src, dst)
             m.setattr(ck.os, "replace", replace)
         else:
-            real = ck.atomic_write_text
+            real = files.atomic_write_text
 
             def write(path, text):
                 if str(path).endswith("latest.json") and "step_0000004" in text:
                     raise Crash("killed while writing latest.json")
                 return real(path, text)
-            m.setattr(ck, "atomic_write_text", write)
+            m.setattr(files, "atomic_write_text", write)
         with pytest.raises(Crash):
             train(cfg, run, **QUIET)
     assert not is_complete(run)
@@ -251,7 +253,7 @@ def test_a_torn_metrics_line_does_not_block_a_resume(tmp_path):
 
 
 def test_one_process_per_run_directory(tmp_path):
-    from energy_train.trainer.run import RunLock
+    from energy_train.trainer.rundir import RunLock
     run = tmp_path / "run"
     train(tiny_cfg(steps=4, stop_after=2), run, **QUIET)
     lock = RunLock(run)
@@ -265,19 +267,19 @@ def test_one_process_per_run_directory(tmp_path):
 
 def test_disk_full_is_a_clear_error_and_leaves_nothing_in_the_way(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real = ck._write
+    real = files.write_synced
 
     def full(path, data):
         if "state.pt" in str(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, data)
 
-    monkeypatch.setattr(ck, "_write", full)
+    monkeypatch.setattr(files, "write_synced", full)
     with pytest.raises(CheckpointError, match=r"cannot write .*state.pt \(No space left on device\)"):
         train(tiny_cfg(steps=2), run, **QUIET)
     assert "No space left" in (run / "error.txt").read_text()
     assert not list((run / "checkpoints").glob(".tmp*"))
-    monkeypatch.setattr(ck, "_write", real)
+    monkeypatch.setattr(files, "write_synced", real)
     assert train(tiny_cfg(steps=2), run, resume=True, **QUIET).complete  # the way out
 
 

@@ -10,6 +10,7 @@ from energy_train import L1RegressionActionHead, build_action_index, layer_actio
 from energy_train.kernels._utils import POISON_ENV
 from energy_train.kernels.layer_actions import layer_actions_reference, layer_actions_triton
 from energy_train.models import action_head_weights
+from energy_train.tensors import gather_rows
 from energy_train.testing import assert_close
 
 F64 = torch.float64
@@ -92,7 +93,7 @@ def test_layer_actions_triton_pregathered_final_norm_and_fallbacks():
     head = _head(D, hidden, Da, H, "relu", 3, torch.float32)
     idx = build_action_index(num_tokens=H * Da, mask=mask)
     # 1. rows already gathered (action_index=None)
-    rows = [h.gather(1, idx[:, :, None].expand(-1, -1, D)) for h in hs]
+    rows = [gather_rows(h, idx) for h in hs]
     ref, _ = _oracle(hs, idx, head, None)
     assert_close("pregathered", ref, layer_actions(rows, None, head, backend="triton"))
     # 2. logit-lens final norm (every selected layer but the last is normalised)

@@ -10,6 +10,7 @@ from energy_train import (EnergyModel, L1RegressionActionHead, build_action_inde
                           energy_scores, layer_actions, swap_infonce)
 from energy_train.kernels.energy import energy_attention_reference
 from energy_train.kernels.energy.launch import attention_bwd, attention_fwd
+from energy_train.tensors import gather_rows
 from energy_train.testing import assert_close
 
 B, S, D, C, H, Da, HID, HEADS = 3, 23, 12, 4, 3, 5, 24, 3
@@ -137,8 +138,7 @@ def test_bad_action_index_reads_zeros_not_other_samples(d):
     # the documented result: those action rows are zeros
     good = idx.clamp(0, T - 1)
     ok = (idx >= 0) & (idx < T)
-    rows = torch.stack([h.gather(1, good[:, :, None].expand(-1, -1, d)).masked_fill(~ok[..., None], 0)
-                        for h in hs])
+    rows = torch.stack([gather_rows(h, good).masked_fill(~ok[..., None], 0) for h in hs])
     want = head.predict_action(rows.reshape(L * b, H * Da, d)).reshape(L, b, H, Da)
     assert_close("zero rows", want[:, keep], out[:, keep], torch.float32)
     with pytest.raises(ValueError, match=r"action_index: positions must lie in \[0, 17\)"):

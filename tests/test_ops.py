@@ -7,6 +7,7 @@ from bench.baselines import (public_layer_actions_loop, replicated_energy_scores
 from energy_train import (EnergyModel, L1RegressionActionHead, build_action_index,
                           correct_actions, energy_scores, explicit_infonce, layer_actions,
                           margin_ranking, ranking_accuracy, structured_negatives, swap_infonce)
+from energy_train.tensors import gather_rows
 from energy_train.testing import assert_close
 
 F64 = torch.float64
@@ -46,7 +47,7 @@ def test_layer_actions_runs_without_grad_and_on_pregathered_rows():
     hs, mask, _ = _oft_batch()
     head = L1RegressionActionHead(10, 9, 5, 3).double()
     idx = build_action_index(num_tokens=15, mask=mask)
-    rows = [h.gather(1, idx[:, :, None].expand(-1, -1, 10)) for h in hs]
+    rows = [gather_rows(h, idx) for h in hs]
     a = layer_actions(hs, idx, head)
     b = layer_actions(rows, None, head)
     assert not a.requires_grad

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from energy_train import losses
 from energy_train.ops import layer_actions
+from energy_train.tensors import gather_rows
 from energy_train.trainer import STRATEGIES, Trainer
 from trainer_helpers import make_trainer, same, snapshot, tiny_cfg
 
@@ -51,19 +52,19 @@ def plain_two_phase(t: Trainer, steps: int, bf16: bool = False) -> list[tuple[to
             idx = mb.layout.action_index
             with amp():
                 h = policy.forward(mb.batch)
-                rows = h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1]))
+                rows = gather_rows(h, idx)
                 pred = policy.action_head.predict_action(rows)
             loss = F.l1_loss(f32(pred), mb.expert) / n
             loss.backward()
             l1_sum = l1_sum + loss.detach()
-        t.opt_theta.step()
-        t.opt_theta.zero_grad(set_to_none=True)
+        t.optim.opt_theta.step()
+        t.optim.opt_theta.zero_grad(set_to_none=True)
         for mb in batch:  # phase 2: no-grad forward with theta_k+1, negatives, phi step
             with torch.no_grad(), amp():
                 hs = policy.forward(mb.batch, output_hidden_states=True).hidden_states
                 negs = layer_actions(hs, mb.layout.action_index, policy.action_head,
                                      final_norm=policy.decoder()[1])
-            ctx = f32(hs[-1].gather(1, mb.layout.context_index[:, :, None].expand(-1, -1, hs[-1].shape[-1])))
+            ctx = f32(gather_rows(hs[-1], mb.layout.context_index))
             g = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + k) * 1024 + mb.index)
             cand = losses.structured_negatives(mb.expert, negs, own_prediction=True, generator=g)
             e = losses.explicit_infonce(t.energy, ctx, mb.layout.pad_mask, mb.expert, cand,
@@ -71,10 +72,10 @@ def plain_two_phase(t: Trainer, steps: int, bf16: bool = False) -> list[tuple[to
             (e.loss / n).backward()
             e_sum = e_sum + e.loss.detach() / n
         torch.nn.utils.clip_grad_norm_(t.phi, cfg.optim.energy_grad_clip)
-        t.opt_phi.step()
-        t.opt_phi.zero_grad(set_to_none=True)
-        t.sched_theta.step()
-        t.sched_phi.step()
+        t.optim.opt_phi.step()
+        t.optim.opt_phi.zero_grad(set_to_none=True)
+        t.optim.sched_theta.step()
+        t.optim.sched_phi.step()
         out.append((l1_sum, e_sum))
     return out
 
@@ -202,7 +203,7 @@ def test_forbid_host_sync_catches_each_pattern():
 def test_forbid_host_sync_sees_a_sync_smuggled_into_a_step():
     t = make_trainer(tiny_cfg(strategy="two_phase"))
     t.feed.batch(0)  # the epoch's host permutation
-    t.energy_weight = lambda: float(torch.ones(()))  # a host read inside phase 2
+    t.objective.weight = lambda step: float(torch.ones(()))  # a host read inside phase 2
     with forbid_host_sync(allow=_host_state(t)), pytest.raises(HostSyncError, match="__float__"):
         t.train_step()
 
@@ -221,7 +222,7 @@ def _host_state(t: Trainer):
 
     def allow(x):
         return any(x is h for h in host) or any(
-            x is st.get("step") for opt in (t.opt_theta, t.opt_phi) for st in opt.state.values())
+            x is st.get("step") for opt in (t.optim.opt_theta, t.optim.opt_phi) for st in opt.state.values())
     return allow
 
 

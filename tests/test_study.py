@@ -13,11 +13,11 @@ import torch
 from energy_train import EnergyModel, losses
 from energy_train.cli import main
 from energy_train.ops import energy_scores
+from energy_train.study.analysis import find_spikes
+from energy_train.study.compare import PRESETS, parse_seeds, parse_spec
 from energy_train.trainer.checkpoint import load_checkpoint
-from energy_train.trainer.compare import PRESETS, parse_seeds, parse_spec
-from energy_train.trainer.core import row_diversity
-from energy_train.trainer.report import find_spikes
-from energy_train.trainer.run import read_metrics
+from energy_train.trainer.diagnostics import row_diversity
+from energy_train.trainer.rundir import read_metrics
 from tests.public_models import ForkEnergy
 from trainer_helpers import TINY, make_trainer, tiny_cfg
 
@@ -60,7 +60,7 @@ def _candidate_energies(t):
     mb = t.batch(0)[0]
     fwd = t.observe(mb, reuse=False)
     with torch.no_grad():
-        return t._energy_loss(t.context(fwd), mb, t.negatives(fwd))
+        return t.objective.evaluate(t.objective.context(fwd), mb, t.objective.negatives(fwd), t.step)
 
 
 def test_default_explicit_negatives_never_tie():
@@ -79,7 +79,7 @@ def test_default_explicit_negatives_never_tie():
 
 def test_chance_comes_from_the_candidate_count(tmp_path):
     from energy_train.trainer import train
-    from energy_train.trainer.run import chance_level
+    from energy_train.trainer.summary import chance_level
     cfg = tiny_cfg(**{"energy.layer_picks": "first", "energy.own_prediction": False,
                       "probe_every": 2, "steps": 2})
     assert chance_level(cfg) == pytest.approx(1 / 4)  # expert + layer + noise + flip
@@ -228,15 +228,15 @@ def test_lag_effect_equals_a_manual_recomputation():
     m = t.train_step()
     mb = t.batch(0)[0]
     with torch.no_grad():
-        ctx1, negs1 = t._lag_inputs(mb)
-        l_new = t._energy_loss(ctx1, mb, negs1).loss
-        live = t.policy
-        t.policy = ref
+        ctx1, negs1 = t.diagnostics.lag_inputs(t, mb)
+        l_new = t.objective.evaluate(ctx1, mb, negs1, t.step).loss
+        live = t.policy  # theta_0's forward and head: where the trainer and its objective hold it
+        t.policy = t.objective.policy = ref
         try:
-            ctx0, negs0 = t._lag_inputs(mb)
+            ctx0, negs0 = t.diagnostics.lag_inputs(t, mb)
         finally:
-            t.policy = live
-        l_old = t._energy_loss(ctx0, mb, negs0).loss
+            t.policy = t.objective.policy = live
+        l_old = t.objective.evaluate(ctx0, mb, negs0, t.step).loss
     assert m["lag_theta"].item() == pytest.approx((l_new - l_old).abs().item(), rel=1e-6, abs=1e-9)
 
 
@@ -248,7 +248,7 @@ def test_whole_hidden_state_context_and_bf16_weights():
     with torch.no_grad():
         T = t.policy.forward(mb.batch).shape[1]  # every row of the last hidden state
     assert T > mb.layout.context_index.shape[1]
-    assert t.context(fwd).shape[:2] == (mb.size, T) and t.pad_mask(mb) is None
+    assert t.objective.context(fwd).shape[:2] == (mb.size, T) and t.objective.pad_mask(mb) is None
     for _ in range(3):
         m = t.train_step()
     assert torch.isfinite(m["energy_loss"]) and torch.isfinite(m["l1"])
@@ -369,7 +369,7 @@ def test_compare_bad_input_is_a_clear_error(tmp_path, capsys):
 def test_fork_preset_runs_and_diverged_runs_are_recorded(tmp_path, monkeypatch):
     """The fork preset's settings reach the runs; a run that hits a non-finite loss is recorded
     as diverged and the study goes on."""
-    from energy_train.trainer import compare as cmp
+    from energy_train.study import compare as cmp
     cfgs = []
     real = cmp.train
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from energy_train.models import ActionRowCapture, TinyVLA
 from energy_train.ops import build_action_index, layer_actions
+from energy_train.policies.tiny import ActionRowCapture, TinyVLA
 from energy_train.trainer import STRATEGIES, Trainer
 from trainer_helpers import deepcopy_policy, grads, make_trainer, same, snapshot, tiny_cfg
 
@@ -16,7 +16,8 @@ IDS = [s if not kw else "joint-leaky" for s, kw in VARIANTS]
 
 def _spy(trainer: Trainer, log: dict):
     """Wrap the blocks that belong to the energy side and record what they did to theta."""
-    step_phi, phase_phi, energy_backward = trainer.step_phi, trainer.phase_phi, trainer.energy_backward
+    step_phi, phase_phi = trainer.step_phi, trainer.phase_phi
+    energy_backward = trainer.objective.backward
 
     def spy_step_phi():
         theta, phi = snapshot(trainer.theta), snapshot(trainer.phi)
@@ -25,9 +26,9 @@ def _spy(trainer: Trainer, log: dict):
         log["phi_changed"].append(not same(phi, snapshot(trainer.phi)))
         return out
 
-    def spy_phase_phi(batch):
+    def spy_phase_phi(batch, **kw):
         theta = snapshot(trainer.theta)
-        out = phase_phi(batch)
+        out = phase_phi(batch, **kw)
         log["phase_phi_theta_same"].append(same(theta, snapshot(trainer.theta)))
         return out
 
@@ -42,8 +43,8 @@ def _spy(trainer: Trainer, log: dict):
             log["audit"].append(float(out))
         return out
 
-    trainer.step_phi, trainer.phase_phi, trainer.energy_backward = (
-        spy_step_phi, spy_phase_phi, spy_energy_backward)
+    trainer.step_phi, trainer.phase_phi = spy_step_phi, spy_phase_phi
+    trainer.objective.backward = spy_energy_backward
 
 
 @pytest.mark.parametrize("strategy,kw", VARIANTS, ids=IDS)
@@ -79,13 +80,13 @@ def test_two_phase_negatives_come_from_updated_theta():
     t = make_trainer(tiny_cfg(strategy="two_phase"))
     t.train_step()
     old = deepcopy_policy(t)  # theta_k
-    seen, negatives = [], t.negatives
+    seen, negatives = [], t.objective.negatives
 
     def spy(fwd):
         seen.append((fwd, negatives(fwd)))
         return seen[-1][1]
 
-    t.negatives = spy
+    t.objective.negatives = spy
     t.train_step()
     ((fwd, negs),) = seen
     mb = fwd.mb

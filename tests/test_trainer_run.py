@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from energy_train.data import TaskData
+from energy_train.policies.tiny.task import TaskData
 from energy_train.trainer import CheckpointError, RunError, is_complete, read_metrics, train
 from energy_train.trainer import checkpoint as ck
 from energy_train.trainer.checkpoint import load_checkpoint
@@ -133,7 +133,7 @@ def test_resume_on_cuda(tmp_path):
     # (on the GPU, non-capturable AdamW reads each one back with .item() on every step)
     t = make_trainer(tiny_cfg(**kw))
     ck.restore(t, tmp_path / "half")
-    for opt in (t.opt_theta, t.opt_phi):
+    for opt in (t.optim.opt_theta, t.optim.opt_phi):
         assert all(s["step"].device.type == "cpu" for s in opt.state.values())
     t.train_step()  # warm-up (lazy allocations)
     torch.cuda.set_sync_debug_mode("error")

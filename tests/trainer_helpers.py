@@ -34,14 +34,14 @@ def grads(params):
 
 
 def spy_isolation(t: Trainer) -> list[bool]:
-    """Wrap ``t.phase_phi``, ``t.step_phi`` and ``t.energy_backward``: each call appends to the
+    """Wrap ``t.phase_phi``, ``t.step_phi`` and ``t.objective.backward``: each call appends to the
     returned list whether it left theta (resp. theta's gradients) bitwise unchanged."""
     seen: list[bool] = []
-    phase_phi, step_phi, energy_backward = t.phase_phi, t.step_phi, t.energy_backward
+    phase_phi, step_phi, energy_backward = t.phase_phi, t.step_phi, t.objective.backward
 
-    def spy_phase_phi(batch):
+    def spy_phase_phi(batch, **kw):
         before = snapshot(t.theta)
-        out = phase_phi(batch)
+        out = phase_phi(batch, **kw)
         seen.append(same(before, snapshot(t.theta)))
         return out
 
@@ -58,7 +58,7 @@ def spy_isolation(t: Trainer) -> list[bool]:
                         for a, b in zip(before, grads(t.theta))))
         return out
 
-    t.phase_phi, t.step_phi, t.energy_backward = spy_phase_phi, spy_step_phi, spy_backward
+    t.phase_phi, t.step_phi, t.objective.backward = spy_phase_phi, spy_step_phi, spy_backward
     return seen
 
 

@@ -1,4 +1,6 @@
-"""Models: OFT's action head, the energy fork's energy model (state_dict-compatible)."""
+"""The package's models: OFT's action head and the energy fork's energy model (state_dict-
+compatible), their MLPResNet, and the walker to the tensors the ops take. A policy's own
+backbone lives with its policy (``energy_train/policies/<name>/``)."""
 from .action_head import L1RegressionActionHead, load_oft_state_dict, strip_module_prefix
 from .energy import EnergyModel, PositionalEncoding, output_transform
 from .mlp import MLPResNet, MLPResNetBlock
@@ -7,6 +9,3 @@ from .weights import action_head_weights, energy_weights, mlp_resnet_weights
 __all__ = ["MLPResNetBlock", "MLPResNet", "L1RegressionActionHead", "EnergyModel",
            "PositionalEncoding", "output_transform", "load_oft_state_dict", "strip_module_prefix",
            "mlp_resnet_weights", "action_head_weights", "energy_weights"]
-from .tiny_vla import ActionRowCapture, CapturedStates, Layout, TinyVLA, TinyVLAOutput  # noqa: E402
-
-__all__ += ["TinyVLA", "TinyVLAOutput", "ActionRowCapture", "CapturedStates", "Layout"]

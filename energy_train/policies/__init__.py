@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..models import EnergyModel
 from ..policy import Policy
 
 REGISTRY = {
@@ -89,7 +90,6 @@ def available() -> Iterable[str]:
 
 def default_energy(cfg, policy: Policy, device: torch.device) -> nn.Module:
     """The energy model of the [energy] section for the policy's hidden size and action dim."""
-    from ..models import EnergyModel
     _, Da = policy.chunk_shape
     return EnergyModel(policy.hidden_size, Da, hidden=cfg.energy.hidden, heads=cfg.energy.heads,
                        output=cfg.energy.output,

@@ -1,5 +1,5 @@
 """Checkpoint I/O, all of it: what is saved and under which names, gathering shards and
-per-rank state, and the atomic files.
+per-rank state (the files are written by :mod:`energy_train.files`).
 
 - ``theta.safetensors``: theta's TRAINABLE tensors only (a frozen base is never written),
   named ``backbone.<name>``, ``action_head.<name>``, ``extras.<key>.<name>`` - the module's own
@@ -35,39 +35,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _write(path: Path, data: bytes) -> str:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest()
+from .. import files
 
 
 class CheckpointError(RuntimeError):
@@ -106,19 +74,20 @@ def save_checkpoint(run_dir: str | Path, step: int, theta: dict[str, torch.Tenso
         buf = io.BytesIO()
         torch.save(state, buf)
         digests = {
-            "theta.safetensors": _write(tmp / "theta.safetensors", st_save(
+            "theta.safetensors": files.write_synced(tmp / "theta.safetensors", st_save(
                 {k: v.detach().contiguous().cpu() for k, v in theta.items()})),
-            "phi.safetensors": _write(tmp / "phi.safetensors", st_save(
+            "phi.safetensors": files.write_synced(tmp / "phi.safetensors", st_save(
                 {k: v.detach().contiguous().cpu() for k, v in phi.items()})),
-            "state.pt": _write(tmp / "state.pt", buf.getvalue()),
+            "state.pt": files.write_synced(tmp / "state.pt", buf.getvalue()),
         }
-        _write(tmp / "meta.json", json.dumps({"step": step, "sha256": digests}, indent=1).encode())
-        _fsync_dir(tmp)
+        files.write_synced(tmp / "meta.json",
+                           json.dumps({"step": step, "sha256": digests}, indent=1).encode())
+        files.fsync_dir(tmp)
         os.replace(tmp, root / name)  # a fresh name: atomic, replaces nothing
         tmp = None
-        _fsync_dir(root)
+        files.fsync_dir(root)
         history = [d for d in _pointer(root).get("history", []) if (root / d).is_dir()] + [name]
-        atomic_write_text(root / "latest.json",
+        files.atomic_write_text(root / "latest.json",
                           json.dumps({"step": step, "dir": name, "history": history[-keep:]}))
     except OSError as e:
         if tmp is not None:
@@ -255,7 +224,7 @@ def payload(trainer):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_optimizer_state_dict)
         state["opt_theta"] = get_optimizer_state_dict(
-            trainer.policy.root(), trainer.opt_theta,
+            trainer.policy.root(), trainer.optim.opt_theta,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dp.active:
         ranks = dp.gather_object(_cpu({"rng": state["rng"], "strategy": state["strategy"]}))
@@ -280,7 +249,7 @@ def restore(trainer, run_dir: str | Path) -> Loaded:
     the parameters and keeps its ``step`` counters where they are loaded - on the GPU they would
     be read back with ``.item()`` at every optimizer step (a host sync)."""
     loaded = load_checkpoint(run_dir, map_location="cpu")
-    step, theta, phi, state = loaded.step, loaded.theta, loaded.phi, loaded.state
+    theta, phi, state = loaded.theta, loaded.phi, loaded.state
     dp = trainer.dp
     ranks = state.pop("ranks", None)
     written = 1 if ranks is None else len(ranks)
@@ -293,10 +262,10 @@ def restore(trainer, run_dir: str | Path) -> Loaded:
     if dp.fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_optimizer_state_dict)
-        set_optimizer_state_dict(trainer.policy.root(), trainer.opt_theta, state["opt_theta"],
+        set_optimizer_state_dict(trainer.policy.root(), trainer.optim.opt_theta, state["opt_theta"],
                                  options=StateDictOptions(full_state_dict=True))
     else:
-        trainer.opt_theta.load_state_dict(state["opt_theta"])
+        trainer.optim.opt_theta.load_state_dict(state["opt_theta"])
     trainer.energy.load_state_dict(phi)
     trainer.load_state_dict(state)
     return loaded

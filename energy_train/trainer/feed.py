@@ -13,7 +13,7 @@ Two kinds of data:
 A micro-batch becomes a :class:`Micro`: its tensors on the device (non_blocking; CPU tensors
 are pinned first, so the copy is asynchronous), its layout and expert chunk computed once,
 and the sample ids (``batch["ids"]``, read on the host BEFORE the move) for the strategies
-that key state by sample.
+that key state by sample. A policy forward of it is a :class:`Forward`.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..capture import CapturedStates
 from ..policy import BatchLayout, Policy
 from .validate import PolicyError
 
@@ -49,6 +50,14 @@ class Micro:
         yield from (v for v in self.batch.values() if isinstance(v, torch.Tensor))
         yield from (self.layout.action_index, self.layout.context_index, self.layout.pad_mask,
                     self.expert)
+
+
+@dataclass
+class Forward:
+    """One policy forward of a micro-batch."""
+    mb: Micro
+    last_hidden: torch.Tensor | None  # (B, T, D); carries the graph when run with grad
+    captured: CapturedStates | None   # action rows (L+1, B, H*Da, D) + context (B, S, D), detached
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

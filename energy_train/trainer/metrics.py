@@ -1,8 +1,9 @@
-"""Device-side metrics and phase timers: nothing here synchronises inside a step.
+"""Device-side metrics, phase timers and the run's wall clock: nothing here synchronises
+inside a step.
 
-A step's metrics are 0-d device tensors; :class:`Meter` keeps them and ``flush()`` stacks
-every value of the interval and reads them back in ONE transfer (the only host sync, once per
-log interval). Phase times use CUDA events on a GPU, recorded on the CURRENT stream (phase 2
+A step's metrics are 0-d device tensors, meant over its micro-batches by :class:`Mean`;
+:class:`Meter` keeps them and ``flush()`` stacks every value of the interval and reads them
+back in ONE transfer (the only host sync, once per log interval). Phase times use CUDA events on a GPU, recorded on the CURRENT stream (phase 2
 on the side stream when the phases overlap) and resolved at flush time, and
 ``time.perf_counter`` on the CPU (where the work is synchronous anyway).
 """
@@ -13,6 +14,34 @@ import math
 import time
 
 import torch
+
+
+class Mean:
+    """A step's metrics: ``add`` means over the n micro-batches (device tensors), ``set`` once."""
+
+    def __init__(self, n: int):
+        self.n, self.values = n, {}
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            v = v.detach() if isinstance(v, torch.Tensor) else v
+            self.values[k] = self.values.get(k, 0.0) + v / self.n
+
+    def set(self, **values) -> None:
+        self.values.update(values)
+
+
+class WallClock:
+    """Wall seconds of a run over all its parts: a resumed run continues the count."""
+
+    def __init__(self):
+        self.offset, self._t0 = 0.0, None
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.offset + (0.0 if self._t0 is None else time.perf_counter() - self._t0)
 
 
 class PhaseTimer:

@@ -10,6 +10,7 @@ import torch
 
 from ..capture import NORM_NAMES, layer_output
 from ..policy import BatchLayout
+from ..tensors import gather_rows
 
 
 class PolicyError(ValueError):
@@ -124,7 +125,7 @@ def check_policy(trainer) -> None:
     policy, cfg = trainer.policy, trainer.cfg
     H, Da = policy.chunk_shape
     D = policy.hidden_size
-    mb = trainer.probe_batch()
+    mb = trainer.diagnostics.probe_batch(trainer)
     lay = mb.layout
     if not isinstance(lay, BatchLayout):
         raise PolicyError("Policy.layout(batch): expected an energy_train.BatchLayout(action_index, "
@@ -151,7 +152,7 @@ def check_policy(trainer) -> None:
         T = h.shape[1]
         _positions("Policy.layout(batch).action_index", lay.action_index, T)
         _positions("Policy.layout(batch).context_index", lay.context_index, T)
-        rows = h.gather(1, lay.action_index[:, :, None].expand(-1, -1, D))
+        rows = gather_rows(h, lay.action_index)
         try:
             pred = policy.predict_action(rows)
         except Exception as e:

@@ -1,7 +1,9 @@
 """OpenVLA-OFT integration: train an energy verifier beside an OFT policy with the trainer.
 
     OFTPolicy              OFT's VLA + L1 head + proprio projector behind the Policy interface
-    context_layout / context_and_mask   the ONE context function (training and test time)
+                           (policy.py)
+    context_layout / context_and_mask   the ONE context function (training and test time;
+                           context.py, with OFT's token constants)
     prepare_inference, OFTPolicy.act / .correct, rerank   test-time correction and reranking
     apply_lora             OFT's LoraConfig (peft; r, alpha = min(r, 16), all-linear, dropout 0)
     save_oft_checkpoint / load_oft_checkpoint   OFT's checkpoint file layout
@@ -15,9 +17,10 @@ import importlib
 
 from .checkpoints import (apply_lora, load_oft_checkpoint, oft_checkpoint_dir,
                           save_oft_checkpoint)
-from .policy import (ACTION_TOKEN_BEGIN_IDX, CONTEXTS, EMPTY_TOKEN_ID, IGNORE_INDEX, PAD_TOKEN_ID,
-                     STOP_INDEX, OFTInputError, OFTPolicy, context_and_mask, context_layout,
-                     prepare_inference, rerank, unwrap)
+from .context import (ACTION_TOKEN_BEGIN_IDX, CONTEXTS, EMPTY_TOKEN_ID, IGNORE_INDEX,
+                      PAD_TOKEN_ID, STOP_INDEX, OFTInputError, context_and_mask, context_layout,
+                      prepare_inference, rerank, unwrap)
+from .policy import OFTPolicy
 
 
 def __getattr__(name: str):

@@ -1,7 +1,7 @@
 """``energy-train train --policy oft-standin``: its ``[policy]`` options and its factory.
 
 This module imports no transformers (the config reads a policy's options class while it
-parses); the factory imports the stand-in (energy_train/integrations/openvla_oft/standin.py)
+parses); the factory imports the stand-in (energy_train/integrations/openvla_oft/standin/)
 when it runs.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from ...checks import check_multiple
-from ...config import knob
+from ...knobs import knob
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The embedded default as a policy: the tiny VLA (energy_train/models/tiny_vla.py) with OFT's
-L1 action head, on the procedural task (energy_train/data.py). ``--policy tiny``.
+"""The embedded default as a policy: the tiny VLA (``model.py``) with OFT's L1 action head, on
+the procedural task (``task.py``). ``--policy tiny``.
 
 Its ``[policy]`` section (:class:`TinyOptions`) holds the task's and the models' sizes.
 """
@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_multiple
-from ..config import knob
-from ..data import PAD, TaskData
-from ..models import EnergyModel, L1RegressionActionHead, TinyVLA
-from ..ops import build_action_index
-from ..policy import BatchLayout, Policy, prefix_context
-from . import Setup
+from ...checks import check_multiple
+from ...knobs import knob
+from ...models import EnergyModel, L1RegressionActionHead
+from ...ops import build_action_index
+from ...policy import BatchLayout, Policy, prefix_context
+from .. import Setup
+from .model import TinyVLA
+from .task import PAD, TaskData
 
 
 @dataclass

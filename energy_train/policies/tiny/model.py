@@ -1,4 +1,4 @@
-"""A tiny VLA for the embedded default: image patches + proprio + instruction + H*Da action
+"""The tiny VLA of the embedded default: image patches + proprio + instruction + H*Da action
 placeholders + a stop token through a small pre-LN transformer.
 
 Token layout (fixed per model, see :class:`Layout`)::
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import CapturedStates, HiddenStateCapture  # noqa: F401 (re-exported)
-from ..checks import check_int, check_multiple, check_tensor
+from ...capture import HiddenStateCapture
+from ...checks import check_int, check_multiple, check_tensor
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Layout of ``--out``::
     pretrain/              the run that trains theta first (--pretrain-steps; skipped with
                            --init-from), an ordinary run directory
     seed<S>/<label>/       one ordinary run directory per seed and spec
-    report.md|png|json     the study (energy_train.trainer.report)
+    report.md|png|json     the study (analysis.py: its numbers, report.py: its markdown)
 
 ``--init-from RUN_DIR`` starts every run from that run's latest checkpoint: theta always,
 phi too with ``--init-phi``; so "frozen" means a trained backbone, as in the public fork's
@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig, build
-from ..plots import plot_compare
+from ..files import atomic_write_text
 from ..policies import default_energy, resolve_factory
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_theta_state
-from .core import resolve_device
-from .report import analyse, parse_spec, render, study
-from .run import read_metrics, train
+from ..trainer import read_metrics, resolve_device, train
+from ..trainer.checkpoint import CheckpointError, load_checkpoint, load_theta_state
+from .analysis import analyse, parse_spec, study
+from .plots import plot_compare
+from .report import conclude, render
 
 STRATEGY_SPECS = ("joint", "joint:detach_context=false", "two_phase", "shared_forward",
                   "alternating", "adaptive_weights", "cached_negatives",
@@ -203,6 +204,7 @@ def write_report(out: Path, meta: dict, runs: list[dict], k: float, echo=print) 
     runs = [{**r, "records": read_metrics(out / r["dir"])} for r in runs]
     runs = [{**r, **analyse(r["records"], k)} for r in runs]
     result = study(runs, k)
+    result["conclusion"] = conclude(result)
     plot_compare(runs, result, out / "report.png", title=meta["title"])
     report = render({**meta, "k": k}, result, runs)
     atomic_write_text(out / "report.md", report)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ...tensors import index_tensor
+
 PAD, STOP = 0, 1
 WORDS = ["<pad>", "<stop>", "pick", "up", "the", "grasp", "block", "move", "to", "reach"]
 COLOURS = {  # name -> RGB
@@ -173,15 +175,6 @@ class TaskData:
 
     def _make(self, src, ids_host: list[int]) -> dict:
         ids = torch.tensor(ids_host, dtype=torch.int64)
-        dev = to_device(ids_host, self.device)
+        dev = index_tensor(ids_host, self.device)
         return {"images": src["images"][dev], "proprio": src["proprio"][dev],
                 "tokens": src["tokens"][dev], "actions": src["expert"][dev], "ids": ids}
-
-
-def to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """int64 host values -> device tensor without a host sync: on CUDA through pinned memory
-    and a non_blocking copy (a non_blocking copy from pageable memory is not asynchronous)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
