@@ -213,5 +213,5 @@ def energy_scores_triton(w: EnergyWeights, context: torch.Tensor,
     q = ln_linear_autograd(a, W[:E], b[:E], input_precision=prec).reshape(Bq, C * H, E)
     z = energy_attention(q, kv, pad_mask, heads, prec)                      # (B, C*H, E)
     z = ln_linear_autograd(z, w.out_proj_weight, w.out_proj_bias, input_precision=prec)
-    raw = mlp_resnet(z, w.head, prec).reshape(B, C, H).mean(dim=-1)
-    return output_transform(raw, w.output)
+    raw = mlp_resnet(z, w.head, prec).reshape(B, C, H)                      # per step
+    return output_transform(raw, w.output).mean(dim=-1)                    # transform, then mean
