@@ -397,9 +397,14 @@ class Trainer:
         return norm
 
     def step_phi(self) -> torch.Tensor | None:
-        """Optimizer step on phi, its grad norm clipped to optim.energy_grad_clip."""
+        """Optimizer step on phi, its grad norm clipped to optim.energy_grad_clip; during the
+        first optim.energy_skip_steps steps no step: the grads are dropped (the fork's
+        energy_warm_steps)."""
         from ..grads import clip_grad_norm
         norm = clip_grad_norm(self.phi, self.cfg.optim.energy_grad_clip)
+        if self.step < self.cfg.optim.energy_skip_steps:
+            self.opt_phi.zero_grad(set_to_none=True)
+            return norm
         self.opt_phi.step()
         self.opt_phi.zero_grad(set_to_none=True)
         return norm
