@@ -322,3 +322,26 @@ def test_version_names_and_errors():
     # a DDP prefix and a file path are accepted
     sd = {f"module.{k}": v for k, v in fork_model("d88aa38").state_dict().items()}
     assert load_fork_energy(sd, "0d94f80", heads=HEADS).fork_version == "d88aa38"
+
+
+@pytest.mark.parametrize("version", ["e161e36", "0872bb8"], ids=["final", "gate_a"])
+def test_oft_layout_energy_files_load_both_ways(version, tmp_path):
+    """load_oft_checkpoint(energy=...) reads the fork's energy_model--N_checkpoint.pt strictly
+    (the fork saves its plain state_dict), and the file save_oft_checkpoint writes loads into
+    the fork's class strictly."""
+    from energy_train.integrations.openvla_oft import load_oft_checkpoint, save_oft_checkpoint
+    fork = fork_model(version)
+    (tmp_path / "fork").mkdir()
+    torch.save(fork.state_dict(), tmp_path / "fork" / "energy_model--20_checkpoint.pt")
+    model = EnergyModel(D, DA, hidden=HID, heads=HEADS, fork_version=version).double().eval()
+    load_oft_checkpoint(tmp_path / "fork", energy=model)
+    ctx, a, pad = inputs(4)
+    with torch.no_grad():
+        assert_close("fork file -> package", fork(ctx, a, pad), model(ctx, a, pad), F64, tol=1e-10)
+    d = save_oft_checkpoint(tmp_path / "pkg", 30, energy=model)
+    back = ForkEnergyModel(D, DA, HID, HEADS, gate_a=version in GATED,
+                           forward=FORWARDS[version]).double().eval()
+    back.load_state_dict(torch.load(d / "energy_model--30_checkpoint.pt", weights_only=True),
+                         strict=True)
+    with torch.no_grad():
+        assert_close("package file -> fork", fork(ctx, a, pad), back(ctx, a, pad), F64, tol=0)
