@@ -33,6 +33,11 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   # headers for the C++ runtime (CMakeLists.txt); without them its tests are skipped
   "$VENV/bin/python" -m pip install -q --timeout 5 --retries 0 "nlohmann-json>=3.11" 2>/dev/null \
     || echo "setup: nlohmann-json not installed (no registry?): the C++ runtime will not build"
+  if [ -n "$PINS" ]; then  # the pinned stack over the system's, where a registry answers
+    "$VENV/bin/python" -m pip install -q --timeout 5 --retries 0 -c "$PINS" transformers peft \
+      tokenizers huggingface-hub 2>/dev/null \
+      || echo "setup: $PINS not installed (no registry?): $VENV has the system's transformers and peft"
+  fi
 else
   "$PY" -m venv "$VENV"
   if [ "$LOCK" = none ]; then
