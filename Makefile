@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-latest lock bench resources gpu-check runtime runtime-test clean
+.PHONY: setup train test test-latest lock bench resources gpu-check runtime runtime-test clean \
+	setup-oft test-oft
 
 $(STAMP): pyproject.toml scripts/setup.sh requirements/lock.txt
 	VENV=$(VENV) bash scripts/setup.sh
@@ -20,6 +21,22 @@ train: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 	  $(PY) -m pytest -q $$($(PY) -c "import xdist; print('-n 2 --dist loadfile')" 2>/dev/null)
+
+# OpenVLA-OFT's own stack (requirements/oft-pins.txt: transformers 4.40.1, peft 0.11.1,
+# tokenizers 0.19.1; the rest from the lock) in $(VENV_OFT), and the OFT integration tests
+# there. CI (.ci/run) runs them after `make test`, which runs them on the lock's stack.
+VENV_OFT ?= .venv-oft
+OFT_TESTS ?= tests/test_oft.py tests/test_oft_stack.py tests/test_fork_energy.py
+$(VENV_OFT)/.installed: pyproject.toml scripts/setup.sh requirements/lock.txt requirements/oft-pins.txt
+	VENV=$(VENV_OFT) PINS=requirements/oft-pins.txt bash scripts/setup.sh
+	touch $@
+
+setup-oft: $(VENV_OFT)/.installed
+
+test-oft: $(VENV_OFT)/.installed
+	$(VENV_OFT)/bin/python -c "import transformers, peft, tokenizers; print('OFT pins stack: transformers', transformers.__version__, 'peft', peft.__version__, 'tokenizers', tokenizers.__version__)"
+	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(VENV_OFT)/bin/python -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
+	  $(VENV_OFT)/bin/python -m pytest -q $(OFT_TESTS) $$($(VENV_OFT)/bin/python -c "import xdist; print('-n 2 --dist loadfile')" 2>/dev/null)
 
 # The lock (requirements/lock.txt, what CI tests): `make lock` builds .venv-latest with the newest
 # releases, runs the whole suite there and, only if it passes, rewrites the lock from it;
@@ -60,4 +77,4 @@ runtime-test: $(STAMP)
 	$(PY) -m pytest -q tests/test_runtime.py
 
 clean:
-	rm -rf $(VENV) .venv-latest build *.egg-info
+	rm -rf $(VENV) $(VENV_OFT) .venv-latest build *.egg-info

@@ -74,6 +74,9 @@ class OptimConfig:
     energy_lr: float = knob(1e-3, ge=0.0)                 # phi: the energy model
     energy_weight_decay: float = knob(0.0, ge=0.0)
     energy_grad_clip: float = knob(1.0, ge=0.0)           # the public fork's value; 0 = off
+    # phi's optimizer step is skipped (its grads dropped) for the first N optimizer steps: the
+    # fork's energy_warm_steps (energy.warmup_steps is another thing: a loss-weight ramp)
+    energy_skip_steps: int = knob(0, ge=0)
     warmup_steps: int = knob(20, ge=0)                    # linear LR warm-up (both optimizers)
     schedule: str = knob("cosine", choices=("cosine", "constant"))
     min_lr_ratio: float = knob(0.1, ge=0.0, le=1.0)       # cosine floor, a fraction of lr
@@ -87,6 +90,7 @@ class EnergyConfig:
     loss: str = knob("swap", choices=ENERGY_LOSSES)       # swap | explicit | margin
     tau: float = knob(0.5, gt=0.0)                        # InfoNCE temperature
     warmup_steps: int = knob(0, ge=0)                     # energy-loss weight ramps 0 -> 1
+                                                          # (phi still steps: optim.energy_skip_steps skips)
     logit_lens: bool = knob(True)                         # final norm on intermediate layers' rows
     # fp32 as the public fork runs it now; bf16 = autocast; bf16_weights = the model cast to
     # bf16 (the fork's first recipe: AdamW then updates bf16 weights)

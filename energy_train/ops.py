@@ -228,15 +228,23 @@ def energy_scores(energy_model: EnergyModel, context: torch.Tensor, pad_mask: to
     pad_mask (B, S) bool, True = ignore that key. A sample with every key masked attends to
     nothing (its attention output is zero); ``validate=True`` raises instead, and also checks
     context and candidates for NaN/inf (these value checks synchronise with the host).
-    A model with ``action_residual=True`` runs eagerly (the fused kernels lack that term).
+    A model with ``action_residual=True`` or a historic ``fork_version`` (one whose forward
+    pools or transforms otherwise than the final fork's) runs eagerly: the fused kernels
+    compute only the standard model.
     """
     check_energy_inputs(energy_model, context, pad_mask, candidates, validate)
-    w = energy_weights(energy_model)
-    if w.gate_a is not None:
-        # the fused kernels have no action-residual term (z + gate_a * encoded action): such a
-        # model runs its reference under "auto"; an explicit "triton" is an error
+    if not energy_model.fused:
+        # the fused kernels have no action-residual term (z + gate_a * encoded action) and only
+        # the per-step transform: such a model runs its eager maths under "auto"; an explicit
+        # "triton" is an error
         if backend == "triton":
-            raise NotImplementedError("energy_scores: backend='triton' does not implement "
-                                      "EnergyModel(action_residual=True); use 'auto' or 'eager'")
+            what = ("EnergyModel(action_residual=True)" if energy_model.action_residual else
+                    f"EnergyModel(fork_version={energy_model.fork_version!r})")
+            raise NotImplementedError(f"energy_scores: backend='triton' does not implement "
+                                      f"{what}; use 'auto' or 'eager'")
+        resolve_backend("energy", backend, context.device)  # a bad name is still an error
+        if not energy_model.action_residual:
+            return energy_model.score(context, pad_mask, candidates)
         backend = "eager"
+    w = energy_weights(energy_model)
     return _path("energy", backend, context.device)(w, context, pad_mask, candidates)

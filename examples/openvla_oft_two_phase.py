@@ -29,16 +29,34 @@ Flag by flag against finetune.py:
                                                  schedule is constant (or --schedule cosine)
     max_steps, save_freq                         run.steps, run.ckpt_every
     use_lora, lora_rank, lora_dropout            apply_lora: OFT's LoraConfig (all-linear, alpha = min(r, 16))
-    resume, resume_step                          start from an OFT checkpoint directory (--vla_path:
-                                                 its merged model; adapter, head, projector loaded
-                                                 from it). --resume_run continues an interrupted
-                                                 energy-train run (optimizers, step, energy model)
+    resume, resume_step                          start from an OFT checkpoint directory, as OFT
+                                                 resumes: --vla_path = the directory, its MERGED
+                                                 model + a fresh zero-effect LoRA (OFT's way); or
+                                                 with --resume_base_vla BASE: the base model + the
+                                                 directory's lora_adapter/ (the same adapter trains
+                                                 on). Never the adapter on the merged model. Head,
+                                                 projector (+ FiLM backbone) from the directory.
+                                                 --resume_run continues an interrupted energy-train
+                                                 run (optimizers, step, energy model)
     wandb_entity, wandb_project                  run.log = "wandb" (WANDB_ENTITY / WANDB_PROJECT)
     use_l1_regression                            always (the energy phase reads the L1 head's rows)
     use_diffusion, merge_lora_during_training    not supported / merge offline with OFT's
                                                  merge_lora_weights_and_save.py
-    (new) strategy, energy_learning_rate,        run.strategy, optim.energy_lr, energy.warmup_steps,
-    energy_warm_steps, energy_loss, context      energy.loss, OFTPolicy(context=...)
+    energy_learning_rate, energy_warm_steps      the energy fork's flags: optim.energy_lr, and phi's
+                                                 optimizer step SKIPPED for the first
+                                                 energy_warm_steps micro-batches, as the fork does
+                                                 (optim.energy_skip_steps = energy_warm_steps //
+                                                 grad_accumulation_steps optimizer steps)
+    (new) strategy, energy_loss, context,        run.strategy, energy.loss, OFTPolicy(context=...),
+    energy_output, energy_loss_warmup_steps      energy.output (default the fork's bounded
+                                                 sigmoid(0.5 x) * 2 + 0.1, per step), energy.
+                                                 warmup_steps (a 0 -> 1 ramp of the energy loss's
+                                                 weight: phi still steps)
+
+The energy model is the fork's final EnergyModel(llm_dim, 7) (hidden 512, 8 heads, its bounded
+output per step, fp32, its own AdamW, grads clipped to 1.0): an energy_model--N_checkpoint.pt
+written here loads into the fork's class, and the fork's into ``EnergyModel(D, 7,
+fork_version="final")`` (``energy_train.models.load_fork_energy`` for every fork version).
 """
 from __future__ import annotations
 
@@ -51,7 +69,8 @@ import torch
 
 import energy_train as et
 from energy_train.config import default_config
-from energy_train.integrations.openvla_oft import OFTPolicy, apply_lora, load_oft_checkpoint
+from energy_train.integrations.openvla_oft import (OFTPolicy, apply_lora, load_oft_checkpoint,
+                                                   resume_vla)
 
 
 def flag(v: str) -> bool:
@@ -85,15 +104,23 @@ def parse(argv=None) -> argparse.Namespace:
     a("--use_lora", type=flag, default=True)
     a("--lora_rank", type=int, default=None, help="default 32 (16 with --standin)")
     a("--lora_dropout", type=float, default=0.0)
-    a("--resume", type=flag, default=False, help="start from the OFT checkpoint at --vla_path")
+    a("--resume", type=flag, default=False, help="start from the OFT checkpoint directory at "
+      "--vla_path (its merged model + a fresh LoRA, as OFT resumes)")
     a("--resume_step", type=int, default=None)
+    a("--resume_base_vla", default=None, help="with --resume: the base model the checkpoint's "
+      "lora_adapter/ was trained on; the adapter goes on it (no merged model needed)")
     a("--run_id_note", default=None)
     a("--wandb_entity", default=None)
     a("--wandb_project", default=None)
     # the energy phase
     a("--strategy", default="two_phase", choices=["two_phase", "shared_forward", "joint"])
     a("--energy_learning_rate", type=float, default=5e-4)
-    a("--energy_warm_steps", type=int, default=0)
+    a("--energy_warm_steps", type=int, default=0, help="the fork's: no energy optimizer step "
+      "for the first N micro-batches")
+    a("--energy_loss_warmup_steps", type=int, default=0, help="ramp the energy loss's weight "
+      "0 -> 1 over N steps (phi still steps)")
+    a("--energy_output", default="sigmoid", choices=["sigmoid", "unbounded", "softplus"],
+      help="the energy's output transform, per step (default: the fork's bounded one)")
     a("--energy_loss", default="swap", choices=["swap", "explicit", "margin"])
     a("--context", default="fork", choices=["fork", "prompt"])
     a("--schedule", default="constant", choices=["constant", "cosine"])
@@ -111,7 +138,6 @@ def parse(argv=None) -> argparse.Namespace:
 def build_oft(args, device):
     """The VLA, L1 head, proprio projector and RLDS DataLoader exactly as finetune.py builds
     them (OFT's repository must be importable)."""
-    from peft import PeftModel
     from torch.utils.data import DataLoader
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForVision2Seq, AutoProcessor
 
@@ -131,14 +157,14 @@ def build_oft(args, device):
     AutoProcessor.register(OpenVLAConfig, PrismaticProcessor)
     AutoModelForVision2Seq.register(OpenVLAConfig, OpenVLAForActionPrediction)
     processor = AutoProcessor.from_pretrained(args.vla_path, trust_remote_code=True)
-    vla = AutoModelForVision2Seq.from_pretrained(args.vla_path, torch_dtype=torch.bfloat16,
-                                                 low_cpu_mem_usage=True,
-                                                 trust_remote_code=True).to(device)
-    vla.vision_backbone.set_num_images_in_input(args.num_images_in_input)
-    if args.resume:  # the adapter of an OFT checkpoint directory, trainable
-        vla = PeftModel.from_pretrained(vla, os.path.join(args.vla_path, "lora_adapter"), is_trainable=True)
-    elif args.use_lora:
-        vla = apply_lora(vla, rank=args.lora_rank, dropout=args.lora_dropout)
+
+    def load(path):
+        m = AutoModelForVision2Seq.from_pretrained(path, torch_dtype=torch.bfloat16,
+                                                   low_cpu_mem_usage=True, trust_remote_code=True)
+        m.vision_backbone.set_num_images_in_input(args.num_images_in_input)
+        return m.to(device)
+
+    vla = start_vla(args, load)
     if args.use_film:
         from prismatic.models.film_vit_wrapper import FiLMedPrismaticVisionBackbone
         vla.model.vision_backbone = FiLMedPrismaticVisionBackbone(
@@ -171,9 +197,22 @@ def build_oft(args, device):
     return policy, loader
 
 
+def start_vla(args, load):
+    """The VLA to train: ``load(path)`` loads a model directory. With --resume as OFT resumes
+    (``resume_vla``: the checkpoint's merged model + a fresh LoRA, or with --resume_base_vla
+    the base model + the checkpoint's adapter - never the adapter on the merged model);
+    otherwise --vla_path with OFT's LoRA (--use_lora)."""
+    if args.resume:
+        return resume_vla(args.vla_path, load, base=args.resume_base_vla,
+                          rank=args.lora_rank, dropout=args.lora_dropout)
+    vla = load(args.vla_path)
+    return apply_lora(vla, rank=args.lora_rank, dropout=args.lora_dropout) if args.use_lora else vla
+
+
 def build_standin(args, device):
     """The stand-in VLA / head / projector, and its episodes through OFT's collator and a
-    DataLoader: the same path as build_oft, with nothing downloaded."""
+    DataLoader: the same path as build_oft, with nothing downloaded. --resume works as with
+    OFT's model (``StandinVLA.from_pretrained`` loads a directory)."""
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
     from energy_train.integrations.openvla_oft import standin
@@ -181,6 +220,13 @@ def build_standin(args, device):
                                   proprio=args.use_proprio,
                                   lora_rank=args.lora_rank if args.use_lora else 0,
                                   context=args.context)
+    if args.resume:
+        vla = start_vla(args, lambda path: standin.StandinVLA.from_pretrained(path))
+        load_oft_checkpoint(args.vla_path, action_head=policy.action_head,
+                            proprio_projector=policy.proprio_projector, step=args.resume_step)
+        policy = OFTPolicy(vla, policy.action_head, policy.proprio_projector, context=args.context,
+                           action_token_begin_idx=standin.ACTION_TOKEN_BEGIN_IDX,
+                           pad_token_id=standin.PAD_TOKEN_ID)
     for m in policy.modules().values():
         m.to(device)
     dataset = standin.StandinEpisodes(96, 16, seed=0, wrist=args.num_images_in_input > 1)
@@ -216,7 +262,15 @@ def main(argv=None) -> int:
         os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
     if args.wandb_entity:
         os.environ.setdefault("WANDB_ENTITY", args.wandb_entity)
-    cfg = default_config(**{
+    cfg = make_config(args, world, device)
+    res = et.train(cfg, policy=policy, data=loader, out=args.run_root_dir / run_id(args),
+                   resume=args.resume_run)
+    return 0 if res.complete else 1
+
+
+def make_config(args, world: int, device):
+    """The energy-train config of these flags (the fork's energy recipe for the energy side)."""
+    return default_config(**{
         "run.steps": args.max_steps, "run.batch_size": args.batch_size * world,
         "run.grad_accum": args.grad_accumulation_steps, "run.strategy": args.strategy,
         "run.precision": args.precision, "run.ckpt_every": args.save_freq if args.save_freq < args.max_steps else 0,
@@ -225,12 +279,11 @@ def main(argv=None) -> int:
         "optim.lr": args.learning_rate, "optim.warmup_steps": args.lr_warmup_steps,
         "optim.schedule": args.schedule, "optim.energy_lr": args.energy_learning_rate,
         "optim.grad_clip": 0.0, "optim.energy_grad_clip": 1.0,
-        "energy.loss": args.energy_loss, "energy.warmup_steps": args.energy_warm_steps,
+        "optim.energy_skip_steps": args.energy_warm_steps // args.grad_accumulation_steps,
+        "energy.loss": args.energy_loss, "energy.warmup_steps": args.energy_loss_warmup_steps,
+        "energy.output": args.energy_output,
         "energy.hidden": 64 if args.standin else 512, "energy.heads": 4 if args.standin else 8,
         "dist.find_unused_parameters": True})
-    res = et.train(cfg, policy=policy, data=loader, out=args.run_root_dir / run_id(args),
-                   resume=args.resume_run)
-    return 0 if res.complete else 1
 
 
 if __name__ == "__main__":

@@ -58,20 +58,25 @@ class ForkPE(nn.Module):
 
 
 class ForkEnergy(nn.Module):
-    """The fork's parameter tree and maths (head per step, mean over H),
-    attention through nn.MultiheadAttention itself."""
+    """The fork's final parameter tree (no gate_a) and maths (head per step, the output
+    transform per step, mean over H), attention through nn.MultiheadAttention itself.
+    ``output``: "unbounded" or the fork's "sigmoid" (sigmoid(0.5 x) * 2 + 0.1).
+    tests/test_fork_energy.py has every published version."""
 
-    def __init__(self, state_dim, act_dim, hidden, heads):
+    def __init__(self, state_dim, act_dim, hidden, heads, output="unbounded"):
         super().__init__()
         self.cross = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.pe_layer = ForkPE(hidden)
         self.state_linear = OFTMLPResNet(1, state_dim, hidden, hidden, nn.SiLU)
         self.action_linear = OFTMLPResNet(1, act_dim, hidden, hidden, nn.SiLU)
         self.prediction_head = OFTMLPResNet(2, hidden, hidden, 1, nn.SiLU)
-        self.gate_a = nn.Parameter(torch.tensor(0.1))
+        self.output = output
 
     def forward(self, ctx, a, pad_mask=None):
         c = self.state_linear(ctx)
         q = self.pe_layer(self.action_linear(a))
         z, _ = self.cross(q, c, c, key_padding_mask=pad_mask, need_weights=False)
-        return self.prediction_head(z).mean(dim=1)
+        e = self.prediction_head(z)
+        if self.output == "sigmoid":
+            e = torch.sigmoid(e * 0.5) * 2.0 + 0.1
+        return e.mean(dim=1)

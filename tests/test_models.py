@@ -32,12 +32,13 @@ def test_action_head_loads_oft_checkpoint(prefix, seed):
     assert head.predict_action(x).shape == (B, H, Da)
 
 
+@pytest.mark.parametrize("output", ["unbounded", "sigmoid"])
 @pytest.mark.parametrize("prefix", ["", "module."], ids=["plain", "ddp-prefix"])
-def test_energy_model_loads_fork_checkpoint(prefix, seed):
+def test_energy_model_loads_fork_checkpoint(prefix, output, seed):
     S_dim, Da, hid, heads, B, S, H = 13, 5, 24, 3, 4, 9, 3
-    public = ForkEnergy(S_dim, Da, hid, heads).double()
+    public = ForkEnergy(S_dim, Da, hid, heads, output).double()
     sd = {prefix + k: v for k, v in public.state_dict().items()}
-    model = EnergyModel(S_dim, Da, hidden=hid, heads=heads).double()
+    model = EnergyModel(S_dim, Da, hidden=hid, heads=heads, output=output).double()
     load_oft_state_dict(model, sd, strict=True)
     assert set(model.state_dict()) == set(public.state_dict())
     ctx = torch.randn(B, S, S_dim, dtype=torch.float64)

@@ -164,12 +164,12 @@ def test_action_residual_keeps_energy_candidate_dependent_under_uniform_attentio
 
 
 def test_action_residual_checkpoints_and_backends():
-    public = ForkEnergy(12, 5, 16, 2)
-    sd = public.state_dict()
-    for residual in (False, True):  # the fork's state_dict loads strictly either way
-        model = EnergyModel(12, 5, hidden=16, heads=2, action_residual=residual)
-        model.load_state_dict(sd, strict=True)
-        assert ("gate_a" in dict(model.named_parameters())) == residual
+    sd = ForkEnergy(12, 5, 16, 2).state_dict()  # the fork's final layout: no gate_a
+    EnergyModel(12, 5, hidden=16, heads=2).load_state_dict(sd, strict=True)
+    gated = {**sd, "gate_a": torch.tensor(0.3)}  # a 7-9 Sep 2025 version's layout
+    model = EnergyModel(12, 5, hidden=16, heads=2, action_residual=True)
+    model.load_state_dict(gated, strict=True)
+    assert "gate_a" in dict(model.named_parameters()) and model.gate_a.item() == pytest.approx(0.3)
     model = EnergyModel(12, 5, hidden=16, heads=2, action_residual=True)
     ctx, cand = torch.randn(2, 5, 12), torch.randn(2, 3, 4, 5)
     E = energy_scores(model, ctx, None, cand)  # auto: the eager path

@@ -74,6 +74,28 @@ def test_energy_side_never_moves_theta(strategy, kw):
     assert not same(theta0, snapshot(t.theta)), "theta should have been trained"
 
 
+@pytest.mark.parametrize("strategy", ["two_phase", "joint"])
+def test_energy_skip_steps_skip_phis_step_as_the_fork_does(strategy):
+    """optim.energy_skip_steps = 2 (the fork's energy_warm_steps): phi is bitwise unchanged
+    and its AdamW state empty for 2 steps while theta trains, then phi steps; no gradient is
+    carried into the first step taken. energy.warmup_steps (the loss-weight ramp) skips nothing:
+    phi moves from the first step."""
+    t = make_trainer(tiny_cfg(strategy=strategy, energy_skip_steps=2))
+    phi0, theta0 = snapshot(t.phi), snapshot(t.theta)
+    for _ in range(2):
+        t.train_step()
+        assert same(phi0, snapshot(t.phi)) and not t.optim.opt_phi.state
+        assert all(p.grad is None for p in t.phi)
+    assert not same(theta0, snapshot(t.theta))
+    t.train_step()
+    assert not same(phi0, snapshot(t.phi))
+    assert all(int(s["step"]) == 1 for s in t.optim.opt_phi.state.values())  # one AdamW step
+    ramp = make_trainer(tiny_cfg(strategy=strategy, energy_warmup_steps=4))
+    phi0 = snapshot(ramp.phi)
+    ramp.train_step()
+    assert not same(phi0, snapshot(ramp.phi))
+
+
 def test_two_phase_negatives_come_from_updated_theta():
     """Phase 2 of step k uses head_{theta_k+1}(forward_{theta_k+1}(batch_k)) (HF-convention
     recomputation here, hook capture in the trainer)."""

@@ -163,9 +163,14 @@ class Trainer:
         return norm
 
     def step_phi(self) -> torch.Tensor | None:
-        """Optimizer step on phi, its grad norm clipped to optim.energy_grad_clip."""
+        """Optimizer step on phi, its grad norm clipped to optim.energy_grad_clip; during the
+        first optim.energy_skip_steps steps no step: the grads are dropped (the fork's
+        energy_warm_steps) and phi's schedule does not move."""
         norm = clip_grad_norm(self.phi, self.cfg.optim.energy_grad_clip)
-        self.optim.step("phi")
+        if self.step < self.cfg.optim.energy_skip_steps:
+            self.optim.drop("phi")
+        else:
+            self.optim.step("phi")
         return norm
 
     # ---- the two phases ----------------------------------------------------------------------------

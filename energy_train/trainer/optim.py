@@ -59,6 +59,10 @@ class Optimizers:
         opt.zero_grad(set_to_none=True)
         self.stepped.add(side)
 
+    def drop(self, side: str) -> None:
+        """Clear ``side``'s gradients without a step (its schedule does not move)."""
+        (self.opt_theta if side == "theta" else self.opt_phi).zero_grad(set_to_none=True)
+
     def advance(self) -> dict:
         """End of a trainer step: the learning rates the step used ({"lr", "energy_lr"}, host
         floats), then the schedulers of the sides that stepped move one step."""

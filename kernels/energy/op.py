@@ -8,7 +8,7 @@ on every (sample, candidate, step) row (launch.py: 5 Triton launches) and return
 raw output per row plus the fp32 workspace the backward reads; ``energy_train::energy_bwd``
 (7 launches) returns the gradient of the flat parameter tensor (torch.cat's backward hands
 each parameter its slice), of the candidates (when they require one) and of the context (when
-it requires one). The mean over the H steps and the output transform are torch ops on the
+it requires one). The output transform per step and the mean over the H steps are torch ops on the
 (B, C, H) raw outputs. When ``candidates`` is an expanded view with stride 0 over the batch
 (``pool.unsqueeze(0).expand(B, ...)``), the C chunks are encoded ONCE and the attention reads
 one Q for all samples.
@@ -159,4 +159,5 @@ def energy_scores_triton(w: EnergyWeights, context: torch.Tensor,
     pad = None if pad_mask is None else pad_mask.contiguous()
     raw, _ = energy_fwd(context, pad, pool.reshape(Bq * C * H, Da), flat, pe, dims, flat_eps,
                         w.state.activation, prec)
-    return output_transform(raw.view(B, C, H).mean(dim=-1), w.output)
+    # the output transform per step, then the mean over the H steps (the fork's final model)
+    return output_transform(raw.view(B, C, H), w.output).mean(dim=-1)

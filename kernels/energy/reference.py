@@ -64,8 +64,8 @@ def energy_scores_reference(w: EnergyWeights, context: torch.Tensor,
     """Energies (B, C) of candidates (B, C, H, Da) against context (B, S, D); pad_mask (B, S)
     bool, True = ignore. Context -> state encoder -> k, v (once per sample); candidates ->
     action encoder + positional table -> q; attention; out projection (+ ``gate_a`` times the
-    encoded action, when the weights carry one); prediction head per step; mean over the H
-    steps; output transform. Computes in the weights' dtype."""
+    encoded action, when the weights carry one); prediction head per step; output transform
+    per step; mean over the H steps (the fork's order). Computes in the weights' dtype."""
     B, C, H, _ = candidates.shape
     E, dt = w.hidden, w.dtype
     W, b = w.in_proj_weight, w.in_proj_bias
@@ -81,5 +81,5 @@ def energy_scores_reference(w: EnergyWeights, context: torch.Tensor,
     z = F.linear(z, w.out_proj_weight, w.out_proj_bias)
     if w.gate_a is not None:  # the action residual: the head also reads the encoded action
         z = z + w.gate_a.to(dt) * a.reshape(B, C * H, E)
-    raw = mlp_resnet_reference(z, w.head).reshape(B, C, H).mean(dim=-1)
-    return output_transform(raw, w.output)
+    raw = mlp_resnet_reference(z, w.head).reshape(B, C, H)               # per step
+    return output_transform(raw, w.output).mean(dim=-1)                # transform, then mean

@@ -7,6 +7,8 @@
     prepare_inference, OFTPolicy.act / .correct, rerank   test-time correction and reranking
     apply_lora             OFT's LoraConfig (peft; r, alpha = min(r, 16), all-linear, dropout 0)
     save_oft_checkpoint / load_oft_checkpoint   OFT's checkpoint file layout
+    load_lora_adapter / resume_vla   an adapter (saved under either peft) on a base model;
+                           resuming as OFT does (merged model + fresh LoRA, or base + adapter)
     standin                a tiny random-weight OFT with the same interface (needs transformers)
 
 Importing this package needs torch only; ``standin`` imports transformers when first used.
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import importlib
 
-from .checkpoints import (apply_lora, load_oft_checkpoint, oft_checkpoint_dir,
-                          save_oft_checkpoint)
+from .checkpoints import (apply_lora, load_lora_adapter, load_oft_checkpoint, oft_checkpoint_dir,
+                          resume_vla, save_oft_checkpoint)
 from .context import (ACTION_TOKEN_BEGIN_IDX, CONTEXTS, EMPTY_TOKEN_ID, IGNORE_INDEX,
                       PAD_TOKEN_ID, STOP_INDEX, OFTInputError, context_and_mask, context_layout,
                       prepare_inference, rerank, unwrap)
@@ -31,5 +33,6 @@ def __getattr__(name: str):
 
 __all__ = ["OFTPolicy", "OFTInputError", "context_layout", "context_and_mask", "rerank",
            "prepare_inference", "unwrap", "apply_lora", "save_oft_checkpoint",
-           "load_oft_checkpoint", "oft_checkpoint_dir", "IGNORE_INDEX", "ACTION_TOKEN_BEGIN_IDX",
+           "load_oft_checkpoint", "oft_checkpoint_dir", "load_lora_adapter", "resume_vla",
+           "IGNORE_INDEX", "ACTION_TOKEN_BEGIN_IDX",
            "PAD_TOKEN_ID", "STOP_INDEX", "EMPTY_TOKEN_ID", "CONTEXTS", "standin"]

@@ -13,6 +13,16 @@ LoRA-merge script has merged the adapter into the base model there)::
 The trainer writes one per checkpoint at ``<run>/oft/step_<N>/`` beside its own
 ``<run>/checkpoints/`` (:meth:`OFTPolicy.save_extra`); :func:`load_oft_checkpoint` loads such
 a directory (or one written by OFT's own fine-tuning) into fresh modules with strict keys.
+
+Two peft versions meet here: OFT's pin (0.11.1) and recent releases. Their ``"all-linear"``
+differs (0.11.1 also wraps ``lm_head`` and every Conv2d whose name ends like a Linear's, e.g.
+the patch embeddings' ``proj``; OFT's save then also writes ``lm_head.base_layer.weight``) and
+recent releases write adapter_config.json keys that 0.11.1 rejects. So: the adapter config is
+written in a form both read (:func:`portable_adapter_config`); :func:`load_lora_adapter` puts
+an adapter saved under either onto a base model with the LoRA layers ITS config names; and
+``load_oft_checkpoint(vla=...)`` into an existing peft model handles the ``lm_head`` / conv
+keys present on one side only (see :func:`_load_adapter`). :func:`resume_vla` resumes as OFT
+does: never the adapter on a merged model.
 """
 from __future__ import annotations
 
@@ -35,8 +45,10 @@ def apply_lora(vla: nn.Module, rank: int = 32, alpha: int | None = None, dropout
                init: str | bool = "gaussian") -> nn.Module:
     """``peft.get_peft_model`` with OFT's LoraConfig: ``r=rank``, ``lora_alpha=min(rank, 16)``
     unless given, ``lora_dropout=dropout``, ``target_modules="all-linear"`` (every Linear of
-    the vision towers, projector and LLM; not the LM head), ``init_lora_weights="gaussian"``.
-    The base is frozen; only the adapters require grad."""
+    the vision towers, projector and LLM; recent peft leaves out the LM head, peft 0.11.1 -
+    OFT's pin - also wraps ``lm_head``, which never gets a gradient from the L1 loss, and the
+    patch-embedding convs), ``init_lora_weights="gaussian"`` (lora_B = 0: the adapter starts
+    with no effect). The base is frozen; only the adapters require grad."""
     import peft
     cfg = peft.LoraConfig(r=int(rank), lora_alpha=int(alpha if alpha else min(rank, 16)),
                           lora_dropout=float(dropout), target_modules="all-linear",
@@ -87,6 +99,9 @@ def save_oft_checkpoint(directory: str | Path, step: int, *, vla: nn.Module | No
                              f"got {type(vla).__name__}")
         kw = {} if adapter_state is None else {"state_dict": adapter_state}
         vla.save_pretrained(str(tmp / "lora_adapter"), **kw)
+        cfg_path = tmp / "lora_adapter" / "adapter_config.json"
+        cfg_path.write_text(json.dumps(portable_adapter_config(json.loads(cfg_path.read_text())),
+                                       indent=2, sort_keys=True))
     parts = {"action_head": action_head, "proprio_projector": proprio_projector,
              "vision_backbone": vision_backbone, "energy_model": energy}
     for name, part in parts.items():
@@ -140,8 +155,10 @@ def load_oft_checkpoint(directory: str | Path, *, vla: nn.Module | None = None,
                         vision_backbone: nn.Module | None = None, energy: nn.Module | None = None,
                         step: int | None = None) -> dict[str, Path]:
     """Load an OFT-layout checkpoint into the given modules with strict keys (the ``module.``
-    prefix stripped). ``vla``: a peft model with the same LoRA config; its adapter weights
-    are set from ``lora_adapter/`` and every adapter key must match. Returns {part: file}."""
+    prefix stripped). ``vla``: a peft model with the same LoRA rank; its adapter values are
+    set from ``lora_adapter/`` (saved under either peft: ``lm_head`` / conv entries present on
+    one side only are handled as :func:`_load_adapter` says). To put an adapter on a base model
+    instead: :func:`load_lora_adapter`. Returns {part: file}."""
     directory = Path(directory)
     aside = directory.with_name(f"{ASIDE}{directory.name}")
     if not directory.is_dir() and aside.is_dir():  # a re-save crashed between its renames
@@ -165,27 +182,177 @@ def load_oft_checkpoint(directory: str | Path, *, vla: nn.Module | None = None,
     return loaded
 
 
-def _load_adapter(vla: nn.Module, adapter_dir: Path) -> Path:
-    import peft
-    from safetensors.torch import load_file
+# ---- peft versions ------------------------------------------------------------------------------
+#: LoraConfig's fields in peft 0.11.1 (OpenVLA-OFT's pin): what its from_pretrained accepts
+PEFT_0_11_LORA_KEYS = frozenset((
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out",
+    "inference_mode", "init_lora_weights", "layer_replication", "layers_pattern",
+    "layers_to_transform", "loftq_config", "lora_alpha", "lora_dropout", "megatron_config",
+    "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern", "revision",
+    "target_modules", "task_type", "use_dora", "use_rslora"))
+#: keys newer peft writes whose value here means "feature off" although it is not falsy
+_INERT = {"qalora_group_size": 16, "megatron_core": "megatron.core"}
 
-    if not is_peft(vla):
-        raise ValueError(f"vla: expected a peft model to load {adapter_dir} into, got "
-                         f"{type(vla).__name__}")
+
+def _inert(key: str, value) -> bool:
+    """A config value that switches nothing on: None, False, empty, a version stamp, or a
+    known default of a feature flag."""
+    return (value is None or value is False or value in ({}, [], "") or key == "peft_version"
+            or _INERT.get(key, object()) == value)
+
+
+def portable_adapter_config(config: dict, known=PEFT_0_11_LORA_KEYS, where: str = "") -> dict:
+    """adapter_config.json without the keys that ``known`` (default: peft 0.11.1's LoraConfig
+    fields) lacks and whose value switches nothing on, so peft 0.11.1 and recent releases
+    both read it. A key ``known`` lacks with a value that does switch something on is kept
+    when writing (``where`` empty: the old peft then fails loudly instead of dropping it) and
+    is an error when reading (``where`` = the file)."""
+    out = {}
+    for k, v in config.items():
+        if k in known or not _inert(k, v):
+            if k not in known and where:
+                raise ValueError(f"{where}: {k!r} = {v!r} is a LoRA setting the installed peft "
+                                 "does not know (the adapter was saved by a newer peft with "
+                                 "that feature on); load it with that peft")
+            out[k] = v
+    return out
+
+
+def load_lora_adapter(vla: nn.Module, adapter_dir: str | Path, *, trainable: bool = True):
+    """``peft.PeftModel.from_pretrained(vla, adapter_dir, is_trainable=trainable)`` for an
+    adapter saved by either peft (OFT's 0.11.1 or a recent release): the LoRA layers are the
+    ones the adapter's OWN config names (``lm_head`` and the patch-embedding convs when 0.11.1
+    saved it), its config read through :func:`portable_adapter_config`. ``vla``: the BASE
+    model (never a merged one: that would apply the adapter twice). Every adapter tensor must
+    land in the model. Returns the peft model."""
+    import peft
+    import dataclasses
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file = adapter_dir / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"OFT checkpoint: no adapter_config.json in {adapter_dir}")
+    if is_peft(vla):
+        raise ValueError(f"vla: expected the base model (no LoRA) to put {adapter_dir} on, got a "
+                         "peft model; use load_oft_checkpoint(vla=...) to set its adapter values")
+    known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: expected a LoRA adapter (peft_type 'LORA'), got "
+                         f"{raw.get('peft_type')!r}")
+    config = peft.LoraConfig(**portable_adapter_config(raw, known, where=str(cfg_file)))
+    model = peft.PeftModel.from_pretrained(vla, str(adapter_dir), config=config,
+                                           is_trainable=trainable)
+    sd = _read_adapter(adapter_dir)[1]
+    missing = sorted(set(sd) - set(peft.get_peft_model_state_dict(model)))
+    if missing:
+        raise ValueError(f"{adapter_dir}: adapter tensors {missing[:3]} found no LoRA layer in "
+                         "the model (another base model?)")
+    return model
+
+
+def resume_vla(checkpoint_dir: str | Path, load, *, base: str | Path | None = None,
+               rank: int = 32, alpha: int | None = None, dropout: float = 0.0):
+    """The VLA to continue training from an OFT-layout checkpoint directory, as OFT resumes:
+
+    - ``base=None`` (OFT's finetune.py with ``--resume``): ``load(checkpoint_dir)`` is the
+      MERGED model there (written by OFT's ``merge_lora_weights_and_save.py`` or
+      ``merge_lora_during_training``), with a FRESH LoRA of ``rank`` on it (:func:`apply_lora`:
+      lora_B = 0, so it starts as exactly the trained model);
+    - ``base=PATH``: ``load(base)`` is the base model and ``checkpoint_dir/lora_adapter`` goes
+      on it, trainable (:func:`load_lora_adapter`): the same adapter trains on.
+
+    Never the adapter on the merged model (it would add the trained update twice).
+    ``load(path) -> nn.Module`` loads a model directory (e.g. ``AutoModelForVision2Seq
+    .from_pretrained`` with OFT's arguments). Returns the peft model."""
+    ckpt = Path(checkpoint_dir)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"OFT checkpoint: no directory {str(ckpt)!r}")
+    if base is None:
+        if not (ckpt / "config.json").is_file():
+            raise FileNotFoundError(
+                f"resume: {ckpt} holds no merged model (config.json + weights): merge its "
+                "lora_adapter/ into the base model there first (OFT's "
+                "merge_lora_weights_and_save.py), or give the base model (base=, the example's "
+                "--resume_base_vla) to put the adapter on")
+        return apply_lora(load(str(ckpt)), rank=rank, alpha=alpha, dropout=dropout)
+    if Path(base).resolve() == ckpt.resolve():
+        raise ValueError(f"base: {base} is the checkpoint directory, whose model is the merged "
+                         "one: the adapter on it would apply the trained update twice; give the "
+                         "model the adapter was trained on")
+    return load_lora_adapter(load(str(base)), ckpt / "lora_adapter", trainable=True)
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[Path, dict]:
+    from safetensors.torch import load_file
     files = [adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"]
     path = next((f for f in files if f.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"OFT checkpoint: no adapter weights in {adapter_dir}")
     sd = (load_file(str(path)) if path.suffix == ".safetensors"
           else torch.load(path, map_location="cpu", weights_only=True))
-    want = set(peft.get_peft_model_state_dict(vla))
-    missing, unexpected = sorted(want - set(sd)), sorted(set(sd) - want)
-    if missing or unexpected:
-        raise ValueError(f"{path}: the adapter does not match the model's LoRA layers (missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]})")
-    peft.set_peft_model_state_dict(vla, sd)
+    return path, sd
+
+
+def _lora_module(key: str) -> str | None:
+    """The module path of a LoRA tensor key (``....q_proj.lora_A.weight`` -> ``....q_proj``)."""
+    return key.split(".lora_", 1)[0] if ".lora_" in key else None
+
+
+def _load_adapter(vla: nn.Module, adapter_dir: Path) -> Path:
+    """Set the adapter values of the peft model ``vla`` from ``adapter_dir``. Where the file
+    and the model's LoRA layers differ (the two peft versions' "all-linear"):
+    - LoRA in the file for a module the model has none for: skipped when it has no effect
+      (its lora_B is zero: ``lm_head``, which the L1 loss never trains), else an error that
+      names the modules (put the adapter on the base model with :func:`load_lora_adapter`);
+    - a saved embedding base layer (``lm_head.base_layer.weight``, OFT's save under 0.11.1):
+      the frozen base, skipped when the model has no LoRA there;
+    - LoRA of the model absent from the file: lora_B set to zero (no adapter there, as the
+      file says); an absent base layer keeps the model's own.
+    A module whose LoRA tensors disagree in shape (another rank) is an error."""
+    import peft
+
+    if not is_peft(vla):
+        raise ValueError(f"vla: expected a peft model to load {adapter_dir} into, got "
+                         f"{type(vla).__name__}")
+    path, sd = _read_adapter(adapter_dir)
+    own = peft.get_peft_model_state_dict(vla)
+    extra = sorted(set(sd) - set(own))
+    effective = sorted({_lora_module(k) for k in extra if _lora_module(k) is not None
+                        and ".lora_B" in k and bool(sd[k].any())})
+    if effective:
+        raise ValueError(
+            f"{path}: the adapter has non-zero LoRA on {len(effective)} module(s) the model's "
+            f"LoRA does not wrap ({effective[:3]}; saved under another peft's 'all-linear'); "
+            f"put the adapter on the base model with the layers its config names: "
+            f"load_lora_adapter(base_vla, '{adapter_dir}')")
+    other = [k for k in extra if _lora_module(k) is None and not k.endswith(".base_layer.weight")]
+    if other:
+        raise ValueError(f"{path}: tensors {other[:3]} are no LoRA tensor of the model")
+    values = {}
+    for k, v in own.items():
+        if k in sd:
+            if tuple(sd[k].shape) != tuple(v.shape):
+                raise ValueError(f"{path}: {k!r}: expected shape {tuple(v.shape)} (the model's "
+                                 f"LoRA), got {tuple(sd[k].shape)} (another rank?)")
+            values[k] = sd[k]
+        elif ".lora_B" in k or ".lora_embedding_B" in k:
+            values[k] = torch.zeros_like(v)      # no adapter there in the file: no effect
+        else:
+            values[k] = v                        # lora_A (inert with B = 0) / the frozen base
+    skipped = sorted({_lora_module(k) or k for k in extra})
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} entries the model's LoRA does not wrap, "
+                      f"each without effect ({skipped[:3]})", stacklevel=3)
+    zeroed = sorted({_lora_module(k) for k in set(own) - set(sd) if _lora_module(k)})
+    if zeroed:
+        warnings.warn(f"{path}: {len(zeroed)} LoRA module(s) of the model are not in the file "
+                      f"(saved under another peft's 'all-linear'): set to no effect "
+                      f"({zeroed[:3]})", stacklevel=3)
+    peft.set_peft_model_state_dict(vla, values)
     return path
 
 
 __all__ = ["apply_lora", "save_oft_checkpoint", "load_oft_checkpoint", "oft_checkpoint_dir",
-           "find_component", "is_peft", "COMPONENTS"]
+           "find_component", "is_peft", "COMPONENTS", "load_lora_adapter", "resume_vla",
+           "portable_adapter_config"]

@@ -197,13 +197,22 @@ class OFTPolicy(Policy):
                   proprio=None, proprio_projector=None, use_film=self.use_film)
         if self.proprio_projector is not None:
             pp_dtype = next(self.proprio_projector.parameters()).dtype
-            kw.update(proprio=batch["proprio"].to(dev, pp_dtype, non_blocking=True),
+            proprio = batch["proprio"].reshape(batch["input_ids"].shape[0], -1)  # OFT's reshape:
+            # its collator squeezes (1, P) to (P,) at B = 1
+            kw.update(proprio=proprio.to(dev, pp_dtype, non_blocking=True),
                       proprio_projector=self.proprio_projector)
         if output_hidden_states:
             out = self.backbone(**kw, output_hidden_states=True)
             return SimpleNamespace(last_hidden_state=out.hidden_states[-1],
                                    hidden_states=out.hidden_states)
         return self._last.take(lambda: self.backbone(**kw, output_hidden_states=False))
+
+    def predict_action(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, H*Da, D) action rows -> (B, H, Da): the rows cast to the head's dtype first, as
+        OFT's training forward does (``.to(torch.bfloat16)`` for its bf16 head), so an fp32 VLA
+        feeds a bf16 head (differentiable: the gradient flows back in the rows' dtype)."""
+        p = next(self.action_head.parameters(), None)
+        return self.action_head.predict_action(rows if p is None else rows.to(p.dtype))
 
     def layout(self, batch: dict) -> BatchLayout:
         labels = batch["labels"]
@@ -236,12 +245,11 @@ class OFTPolicy(Policy):
                 raise OFTInputError(f"batch['proprio']: missing; the proprio projector reads "
                                     f"(B, {self.proprio_dim})")
             p = batch["proprio"]
-            if tuple(p.shape) != (B, self.proprio_dim):
-                hint = (" (OFT's collator squeezes proprio to 1-D when B = 1: keep it (B, "
-                        "proprio_dim), e.g. proprio.reshape(B, -1) in the collate_fn)"
-                        if p.dim() == 1 else "")
+            squeezed = B == 1 and tuple(p.shape) == (self.proprio_dim,)  # OFT's collator at B = 1
+            if tuple(p.shape) != (B, self.proprio_dim) and not squeezed:
                 raise OFTInputError(f"batch['proprio']: expected (B, proprio_dim) = "
-                                    f"({B}, {self.proprio_dim}), got {tuple(p.shape)}{hint}")
+                                    f"({B}, {self.proprio_dim}) (or ({self.proprio_dim},) at "
+                                    f"B = 1, as OFT's collator squeezes it), got {tuple(p.shape)}")
 
     def check_batch(self, batch: dict) -> None:
         """Every check of a batch, with host reads (the trainer calls it before moving the

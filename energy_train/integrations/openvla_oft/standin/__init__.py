@@ -8,8 +8,9 @@ that runs the integration on the CPU without downloading anything.
   embeddings multiplied by zero (the mask from ``labels``), the patches of every image
   (2 x 3 channels each: the two featurizers) projected and, after them, one projected
   proprio row, all inserted after BOS; labels extended with IGNORE_INDEX; the LLM called with
-  ``inputs_embeds`` and a float additive 4-D mask (0 / finfo.min) that hides only pad keys -
-  the bidirectional attention OFT gets from its patched transformers. Each featurizer returns
+  ``inputs_embeds`` and a float 4-D mask that hides only pad keys (additive 0 / finfo.min;
+  1 / 0 on transformers < 4.41, OFT's 4.40.1, which reads the other convention) - the
+  bidirectional attention OFT gets from its patched transformers. Each featurizer returns
   its second-to-last block (as OFT's), so the last block never gets a gradient (DDP needs
   ``find_unused_parameters``). :meth:`StandinVLA.predict_action` is OFT's test-time path.
 - :class:`ProprioProjector` (``fc1, act_fn1, fc2``) and the L1 head

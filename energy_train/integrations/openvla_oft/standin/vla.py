@@ -201,18 +201,34 @@ def get_next_actions_mask(token_ids, action_dim: int):
     return (cumsum > action_dim) * (token_ids > ACTION_TOKEN_BEGIN_IDX)
 
 
+def _legacy_4d_mask() -> bool:
+    """transformers < 4.41 (OFT's 4.40.1) reads a custom 4-D mask as 1 = attend, 0 = hidden
+    and builds the additive one itself (``eq(0.0) * finfo.min``); 4.41 on take the additive
+    mask as it is (max 0). Given the other's form, each attends to the pad keys ONLY."""
+    from packaging.version import Version
+    return Version(transformers.__version__.split("+")[0]) < Version("4.41")
+
+
+LEGACY_4D_MASK = _legacy_4d_mask()
+
+
 def bidirectional_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) padding mask -> (B, 1, T, T) additive float mask: 0 for every real key,
-    finfo(dtype).min for pad keys; no causal part (every query sees every real key)."""
+    """(B, T) padding mask -> (B, 1, T, T) float mask for the installed transformers, every
+    query seeing every real key and no pad key (no causal part): additive (0 for a real key,
+    finfo(dtype).min for a pad key), or 1 / 0 on transformers < 4.41 (:data:`LEGACY_4D_MASK`),
+    which turns it into that additive mask itself."""
     B, T = attention_mask.shape
     keep = attention_mask.bool()[:, None, None, :]
+    if LEGACY_4D_MASK:
+        return keep.to(dtype).expand(B, 1, T, T)
     m = torch.zeros(B, 1, 1, T, dtype=dtype, device=attention_mask.device)
     return m.masked_fill(~keep, torch.finfo(dtype).min).expand(B, 1, T, T)
 
 
 class StandinVLA(transformers.PreTrainedModel):
     """OFT's VLA in miniature (see the module docstring). A ``PreTrainedModel`` like OFT's, so
-    peft's ``target_modules="all-linear"`` leaves out the LM head as it does for OFT."""
+    peft's ``target_modules="all-linear"`` picks what it picks for OFT (recent peft: not the LM
+    head; peft 0.11.1: the LM head and the patch-embedding convs too)."""
 
     config_class = StandinConfig
     base_model_prefix = "model"
