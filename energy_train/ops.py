@@ -22,40 +22,51 @@ from .models.weights import action_head_weights, energy_weights
 
 BACKENDS = ("auto", "eager", "triton")
 
-#: What ``backend="auto"`` runs, per (op, device class), and the measurement that put it there.
-#: Device classes: "cpu", "cuda". A Triton path enters this table only with a committed GPU
-#: figure (bench/results/) showing it faster than eager and torch.compile of the reference.
+#: What ``backend="auto"`` runs, per (op, device class, dtype), and the measurement that put
+#: it there. Device classes: "cpu", "cuda"; dtype: the head's / energy model's ("*": any).
+#: A Triton path is chosen only where a committed GPU figure (bench/results/) shows it faster
+#: than the eager path on the same inputs in the same run.
 AUTO = {
-    ("layer_actions", "cpu"): ("eager", "the Triton path runs only under the interpreter on a CPU"),
-    ("energy", "cpu"): ("eager", "the Triton path runs only under the interpreter on a CPU"),
-    ("layer_actions", "cuda"): (
-        "eager", "H200, commit a02f753 (bench/results/h200-a02f753/layer_actions-h200.md): "
-        "production shape, eager batched 3.03 ms, triton 3.85 ms"),
-    ("energy", "cuda"): (
-        "eager", "H200, commit a02f753 (bench/results/h200-a02f753/energy-h200.md): swap "
-        "fwd+bwd, hidden 512/8: eager 4.72 ms, triton 46.4 ms; 1024/16: 8.04 vs 87.2 ms"),
+    ("layer_actions", "cpu", "*"): ("eager", "the Triton path runs only under the interpreter"),
+    ("energy", "cpu", "*"): ("eager", "the Triton path runs only under the interpreter"),
+    ("layer_actions", "cuda", "*"): (
+        "triton", "H200, commit 0a20d77 (bench/results/layer_actions-nvidia-h200.md): "
+        "production shape, bf16 head: eager batched 5.26 ms, triton 1.74 ms, with cuBLAS "
+        "GEMMs 1.50 ms (the CUDA default, kernels/layer_actions/op.py)"),
+    ("energy", "cuda", "*"): (
+        "eager", "H200, commit 0a20d77 (bench/results/energy-nvidia-h200.md): swap fwd+bwd, "
+        "fp32 model: 512/8 eager 6.27 ms, triton 11.5 ms; 1024/16 eager 7.99, triton 38.2 ms"),
+    ("energy", "cuda", "bfloat16"): (
+        "triton", "H200, commit 0a20d77 (bench/results/energy-nvidia-h200.md): swap fwd+bwd, "
+        "bf16 model, 512/8: eager 7.83 ms, triton 6.04 ms"),
 }
 
 
-def auto_backend(op: str, device: torch.device) -> str:
-    """What ``backend="auto"`` runs for ``op`` on ``device`` (:data:`AUTO`; eager where the
-    table has no entry)."""
+def auto_backend(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """What ``backend="auto"`` runs for ``op`` on ``device`` with weights of ``dtype``
+    (:data:`AUTO`; the "*" entry where the dtype has none; eager where the table has none)."""
     kind = "cuda" if device.type == "cuda" else "cpu"
-    return AUTO.get((op, kind), ("eager", ""))[0]
+    name = str(dtype).split(".")[-1] if dtype is not None else "*"
+    entry = AUTO.get((op, kind, name)) or AUTO.get((op, kind, "*"), ("eager", ""))
+    return entry[0]
+
+
 #: the ops with a fused path: (reference, fused) each
 _PATHS = {"layer_actions": (layer_actions_reference, layer_actions_triton),
           "energy": (energy_scores_reference, energy_scores_triton)}
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """'eager' or 'triton' for ``op`` on ``device``; raises a clear error when impossible."""
+def resolve_backend(op: str, backend: str, device: torch.device,
+                    dtype: torch.dtype | None = None) -> str:
+    """'eager' or 'triton' for ``op`` on ``device`` (weights of ``dtype``); raises a clear
+    error when impossible."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "eager":
         return "eager"
     available = op in _PATHS
     if backend == "auto":
-        return auto_backend(op, device) if available else "eager"
+        return auto_backend(op, device, dtype) if available else "eager"
     if not available:
         raise NotImplementedError(f"{op}: no Triton kernel for this op; use backend='eager'")
     if device.type != "cuda" and not interpreting():
@@ -65,10 +76,10 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     return "triton"
 
 
-def _path(op: str, backend: str, device: torch.device):
+def _path(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None):
     """The function that computes ``op``: its reference (eager) or its fused path."""
     reference, fused = _PATHS[op]
-    return fused if resolve_backend(op, backend, device) == "triton" else reference
+    return fused if resolve_backend(op, backend, device, dtype) == "triton" else reference
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,4 +258,4 @@ def energy_scores(energy_model: EnergyModel, context: torch.Tensor, pad_mask: to
             return energy_model.score(context, pad_mask, candidates)
         backend = "eager"
     w = energy_weights(energy_model)
-    return _path("energy", backend, context.device)(w, context, pad_mask, candidates)
+    return _path("energy", backend, context.device, w.dtype)(w, context, pad_mask, candidates)

@@ -125,9 +125,10 @@ def test_auto_runs_the_measured_faster_path():
 
     from energy_train import ops
     root = Path(__file__).resolve().parents[1]
-    for (op, kind), (backend, evidence) in ops.AUTO.items():
+    for (op, kind, dtype), (backend, evidence) in ops.AUTO.items():
         assert backend in ("eager", "triton"), (op, kind)
-        assert ops.resolve_backend(op, "auto", torch.device(kind)) == backend
+        dt = None if dtype == "*" else getattr(torch, dtype)
+        assert ops.resolve_backend(op, "auto", torch.device(kind), dt) == backend
         if kind == "cuda":
             files = [w.strip("(),:") for w in evidence.split() if w.startswith(("(bench/", "bench/"))]
             assert files and all((root / f).is_file() for f in files), (op, evidence)

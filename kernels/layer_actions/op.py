@@ -35,19 +35,24 @@ def _layer_actions_fake(states, action_index, params, eps, activation, input_pre
 
 @torch.no_grad()
 def layer_actions_triton(states, action_index, head: ActionHeadWeights, final_norm=None,
-                         norm_mask=None, input_precision=None, gemm: str = "triton") -> torch.Tensor:
+                         norm_mask=None, input_precision=None,
+                         gemm: str | None = None) -> torch.Tensor:
     """states: L' tensors (B, T, D) (the selected layers); action_index (B, H*Da) integer or
     None (T == H*Da, rows already gathered); ``final_norm`` (a callable, "logit lens") applied
     eagerly to the gathered action rows of the layers where ``norm_mask`` is True. -> (L', B,
     H, Da) in the head's dtype. An index outside [0, T) reads a row of zeros (never memory
     outside its own layer row), as ``layer_actions_reference`` does. ``gemm``: "triton" (the
-    persistent TMA GEMM) or "cublas" (torch.addmm) for the head's large GEMMs."""
+    persistent TMA GEMM) or "cublas" (torch.addmm) for the head's large GEMMs; default
+    "cublas" on CUDA (H200, commit 0a20d77, bench/results/layer_actions-nvidia-h200.md: 1.50
+    against 1.74 ms at the production shape), "triton" under the interpreter."""
     check_weights("head", head, ActionHeadWeights)
     H, Da, mlp = head.num_actions_chunk, head.action_dim, head.mlp
     wdtype = mlp.fc1.weight.dtype
     if wdtype not in DTYPES:
         raise TypeError(f"head: expected fp16/bf16/fp32 weights for the Triton path, got {wdtype}"
                         " (use backend='eager')")
+    if gemm is None:
+        gemm = "cublas" if states[0].device.type == "cuda" else "triton"
     if gemm not in GEMMS:
         raise ValueError(f"gemm: expected one of {GEMMS}, got {gemm!r}")
     Lp = len(states)
