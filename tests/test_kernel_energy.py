@@ -457,8 +457,14 @@ def test_gpu_production_shape_swap_loss(hidden, heads, dtype):
                           factor=factor, min_tol=min_tol)
     floor = 0.1 * max(p.grad.abs().max().item() for p in m64.parameters())
     for n, p64 in runs["f64"][1].items():
-        assert_close_to_eager(f"grad {n}", p64.grad, runs["triton"][1][n].grad,
-                              runs["eager"][1][n].grad, factor=factor, floor=floor,
+        out, eager = runs["triton"][1][n].grad, runs["eager"][1][n].grad
+        if p64.grad.abs().max().item() < 1e-9 * floor:
+            # zero in exact arithmetic (the prediction head's last bias: the InfoNCE gradient
+            # of a bias feeding every logit equally): both paths leave rounding noise only; the
+            # fused path's within 4x eager's (H200 bf16: 8.5e-4 vs 3.7e-4 at a 1.2e-2 floor)
+            assert out.abs().max().item() <= 4 * eager.abs().max().item() + 1e-3 * floor, n
+            continue
+        assert_close_to_eager(f"grad {n}", p64.grad, out, eager, factor=factor, floor=floor,
                               min_tol=min_tol)
 
 
