@@ -7,7 +7,7 @@ Providers (what is timed is what tests/test_kernel_energy.py proves equal):
   torch_compile         eager_once under torch.compile (GPU only here: inductor's CPU compile
                         on a 2-core box costs minutes per shape)
   triton                losses.*(backend="triton") (GPU only: interpreter timings mean nothing):
-                        energy_fwd / energy_bwd, 12 Triton launches (kernels/energy)
+                        energy_fwd / energy_bwd, 18 Triton launches (kernels/energy)
 Cases: swap InfoNCE and explicit-negative InfoNCE (M = 6), forward and forward+backward (the
 energy model's parameters; context detached, as the trainer does), hidden 512/8 and 1024/16,
 B=8, S=600, D=4096, H=8, Da=7, an fp32 energy model (the default) and a bf16 one (the public

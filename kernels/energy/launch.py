@@ -12,12 +12,15 @@ parameters ONE flat tensor ``P`` (``energy_tensors``' order, then constant ones 
   attention:           z (B, C*H, E) = softmax(Q K^T / sqrt(dh)) V per head, lse saved
   queries (B*C*H):     out projection, head fc1, head blocks, head fc2 (N = 1) -> raw
 
-Launches, forward (5 Triton + 1 copy of the pool into ws): the wide state fc1 (its own kernel),
-the context tail chain, the pool chain, the attention, the head chain. Backward (7): the head
-chain (-> dz), attention dQ and dK|V, the pool chain, the context chain (dx of the state fc1
-only when the context needs a gradient), every weight gradient (one launch), the dgamma/dbeta
-sums. Nothing is recomputed: the forward saves every layer's input statistics and
-pre-activation (ws is about 7 x B*S*E fp32 at the context side).
+Launches, forward (7 Triton + 1 copy of the pool into ws): the context's four layers one tiled
+tensor-core launch each (B*S rows: thousands, where the chain launch's 32-row programs are too
+few and latency-bound - H200, commit 0a20d77: 11.5 ms with the context as one chain launch),
+the pool chain, the attention, the head chain (a few hundred rows: one chain launch each).
+Backward (11): the head chain (-> dz), attention dQ and dK|V, the pool chain, the context
+(per layer a tiled dx GEMM, and for the LayerNorm layers a row pass: K|V's and fc2's and the
+block's; fc1's dx only when the context needs a gradient), every weight gradient (one
+launch), the dgamma/dbeta sums. Nothing is recomputed: the forward saves every layer's input
+statistics and pre-activation (ws is about 7 x B*S*E fp32 at the context side).
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ import triton
 
 from .._utils import TL_DTYPES, dot_precision, empty, upcast_dot
 from ..mlp.launch import (EXTERNAL, NONE, X_IN, StackLayer, StackPlan, constants, mlp_layers,
-                          mlp_tensors, new_plan, stack_backward, stack_forward,
-                          stack_forward_wide, stack_weight_grads)
+                          mlp_tensors, new_plan, stack_backward, stack_backward_tiled,
+                          stack_forward, stack_forward_tiled, stack_weight_grads)
 from ..weights import EnergyWeights
 from .configs import attn_config
 from .fused import (_energy_attention_bwd_dkdv_kernel, _energy_attention_bwd_dq_kernel,
@@ -218,8 +221,9 @@ def energy_forward(ep: EnergyPlan, s: EnergyShape, P, context, pad, pool, pe, ra
     R, Mq, Mh = s.B * s.S, s.Bq * s.C * s.H, s.B * s.C * s.H
     v = _views(ep, s, ws)
     c0, c1 = ep.ctx
-    stack_forward_wide(plan, P, ws, c0, R, context, pad=pad, precision=precision)
-    stack_forward(plan, P, ws, c0 + 1, c1, R, precision=precision)
+    stack_forward_tiled(plan, P, ws, c0, R, X=context, pad=pad, precision=precision)
+    for layer in range(c0 + 1, c1 + 1):
+        stack_forward_tiled(plan, P, ws, layer, R, precision=precision)
     ws[ep.pool_in: ep.pool_in + Mq * s.Da].view(Mq, s.Da).copy_(pool)
     stack_forward(plan, P, ws, *ep.pool, Mq, pe=pe, precision=precision)
     attention_fwd(v["q"], v["kv"], None if pad is None else pad.view(s.B, s.S), v["z"], v["lse"],
@@ -240,6 +244,7 @@ def energy_backward(ep: EnergyPlan, s: EnergyShape, P, context, pad, draw, ws, g
     attention_bwd(v["dz"], v["q"], v["kv"], pad2, v["z"], v["lse"], v["dq"], v["dkv"], s.heads,
                   dt, precision)
     stack_backward(plan, P, ws, wb, *ep.pool, Mq, dx=dpool, precision=precision)
-    stack_backward(plan, P, ws, wb, *ep.ctx, R, X=context if dcontext is not None else None,
-                   pad=pad, dx=dcontext, precision=precision)
+    stack_backward_tiled(plan, P, ws, wb, *ep.ctx, R,
+                         X=context if dcontext is not None else None, pad=pad, dx=dcontext,
+                         precision=precision)
     stack_weight_grads(plan, P, ws, wb, grad, X=context, pad=pad, precision=precision)

@@ -4,9 +4,9 @@ one opaque node), and the public function that calls them.
 
 ``energy_scores_triton(weights, context, pad_mask, candidates)`` -> energies (B, C), the fused
 counterpart of ``energy_scores_reference``: ``energy_train::energy_fwd`` runs the whole model
-on every (sample, candidate, step) row (launch.py: 5 Triton launches) and returns the head's
+on every (sample, candidate, step) row (launch.py: 7 Triton launches) and returns the head's
 raw output per row plus the fp32 workspace the backward reads; ``energy_train::energy_bwd``
-(7 launches) returns the gradient of the flat parameter tensor (torch.cat's backward hands
+(11 launches) returns the gradient of the flat parameter tensor (torch.cat's backward hands
 each parameter its slice), of the candidates (when they require one) and of the context (when
 it requires one). The output transform per step and the mean over the H steps are torch ops on the
 (B, C, H) raw outputs. When ``candidates`` is an expanded view with stride 0 over the batch

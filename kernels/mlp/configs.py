@@ -10,34 +10,42 @@ from __future__ import annotations
 import torch
 
 from .._utils import ACTIVATIONS, interpreting
-from .fused import (_linear_wide_kernel, _stack_bwd_kernel, _stack_dgamma_kernel,
-                    _stack_dw_kernel, _stack_fwd_kernel)
+from .fused import (_linear_dx_kernel, _linear_tiled_kernel, _ln_bwd_rows_kernel,
+                    _stack_bwd_kernel, _stack_dgamma_kernel, _stack_dw_kernel, _stack_fwd_kernel)
 
 _TAGS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def stack_config(kind: str, dtype: torch.dtype, interpret: bool | None = None) -> dict:
     """Tiles of the layer-stack launches. ``kind``: "fwd" / "bwd" / "bwd_x" (a chain of layers,
-    each program its BLOCK_M rows), "wide" (``_linear_wide_kernel``: one wide layer, the context's
-    first Linear), "dw" (the grouped weight-gradient GEMMs), "dgamma". Fixed per dtype (no
+    each program its BLOCK_M rows), "tiled" / "dx" / "rows" (one layer over thousands of rows:
+    ``_linear_tiled_kernel``, ``_linear_dx_kernel``, ``_ln_bwd_rows_kernel``), "dw" (the
+    grouped weight-gradient GEMMs), "dgamma". Fixed per dtype (no
     autotuning: every rank and every CUDA-graph capture runs the same kernels); chosen on the
     sm_90 compile (``make resources``) as the largest tiles without a spill. Under the
     interpreter: small tiles (speed of the CPU tests)."""
     interpret = interpreting() if interpret is None else interpret
     if interpret:
-        t = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-        return dict(t, BLOCK_K=32) if kind == "dgamma" else t
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     fp32 = dtype == torch.float32
-    chain = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=1)
+    # a chain program walks its rows through every layer one small tile at a time: 16 rows
+    # (twice the programs of 32 on a few hundred rows) and 2 stages, so the next tile's loads
+    # overlap this one's MMAs (H200, commit 0a20d77: 32 x 64 tiles at 1 stage were latency-bound)
+    chain = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
     return {
         "fwd": chain,
         "bwd": chain,
-        # the backward of a chain whose first layer's dx reads X (a context that needs a
-        # gradient): 64-wide N tiles spill 16 B there
-        "bwd_x": dict(chain, BLOCK_N=32),
-        "wide": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-                 if fp32 else
-                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)),
+        # the backward of a chain whose first layer's dx reads X (an MLPResNet input that needs
+        # a gradient)
+        "bwd_x": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=1),
+        "tiled": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+                  if fp32 else
+                  dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)),
+        # _linear_dx_kernel: BLOCK_K output columns, BLOCK_N the reduction step
+        "dx": (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+               if fp32 else
+               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)),
+        "rows": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=2),
         "dw": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
         "dgamma": dict(BLOCK_K=256, num_warps=4, num_stages=1),
     }[kind]
@@ -45,8 +53,9 @@ def stack_config(kind: str, dtype: torch.dtype, interpret: bool | None = None) -
 
 def stack_resources(prefix: str, D: int) -> list:
     """The layer-stack kernels as the launchers configure them, per model dtype at the launched
-    precision (fp32: "tf32x3"; bf16), with the context's first Linear (K = D) as the wide
-    layer: the resource report's entries."""
+    precision (fp32: "tf32x3"; bf16): the chains, the tiled launches of the context's layers
+    (fc1 with K = D, a residual block, the K|V projection), the dx GEMM and row pass of their
+    backward, the grouped dW: the resource report's entries."""
     out = []
     for dtype, prec in ((torch.float32, "tf32x3"), (torch.bfloat16, "tf32")):
         dt = _TAGS[dtype]
@@ -72,14 +81,34 @@ def stack_resources(prefix: str, D: int) -> list:
                                       PAD="*u8" if has_x else None, DY=p, DX="*bf16",
                                       layer_last=3, n_layers=2, sx=D),
                             constexprs=dict(HAS_X=has_x, **dot, **t), **launch))
-        t, launch = tiles("wide")
-        out.append(dict(name=f"{prefix}.linear_wide.{dt}.K{D}", kernel=_linear_wide_kernel,
-                        args=dict(X="*bf16", PAD="*u8", P=p, WS="*fp32", M=4800, N=512, K=D,
-                                  sx=D, w_off=3 * D, b_off=77, g_off=5, beta_off=D + 5,
-                                  out_off=1024, pre_off=D * 1024, mu_off=3, rstd_off=7,
-                                  eps=1e-5),
-                        constexprs=dict(ACT=ACTIVATIONS["silu"], GROUP_M=8, **dot, **t),
-                        expect_wgmma=True, **launch))
+        t, launch = tiles("tiled")
+        for name, K, N, in_x, ln, act, res in (("fc1", D, 512, True, True, "silu", False),
+                                               ("block", 512, 512, False, True, "silu", True),
+                                               ("kv", 512, 1024, False, False, "none", False)):
+            out.append(dict(
+                name=f"{prefix}.linear_tiled.{name}.{dt}", kernel=_linear_tiled_kernel,
+                args=dict(X="*bf16", PAD="*u8" if in_x else None, P=p, WS="*fp32", M=4800, N=N,
+                          K=K, sx=D if in_x else 0, in_off=4096, w_off=3 * D, b_off=77,
+                          g_off=5, beta_off=D + 5, out_off=1024, pre_off=D * 1024, mu_off=3,
+                          rstd_off=7, eps=1e-5),
+                constexprs=dict(IN_X=in_x, HAS_LN=ln, ACT=ACTIVATIONS[act], HAS_RES=res,
+                                GROUP_M=8, **dot, **t),
+                expect_wgmma=True, **launch))
+        t, launch = tiles("dx")
+        out.append(dict(name=f"{prefix}.linear_dx.{dt}", kernel=_linear_dx_kernel,
+                        args=dict(P=p, WB="*fp32", M=4800, N=1024, K=512, dpre_off=4096,
+                                  w_off=3 * D, g_off=5, out_off=1024),
+                        constexprs=dict(GROUP_M=8, **dot, **t), expect_wgmma=True, **launch))
+        c = stack_config("rows", dtype, interpret=False)
+        out.append(dict(name=f"{prefix}.ln_bwd_rows.{dt}", kernel=_ln_bwd_rows_kernel,
+                        args=dict(X="*bf16", PAD=None, WS="*fp32", WB="*fp32", DX="*fp32",
+                                  M=4800, K=512, sx=0, in_off=4096, mu_off=3, rstd_off=7,
+                                  scr_off=1024, dy_off=2048, dx_off=1024, pre_off=512,
+                                  dpre_off=8192),
+                        constexprs=dict(IN_X=False, HAS_LN=True, HAS_RES=True, DX_EXT=False,
+                                        ACT_NEXT=ACTIVATIONS["silu"], BLOCK_M=c["BLOCK_M"],
+                                        BLOCK_K=c["BLOCK_K"]),
+                        num_warps=c["num_warps"], num_stages=c["num_stages"]))
         t, launch = tiles("dw")
         out.append(dict(name=f"{prefix}.stack_dw.{dt}", kernel=_stack_dw_kernel,
                         args=dict(T="*i64", WORK="*i64", P=p, WS="*fp32", WB="*fp32",

@@ -395,18 +395,9 @@ def _stack_dgamma_kernel(T, WORK, PART, G, BLOCK_N_DW, BLOCK_K: tl.constexpr):
     tl.store(G + _col(T, li, COL_GBETA) + ks, dbeta.to(G.dtype.element_ty), mask=k_ok)
 
 
-@flags_from_pointers(HAS_PAD="PAD")
 @triton.jit
-def _linear_wide_kernel(X, PAD, P, WS, M, N, K, sx, w_off, b_off, g_off, beta_off, out_off,
-                        pre_off, mu_off, rstd_off, eps,
-                        HAS_PAD: tl.constexpr, ACT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                        UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """One wide LN-linear layer of a plan, compiled for it (every option a constexpr): the
-    context's first Linear (K = D, thousands of rows). One (BLOCK_M, BLOCK_N) tile per program,
-    grouped ordering (GROUP_M row tiles share a W column tile in L2); the row statistics over
-    K computed first by every program (pid_n == 0 stores them), the A tile normalised in fp32
-    in the K loop; bias, the pre-activation saved, act in the epilogue; out to WS."""
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows, cols) of this program's tile; GROUP_M row tiles share a column tile in L2."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -415,28 +406,45 @@ def _linear_wide_kernel(X, PAD, P, WS, M, N, K, sx, w_off, b_off, g_off, beta_of
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = (first_m + (pid % group) % size_m).to(tl.int64)
     pid_n = ((pid % group) // size_m).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_n
+
+
+@flags_from_pointers(HAS_PAD="PAD")
+@triton.jit
+def _linear_tiled_kernel(X, PAD, P, WS, M, N, K, sx, in_off, w_off, b_off, g_off, beta_off,
+                         out_off, pre_off, mu_off, rstd_off, eps,
+                         IN_X: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr,
+                         ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One layer of a plan over many rows, compiled for it (every option a constexpr): a tiled
+    grid over (rows, N), grouped ordering. Input: X (IN_X; a padded row reads as zeros) or WS
+    rows at in_off (row stride K). With HAS_LN the row statistics over K are computed first by
+    every program (pid_n == 0 stores them) and the A tile is normalised in fp32 in the K loop.
+    Epilogue: bias, the pre-activation saved (ACT), act, + the input (HAS_RES, K == N); out to
+    WS at out_off (row stride N)."""
+    rows, cols, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row_ok = rows < M
     col_ok = cols < N
-    mean, rstd = _in_stats(WS, X, PAD, -1, rows, row_ok, K, sx, eps, True, HAS_PAD, BLOCK_M,
-                           BLOCK_K)
+    src = -1 if IN_X else in_off
+    if HAS_LN:
+        mean, rstd = _in_stats(WS, X, PAD, src, rows, row_ok, K, sx, eps, IN_X, HAS_PAD,
+                               BLOCK_M, BLOCK_K)
+    else:  # the statistics the weight-gradient launch reads for every layer: 0 and 1
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rstd = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     if pid_n == 0:
         tl.store(WS + mu_off + rows, mean, mask=row_ok)
         tl.store(WS + rstd_off + rows, rstd, mask=row_ok)
-    if HAS_PAD:
-        row_ok_x = row_ok & (tl.load(PAD + rows, mask=row_ok, other=1) == 0)
-    else:
-        row_ok_x = row_ok
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = tl.load(X + rows[:, None] * sx + ks[None, :], mask=row_ok_x[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        g = tl.load(P + g_off + ks, mask=k_ok, other=0.0).to(tl.float32)
-        be = tl.load(P + beta_off + ks, mask=k_ok, other=0.0).to(tl.float32)
-        a = (a - mean[:, None]) * (rstd[:, None] * g[None, :]) + be[None, :]
+        a = _in_tile(WS, X, PAD, src, rows, row_ok, ks, k_ok, K, sx, IN_X, HAS_PAD)
+        if HAS_LN:
+            g = tl.load(P + g_off + ks, mask=k_ok, other=0.0).to(tl.float32)
+            be = tl.load(P + beta_off + ks, mask=k_ok, other=0.0).to(tl.float32)
+            a = (a - mean[:, None]) * (rstd[:, None] * g[None, :]) + be[None, :]
         w = tl.load(P + w_off + cols[:, None] * K + ks[None, :],
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = mm(a, tl.trans(w), acc, DOT_DTYPE, UPCAST, PREC)
@@ -448,4 +456,95 @@ def _linear_wide_kernel(X, PAD, P, WS, M, N, K, sx, w_off, b_off, g_off, beta_of
             acc = tl.maximum(acc, 0.0)
         else:
             acc = acc * tl.sigmoid(acc)
+    if HAS_RES:
+        acc += _in_tile(WS, X, PAD, src, rows, row_ok, cols, col_ok, K, sx, IN_X, HAS_PAD)
     tl.store(WS + out_off + rows[:, None] * N + cols[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _linear_dx_kernel(P, WB, M, N, K, dpre_off, w_off, g_off, out_off,
+                      DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    """The input-side GEMM of one layer's backward, tiled over (rows, K): out (M, K) =
+    (dpre @ W) * gamma (fp32 into WB at out_off; gamma at g_off: constant ones for a layer
+    without LayerNorm); dpre (M, N) in WB. A layer with a LayerNorm still needs its row pass
+    (``_ln_bwd_rows_kernel``); for one without, ``out`` is its dx."""
+    rows, ks, _ = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    row_ok = rows < M
+    k_ok = ks < K
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dp = tl.load(WB + dpre_off + rows[:, None] * N + cols[None, :],
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(P + w_off + cols[:, None] * K + ks[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = mm(dp, w, acc, DOT_DTYPE, UPCAST, PREC)
+    acc = acc * tl.load(P + g_off + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(WB + out_off + rows[:, None] * K + ks[None, :], acc,
+             mask=row_ok[:, None] & k_ok[None, :])
+
+
+@flags_from_pointers(HAS_PAD="PAD")
+@triton.jit
+def _ln_bwd_rows_kernel(X, PAD, WS, WB, DX, M, K, sx, in_off, mu_off, rstd_off, scr_off, dy_off,
+                        dx_off, pre_off, dpre_off,
+                        IN_X: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr,
+                        HAS_RES: tl.constexpr, DX_EXT: tl.constexpr, ACT_NEXT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The row pass of a layer's backward, BLOCK_M rows per program: with HAS_LN (two passes
+    over K) dx = rstd * (dxhat - mean_k(dxhat) - xhat * mean_k(dxhat * xhat)), else dx = dxhat;
+    [+ dy]; dxhat at scr_off (``_linear_dx_kernel``'s output; dx may overwrite it in place); dx
+    to WB at dx_off (the previous layer's dy) or the external DX (DX_EXT: a padded X row gets
+    exact zeros); and, for the previous layer, its dpre = dx * act'(pre) at dpre_off (ACT_NEXT:
+    its activation, pre-activation at pre_off)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    src = -1 if IN_X else in_off
+    mean = tl.load(WS + mu_off + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(WS + rstd_off + rows, mask=row_ok, other=0.0)
+    c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_LN:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            mask = row_ok[:, None] & k_ok[None, :]
+            dxh = tl.load(WB + scr_off + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+            x = _in_tile(WS, X, PAD, src, rows, row_ok, ks, k_ok, K, sx, IN_X, HAS_PAD)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            c1 += tl.sum(dxh, 1)
+            c2 += tl.sum(dxh * xhat, 1)
+        c1 = c1 / K
+        c2 = c2 / K
+    keep = row_ok
+    if IN_X:
+        if HAS_PAD:
+            keep = keep & (tl.load(PAD + rows, mask=row_ok, other=1) == 0)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        mask = row_ok[:, None] & k_ok[None, :]
+        dx = tl.load(WB + scr_off + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+        if HAS_LN:
+            x = _in_tile(WS, X, PAD, src, rows, row_ok, ks, k_ok, K, sx, IN_X, HAS_PAD)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+            dx = rstd[:, None] * (dx - c1[:, None] - xhat * c2[:, None])
+        if HAS_RES:
+            dx += tl.load(WB + dy_off + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+        dx = tl.where(keep[:, None], dx, 0.0)
+        if DX_EXT:
+            tl.store(DX + rows[:, None] * K + ks[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        else:
+            tl.store(WB + dx_off + rows[:, None] * K + ks[None, :], dx, mask=mask)
+        if ACT_NEXT != ACT_NONE:
+            h = tl.load(WS + pre_off + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+            if ACT_NEXT == ACT_RELU:
+                dp = tl.where(h > 0.0, dx, 0.0)
+            else:
+                sig = tl.sigmoid(h)
+                dp = dx * sig * (1.0 + h * (1.0 - sig))
+            tl.store(WB + dpre_off + rows[:, None] * K + ks[None, :], dp, mask=mask)

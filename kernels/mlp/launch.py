@@ -8,8 +8,9 @@ table the kernels read (one row per layer, columns ``fused.STACK_COLS``). The pa
 ONE flat tensor P (``mlp_tensors``' order for an MLPResNet, then ``constants``: ones / zeros
 that a layer without LayerNorm or bias reads instead); their gradient is one tensor of P's
 layout. Launches: ``stack_forward`` (a chain, each program its rows through every layer),
-``stack_forward_wide`` (one wide layer with its own compiled kernel), ``stack_backward``,
-``stack_weight_grads`` (every dW in one launch, the dgamma/dbeta sums in a second).
+``stack_forward_tiled`` / ``stack_backward_tiled`` (one layer at a time over thousands of rows,
+tiled tensor-core launches compiled per layer), ``stack_backward``, ``stack_weight_grads`` (every
+dW in one launch, the dgamma/dbeta sums in a second).
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import triton
 
 from .._utils import ACTIVATIONS, TL_DTYPES, dot_precision, empty, upcast_dot
 from .configs import stack_config
-from .fused import (STACK_COLS, _linear_wide_kernel, _stack_bwd_kernel,  # noqa: E402
-                    _stack_dgamma_kernel, _stack_dw_kernel, _stack_fwd_kernel)
+from .fused import (STACK_COLS, _linear_dx_kernel, _linear_tiled_kernel, _ln_bwd_rows_kernel,
+                    _stack_bwd_kernel, _stack_dgamma_kernel, _stack_dw_kernel,
+                    _stack_fwd_kernel)
 
 C = STACK_COLS
 X_IN = -1                 # a layer input: the launch's external X (PAD-masked rows)
@@ -97,7 +99,6 @@ class StackPlan:
             row[C["G"]], row[C["BETA"]] = (L.g, L.beta) if L.ln else (self.ones, self.zeros)
             row[C["GG"]], row[C["GBETA"]] = (L.g, L.beta) if L.ln else (-1, -1)
             row[C["ACT"]], row[C["RES"]], row[C["PE"]] = ACTIVATIONS[L.act], int(L.res), int(L.pe)
-            row[C["DPRE"]] = self.alloc_wb(M * L.N)
             if L.ln:
                 row[C["PART"]] = self.part
                 self.part += 2 * -(-L.N // self.block_n_dw) * L.K
@@ -106,11 +107,14 @@ class StackPlan:
             self.rows.append(row)
             self.eps.append(float(L.eps))
             x = row[C["OUT"]]
-        # backward wiring, last layer first: a layer's dx is the previous layer's dy
+        # backward wiring, last layer first: a layer's dx is the previous layer's dy; its dpre
+        # (dy * act'(pre)) IS its dy when it has no activation and dy is in wb
         g = dy
         for i in range(len(self.rows) - 1, first - 1, -1):
             row = self.rows[i]
             row[C["DY"]] = g
+            row[C["DPRE"]] = (g if (row[C["ACT"]] == 0 and g >= 0) else
+                              self.alloc_wb(M * row[C["N"]]))
             row[C["DX"]] = g = (self.alloc_wb(M * row[C["K"]]) if i > first else dx)
             # dxhat in fp32: in dx's own region when that is in wb, else a region of its own
             row[C["SCR"]] = (row[C["DX"]] if row[C["DX"]] >= 0 else
@@ -171,23 +175,64 @@ def stack_forward(plan: StackPlan, P, ws, first: int, last: int, M: int, *, X=No
         HAS_X=X is not None, **_dot_kw(P.dtype, precision), **_launch_kw(cfg))
 
 
-def stack_forward_wide(plan: StackPlan, P, ws, layer: int, M: int, X, *, pad=None,
-                       precision: str = "ieee") -> None:
-    """One wide layer of ``plan`` (input X, LayerNorm, output in ws) with its own kernel,
-    compiled for it (``_linear_wide_kernel``): a tiled grid over (rows, N)."""
+def stack_forward_tiled(plan: StackPlan, P, ws, layer: int, M: int, *, X=None, pad=None,
+                        precision: str = "ieee") -> None:
+    """One layer of ``plan`` over many rows with its own compiled kernel
+    (``_linear_tiled_kernel``): a tiled grid over (rows, N), tensor-core tiles - what the chain
+    launch cannot give thousands of rows. Its input is X (the row's IN is X_IN) or ws; its
+    output goes to ws (no pe, no external output)."""
     r = plan.rows[layer]
-    if r[C["IN"]] != X_IN or not r[C["LN"]] or r[C["OUT"]] < 0 or r[C["RES"]] or r[C["PE"]]:
-        raise ValueError("stack_forward_wide: the layer must read X, have a LayerNorm and "
-                         "write ws (no residual, no pe)")
-    cfg = stack_config("wide", P.dtype)
+    if r[C["OUT"]] < 0 or r[C["PE"]] or (r[C["IN"]] < 0) != (X is not None):
+        raise ValueError("stack_forward_tiled: the layer must write ws, add no pe, and read X "
+                         "exactly when X is given")
+    cfg = stack_config("tiled", P.dtype)
     N, K = r[C["N"]], r[C["K"]]
-    act = {v: k for k, v in ACTIVATIONS.items()}[r[C["ACT"]]]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _linear_wide_kernel[grid](
-        X, _pad_bytes(pad), P, ws, M, N, K, X.stride(0), r[C["W"]], r[C["B"]], r[C["G"]],
-        r[C["BETA"]], r[C["OUT"]], max(r[C["PRE"]], 0), r[C["MU"]], r[C["RSTD"]],
-        plan.eps[layer], ACT=ACTIVATIONS[act], GROUP_M=cfg["GROUP_M"],
-        **_dot_kw(P.dtype, precision), **_launch_kw(cfg))
+    _linear_tiled_kernel[grid](
+        X if X is not None else ws, _pad_bytes(pad), P, ws, M, N, K,
+        X.stride(0) if X is not None else 0, max(r[C["IN"]], 0), r[C["W"]], r[C["B"]],
+        r[C["G"]], r[C["BETA"]], r[C["OUT"]], max(r[C["PRE"]], 0), r[C["MU"]], r[C["RSTD"]],
+        plan.eps[layer], IN_X=X is not None, HAS_LN=bool(r[C["LN"]]), ACT=r[C["ACT"]],
+        HAS_RES=bool(r[C["RES"]]), GROUP_M=cfg["GROUP_M"], **_dot_kw(P.dtype, precision),
+        **_launch_kw(cfg))
+
+
+def stack_backward_tiled(plan: StackPlan, P, ws, wb, first: int, last: int, M: int, *,
+                         X=None, pad=None, dx=None, precision: str = "ieee") -> None:
+    """The backward of layers last..first over many rows with tiled launches: per layer
+    ``_linear_dx_kernel`` ((dpre @ W) * gamma) then, unless that already is the previous
+    layer's dpre (no LayerNorm, and the previous layer has no activation), the row pass
+    ``_ln_bwd_rows_kernel`` (the LayerNorm backward, + dy of a residual block) which also
+    writes the previous layer's dpre. The last layer must have no activation (its dpre is its
+    dy). X: when the first layer's dx is wanted (dx: the external tensor)."""
+    if plan.rows[last][C["ACT"]] != 0:
+        raise ValueError("stack_backward_tiled: the last layer must have no activation")
+    cfg = stack_config("dx", P.dtype)
+    rows_cfg = stack_config("rows", P.dtype)
+    for i in range(last, first - 1, -1):
+        r = plan.rows[i]
+        if r[C["DX"]] == NONE:
+            break
+        N, K = r[C["N"]], r[C["K"]]
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+        _linear_dx_kernel[grid](P, wb, M, N, K, r[C["DPRE"]], r[C["W"]], r[C["G"]],
+                                r[C["SCR"]], GROUP_M=cfg["GROUP_M"],
+                                **_dot_kw(P.dtype, precision), **_launch_kw(cfg))
+        prev = plan.rows[i - 1] if i > first else None
+        act_next = prev[C["ACT"]] if prev is not None else 0
+        ext = r[C["DX"]] == EXTERNAL
+        if not r[C["LN"]] and not r[C["RES"]] and act_next == 0 and not ext:
+            continue  # dxhat is dx, and dx is the previous layer's dpre (aliased in the plan)
+        in_x = r[C["IN"]] < 0
+        _ln_bwd_rows_kernel[(triton.cdiv(M, rows_cfg["BLOCK_M"]),)](
+            X if in_x else ws, _pad_bytes(pad) if in_x else None, ws, wb,
+            dx if ext else wb, M, K, X.stride(0) if in_x else 0, max(r[C["IN"]], 0),
+            r[C["MU"]], r[C["RSTD"]], r[C["SCR"]], max(r[C["DY"]], 0), max(r[C["DX"]], 0),
+            max(prev[C["PRE"]], 0) if prev is not None else 0,
+            prev[C["DPRE"]] if prev is not None else 0, IN_X=in_x, HAS_LN=bool(r[C["LN"]]),
+            HAS_RES=bool(r[C["RES"]]), DX_EXT=ext, ACT_NEXT=act_next,
+            BLOCK_M=rows_cfg["BLOCK_M"], BLOCK_K=rows_cfg["BLOCK_K"],
+            num_warps=rows_cfg["num_warps"], num_stages=rows_cfg["num_stages"])
 
 
 def stack_backward(plan: StackPlan, P, ws, wb, first: int, last: int, M: int, *, X=None,
