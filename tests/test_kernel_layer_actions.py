@@ -211,3 +211,22 @@ def test_layer_actions_triton_gpu_production_shape():
     out = layer_actions(hs, idx, head, include_embeddings=True, backend="triton")
     ref, _ = _oracle(hs, idx, head, None, include_embeddings=True)
     assert_close("layer_actions production", ref, out, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("ratio", [0.0, 100.0, 1000.0], ids=["mean0", "mean100sigma", "mean1000sigma"])
+def test_layer_actions_rows_with_large_mean_over_sigma(ratio, dtype):
+    """The row kernel's LayerNorm statistics (sums shifted by the first chunk's mean) at
+    |mean| / sigma of 0, 100 and 1000 - where E[x^2] - E[x]^2 in fp32 loses the variance - held
+    to 2x eager's own error against float64 (eager normalises each row in its dtype too)."""
+    from energy_train.testing import assert_close_to_eager
+    B, T, D, H, Da, L, hidden = 2, 30, 48, 2, 3, 2, 40
+    g = torch.Generator().manual_seed(int(ratio) + 7)
+    hs = [(ratio + torch.randn(B, T, D, generator=g, dtype=F64)).to(dtype).to(DEV)
+          for _ in range(L + 1)]
+    head = _head(D, hidden, Da, H, "relu", 3, dtype)
+    idx = build_action_index(num_tokens=H * Da, start=torch.tensor([1, 4], device=DEV))
+    out = layer_actions_triton(hs[1:], idx, action_head_weights(head))
+    eager = layer_actions_reference(hs[1:], idx, action_head_weights(head))
+    ref, _ = _oracle(hs, idx, head, None)
+    assert_close_to_eager("layer_actions", ref, out, eager, dtype=dtype)
