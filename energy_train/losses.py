@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .checks import check_bool, check_int, check_nonempty, check_real, check_tensor
 from .models import EnergyModel
+from .modes import eval_mode
 from .ops import energy_scores
 
 
@@ -244,7 +245,8 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
 def correct_actions(energy_model, context, pad_mask, actions, *, alpha: float = 0.1,
                     steps: int = 1, clip_frac: float = 0.2, backend: str = "auto") -> torch.Tensor:
     """Test-time correction: ``steps`` times A <- A - alpha * dE/dA, each step's norm clipped
-    to ``clip_frac`` of |A| (per sample, over the flattened chunk, as the fork does).
+    to ``clip_frac`` of |A| (per sample, over the flattened chunk, as the fork does), the
+    energy model in eval mode (its mode restored after).
     actions (B, H, Da) -> corrected (B, H, Da), detached (B = 0: an empty result). Context gets
     no gradient. alpha >= 0, steps an int >= 0, clip_frac > 0."""
     alpha = check_real("alpha", alpha, low=0)
@@ -253,7 +255,7 @@ def correct_actions(energy_model, context, pad_mask, actions, *, alpha: float = 
     _check_chunks(energy_model, context, "actions", actions, allow_empty=True)
     context = context.detach()
     a = actions.detach()
-    with torch.enable_grad():
+    with torch.enable_grad(), eval_mode(energy_model):  # test time: eval mode, restored after
         for _ in range(steps):
             a = a.clone().requires_grad_(True)
             e = energy_scores(energy_model, context, pad_mask, a.unsqueeze(1), backend=backend)

@@ -14,7 +14,7 @@ KERNELS = ROOT / "kernels"
 FLOORS = [
     ("energy_train.kernels", "energy_train.checks", "energy_train.files", "energy_train.knobs",
      "energy_train.tensors", "energy_train.grads", "energy_train.testing",
-     "energy_train.telemetry", "energy_train.plots"),
+     "energy_train.telemetry", "energy_train.plots", "energy_train.modes"),
     ("energy_train.models", "energy_train.capture"),
     ("energy_train.ops",),
     ("energy_train.losses",),

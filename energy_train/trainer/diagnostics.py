@@ -74,6 +74,7 @@ class Diagnostics:
     def probe(self, t) -> dict:
         """Held-out metrics on the fixed probe batch (see the module docstring)."""
         t.drain()
+        t.energy.eval()  # no-grad forwards: eval mode (energy_train/modes.py)
         obj, mb = t.objective, self.probe_batch(t)
         fwd = t.observe(mb, reuse=False)  # kept as the next drift reference
         ctx, negs = obj.context(fwd), obj.layer_actions(fwd)
@@ -111,6 +112,7 @@ class Diagnostics:
         if s != t.step - 1:
             return {}
         t.drain()
+        t.energy.eval()
         evaluate = t.objective.evaluate
         nxt = t.batch(t.step)[0]
         l_old = evaluate(ctx0, mb, negs0, t.step).loss

@@ -88,6 +88,7 @@ def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=No
     device = resolve_device(cfg.run.device) if ctx is None else ctx.device
     if cfg.run.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.run.threads)
+    trainer = None
     try:
         trainer = build_trainer(cfg, device, ctx, policy=policy, energy=energy, data=data,
                                 probe=probe)
@@ -100,6 +101,8 @@ def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=No
             raise e2 from e
         raise
     finally:
+        if trainer is not None:
+            trainer.restore_modes()  # the modules' modes as they came in (energy_train/modes.py)
         unlock(run_dir)
         torch.set_num_threads(threads)
         distributed.teardown(ctx)
