@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import build, default_config, load_toml
+from .config import Typed, build, default_config, load_toml
 
 
 def _demo(args) -> int:
@@ -51,7 +51,7 @@ def _sets(args) -> dict:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--set: expected key=value, got {item!r}")
-        out[key.strip()] = value.strip()
+        out[key.strip()] = Typed(value.strip())  # text: a free-form [policy] key parses TOML
     return out
 
 

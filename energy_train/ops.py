@@ -167,6 +167,21 @@ def select_layers(n_states: int, layers: Iterable[int] | None, include_embedding
     return out
 
 
+_LAYER_AXES = "_energy_train_layer_actions"  # marks (L, B, H, Da) outputs (losses refuse them)
+
+
+def mark_layer_actions(t: torch.Tensor) -> torch.Tensor:
+    """Mark ``t`` as layer actions (L, B, H, Da), layers first: the losses that take negatives
+    (B, M, H, Da) refuse it even when L == B (same shape, axes swapped)."""
+    if not torch.compiler.is_compiling():
+        setattr(t, _LAYER_AXES, True)
+    return t
+
+
+def is_layer_actions(t) -> bool:
+    return isinstance(t, torch.Tensor) and getattr(t, _LAYER_AXES, False) is True
+
+
 @torch.no_grad()
 def layer_actions(hidden_states, action_index: torch.Tensor | None, head: L1RegressionActionHead,
                   layers: Iterable[int] | None = None, *, include_embeddings: bool = False,
@@ -210,8 +225,8 @@ def layer_actions(hidden_states, action_index: torch.Tensor | None, head: L1Regr
     idx = select_layers(len(states), layers, include_embeddings)
     norm_mask = [final_norm is not None and l != len(states) - 1 for l in idx]
     fn = _path("layer_actions", backend, states[0].device)
-    return fn([states[l] for l in idx], action_index, action_head_weights(head),
-              final_norm=final_norm, norm_mask=norm_mask)
+    return mark_layer_actions(fn([states[l] for l in idx], action_index, action_head_weights(head),
+                                 final_norm=final_norm, norm_mask=norm_mask))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from torch import nn
 
 from .capture import find_decoder
 from .models import L1RegressionActionHead
-from .ops import layer_actions
+from .ops import layer_actions, mark_layer_actions
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Policy(abc.ABC):
         stacked = torch.stack(picked)
         L, B = stacked.shape[:2]
         out = self.predict_action(stacked.reshape(L * B, *stacked.shape[2:]))
-        return out.reshape(L, B, *out.shape[1:])
+        return mark_layer_actions(out.reshape(L, B, *out.shape[1:]))
 
     def check_batch(self, batch: dict) -> None:
         """Optional: check a batch as the data gives it, before the trainer moves it to the
