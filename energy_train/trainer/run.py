@@ -197,10 +197,16 @@ def _resume(trainer: Trainer, run_dir: Path, echo, main: bool, keep_stop: bool):
     step, cfg = (0 if loaded is None else loaded.step), trainer.cfg
     for why in (loaded.skipped if loaded is not None else []):
         echo(f"warning: skipped a newer checkpoint: {why}")
-    if cfg.run.stop_after and cfg.run.stop_after <= step and not keep_stop:
-        # the saved stop point is reached: a plain --resume continues to run.steps (else it
-        # would stop at once and suggest the same --resume again)
-        cfg = trainer.cfg = cfg.with_values({"run.stop_after": 0}, "--resume")
+    # the --resume rule (rundir.prepare_run_dir): to run.steps, or to a --stop-after the command
+    # gives; a target at or before the checkpoint is refused before anything is rewritten
+    where = f"its checkpoint {loaded.dir.name}" if loaded is not None else "no checkpoint"
+    if cfg.run.steps < step:
+        raise RunError(f"run.steps (--steps) = {cfg.run.steps}: the run is already at step {step} "
+                       f"({where}); give --steps >= {step}, or leave it out")
+    if keep_stop and 0 < cfg.run.stop_after <= step:
+        raise RunError(f"run.stop_after (--stop-after) = {cfg.run.stop_after}: the run is already "
+                       f"at step {step} ({where}); give a later step, or 0 to run to run.steps = "
+                       f"{cfg.run.steps}")
     if main:
         (run_dir / "complete.json").unlink(missing_ok=True)
         retire_error(run_dir)

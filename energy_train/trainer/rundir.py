@@ -60,7 +60,15 @@ def prepare_run_dir(cfg: TrainConfig, out, resume: bool, overrides: dict | None)
             unlock(run_dir)
             raise RunError(f"--resume: cannot change {locked} of an existing run (only "
                            f"{resumable_keys()})")
-        return run_dir, saved.with_values(changed, "--resume")  # config.json: after load
+        # the one --resume rule: a resume runs to run.steps unless the command gives a new
+        # --stop-after; the saved stop point never applies (it may lie before or after the
+        # checkpoint a fallback loads). run.py refuses a --steps / --stop-after the run is past.
+        changed["run.stop_after"] = (overrides or {}).get("run.stop_after", 0)
+        try:
+            return run_dir, saved.with_values(changed, "--resume")  # config.json: after load
+        except ValueError:
+            unlock(run_dir)
+            raise
     run_dir = Path(out) if out is not None else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"--out {str(run_dir)!r}: expected a directory, got an existing file")
