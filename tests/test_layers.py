@@ -19,7 +19,7 @@ FLOORS = [
     ("energy_train.ops",),
     ("energy_train.losses",),
     ("energy_train.policy", "energy_train.deploy"),
-    ("energy_train.policies", "energy_train.integrations"),
+    ("energy_train.policies", "energy_train.integrations", "energy_train.data"),
     ("energy_train.strategies", "energy_train.distributed"),
     ("energy_train.config",),
     ("energy_train.trainer",),

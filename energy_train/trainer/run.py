@@ -19,7 +19,7 @@ from .. import distributed
 from ..config import TrainConfig, canonical
 from ..files import atomic_write_text
 from ..plots import plot_run
-from ..policies import Setup, default_energy, resolve_factory
+from ..policies import default_energy, make_setup
 from ..policy import Policy
 from . import checkpoint
 from .core import Trainer
@@ -113,11 +113,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device, ctx=None, *, policy=No
     """The policy (the user's, or built by run.policy's factory), the energy model and the
     data in a Trainer, checked once (data, policy outputs) and distributed under torchrun."""
     if policy is None:
-        setup = resolve_factory(cfg.run.policy)(cfg, device)
-        if not isinstance(setup, Setup):
-            raise TypeError(f"run.policy (--policy) {cfg.run.policy!r}: the factory must return "
-                            f"energy_train.policies.Setup(policy, data, probe=None, energy=None), "
-                            f"got {type(setup).__name__}")
+        setup = make_setup(cfg.run.policy, cfg, device)  # checked: a Setup of the right types
         policy, data = setup.policy, data if data is not None else setup.data
         energy = energy if energy is not None else setup.energy
         probe = probe if probe is not None else setup.probe
