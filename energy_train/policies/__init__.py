@@ -90,10 +90,11 @@ def resolve_factory(name: str) -> Callable:
     return fn
 
 
-def make_setup(name: str, cfg, device: torch.device) -> Setup:
+def make_setup(name: str, cfg, device: torch.device, *, need_data: bool = True) -> Setup:
     """``factory(cfg, device)`` of run.policy, its result checked: a :class:`Setup` of a
-    Policy, data, a probe batch dict (or None) and an EnergyModel (or None). Whatever the
-    factory raises becomes a FactoryError naming it (and where in its code)."""
+    Policy, data (may be None when the caller brings its own: ``need_data=False``), a probe
+    batch dict (or None) and an EnergyModel (or None). Whatever the factory raises becomes a
+    FactoryError naming it (and where in its code)."""
     fn = resolve_factory(name)
     where = f"run.policy (--policy) {name!r}"
     try:
@@ -106,7 +107,7 @@ def make_setup(name: str, cfg, device: torch.device) -> Setup:
     if not isinstance(setup.policy, Policy):
         raise FactoryError(f"{where}: Setup.policy: expected an energy_train.Policy (subclass it: "
                            f"backbone, action_head, forward, layout, expert), got {_kind(setup.policy)}")
-    if setup.data is None or isinstance(setup.data, (str, bytes, dict, torch.Tensor)):
+    if (setup.data is None and need_data) or isinstance(setup.data, (str, bytes, dict, torch.Tensor)):
         raise FactoryError(f"{where}: Setup.data: expected a step-indexed source (batch(step, "
                            "rank, world), probe()) or an iterable of batch dicts (a DataLoader; "
                            f"energy_train.data.TaskData is one), got {_kind(setup.data)}")

@@ -113,7 +113,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device, ctx=None, *, policy=No
     """The policy (the user's, or built by run.policy's factory), the energy model and the
     data in a Trainer, checked once (data, policy outputs) and distributed under torchrun."""
     if policy is None:
-        setup = make_setup(cfg.run.policy, cfg, device)  # checked: a Setup of the right types
+        setup = make_setup(cfg.run.policy, cfg, device, need_data=data is None)  # checked
         policy, data = setup.policy, data if data is not None else setup.data
         energy = energy if energy is not None else setup.energy
         probe = probe if probe is not None else setup.probe
