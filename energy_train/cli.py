@@ -213,6 +213,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line too (a run's error.txt says where it stopped)
+        if os.environ.get("ENERGY_TRAIN_TRACEBACK") == "1":
+            raise
+        print(f"energy-train {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - the user gets one line, error.txt the traceback
         if os.environ.get("ENERGY_TRAIN_TRACEBACK") == "1":
             raise

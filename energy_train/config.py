@@ -326,10 +326,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """A TOML file's values: tables are sections; top-level keys may be flat (mapped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config: no such file {str(path)!r}")
+        what = "a directory, not a file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"--config: {what} {str(path)!r}")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path}: not valid TOML ({e})") from None
     for k, v in data.items():
         if isinstance(v, dict) and k not in SECTIONS and k != "policy":

@@ -176,11 +176,15 @@ def test_resume_with_a_new_stop_point_then_a_plain_resume(tmp_path):
     assert (out / "complete.json").is_file() and _steps(out) == list(range(7))
 
 
-@pytest.mark.parametrize("flag,value", [("--steps", "2"), ("--stop-after", "4"), ("--stop-after", "3")])
-def test_resume_to_a_step_the_run_is_past_is_refused(tmp_path, capsys, flag, value):
+@pytest.mark.parametrize("args", [["--steps", "2"], ["--steps", "2", "--stop-after", "0"],
+                                  ["--stop-after", "4"], ["--stop-after", "3"]],
+                         ids=["steps", "steps-stop-0", "stop-at", "stop-before"])
+def test_resume_to_a_step_the_run_is_past_is_refused(tmp_path, capsys, args):
+    """--steps 2 at step 4 (with --stop-after 0 it used to mark the run complete at step 4 with
+    config.json saying 2) and a --stop-after at or before step 4 are refused."""
     out = _stopped_run(tmp_path)
     config = (out / "config.json").read_text()
-    assert main(["train", "--resume", "--out", str(out), flag, value]) == 2
+    assert main(["train", "--resume", "--out", str(out), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "the run is already at step 4" in err, err
     assert (out / "config.json").read_text() == config  # nothing rewritten

@@ -237,3 +237,33 @@ def test_a_full_disk_while_appending_metrics(tmp_path, capsys, monkeypatch, erro
     else:
         assert len(err) == 1 and expected in (out / "error.txt").read_text()
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+# ---- and the rest: a config file that is not TOML, Ctrl-C, a config that is not a config -----
+def test_a_config_file_that_is_not_toml_text(tmp_path, capsys):
+    bad = tmp_path / "c.toml"
+    bad.write_bytes(b"\xff\xfe[run]\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert f"--config {bad}: not valid TOML" in _one_line(capsys)
+    assert main(["train", "--config", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "--config: a directory, not a file" in _one_line(capsys)
+
+
+def test_ctrl_c_is_one_line_and_error_txt_says_where(tmp_path, capsys, monkeypatch):
+    from energy_train.trainer import Trainer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    out = tmp_path / "run"
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    assert main(["train", "--out", str(out), *sets]) == 130
+    assert _one_line(capsys) == "energy-train train: interrupted"
+    assert (out / "error.txt").read_text().startswith("KeyboardInterrupt")
+
+
+def test_train_with_something_else_than_a_config():
+    from energy_train.trainer import train
+    with pytest.raises(TypeError, match=r"cfg: expected an energy_train.config.TrainConfig .*got dict"):
+        train({"run": {"steps": 2}}, "runs/never")

@@ -64,6 +64,9 @@ def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=No
     ``--resume`` may change (the resumable keys). Returns a RunResult; raises on error,
     leaving error.txt (and never complete.json) in the run directory.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected an energy_train.config.TrainConfig (default_config(...) "
+                        f"or config.resolve(...)), got {type(cfg).__name__}")
     ov = canonical(overrides or {}, cfg.run.policy, "command line")
     if policy is not None and data is None:
         raise ValueError("data: train(policy=...) needs data= (a step-indexed source or an "
