@@ -21,6 +21,10 @@ The two phases (what two_phase runs, and what every other strategy rearranges):
   only the action rows of each layer and the context rows), negatives from the current head,
   energy loss, backward, step phi. Nothing here can reach theta: its inputs carry no graph.
 
+Module modes are the trainer's (:mod:`energy_train.modes`): every policy forward sets train
+mode with grad and eval mode without; the negatives run in eval mode; train() restores the
+modes the modules came in (:meth:`Trainer.restore_modes`).
+
 Every pass over a step's micro-batches is :meth:`Trainer.accumulate`. On CUDA
 (``run.overlap``) phase_phi runs on a side stream beside the next step's phase_theta, ordered by
 events (:mod:`.overlap`); on the CPU, or with overlap off, the same code runs in order. Nothing
