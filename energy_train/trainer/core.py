@@ -21,10 +21,6 @@ The two phases (what two_phase runs, and what every other strategy rearranges):
   only the action rows of each layer and the context rows), negatives from the current head,
   energy loss, backward, step phi. Nothing here can reach theta: its inputs carry no graph.
 
-Module modes are the trainer's (:mod:`energy_train.modes`): every policy forward sets train
-mode with grad and eval mode without; the negatives run in eval mode; train() restores the
-modes the modules came in (:meth:`Trainer.restore_modes`).
-
 Every pass over a step's micro-batches is :meth:`Trainer.accumulate`. On CUDA
 (``run.overlap``) phase_phi runs on a side stream beside the next step's phase_theta, ordered by
 events (:mod:`.overlap`); on the CPU, or with overlap off, the same code runs in order. Nothing
@@ -88,6 +84,7 @@ class Trainer:
         # the modes the modules came in (energy_train/modes.py: the trainer owns them while it
         # runs; train() restores these when it ends)
         self._modes = saved_modes([*policy.modules().values(), energy])
+        energy.train()  # phi trains in train mode; the diagnostics score in eval mode
 
     def use_parallel(self, dp) -> None:
         """Install data-parallel hooks (distributed.Parallel): the DDP wrappers the L1 forward and
@@ -100,7 +97,10 @@ class Trainer:
         return bf16_autocast(self.device, self.cfg.run.precision == "bf16")
 
     def restore_modes(self) -> None:
-        """Every module of theta and phi back in the mode it came in (train() calls it at the end)."""
+        """Every module of theta and phi back in the mode it came in (train() calls it at the end).
+        Module modes are the trainer's while it runs (:mod:`energy_train.modes`): every policy
+        forward sets train mode with grad and eval mode without, the negatives and the
+        diagnostics run in eval mode, phi trains in train mode."""
         restore_modes(self._modes)
 
     # ---- micro-batches -----------------------------------------------------------------------------

@@ -91,8 +91,7 @@ class EnergyObjective:
     # ---- the loss --------------------------------------------------------------------------------
     def loss(self, context: torch.Tensor, mb: Micro, negs, step: int) -> losses.EnergyLoss:
         """The configured energy loss of a micro-batch of ``step``, run inside phi's
-        data-parallel wrapper (what a backward follows), the energy model in train mode."""
-        self.energy.train()
+        data-parallel wrapper (what a backward follows)."""
         return self.dp.call("phi", self.evaluate, context, mb, negs, step)
 
     def evaluate(self, context: torch.Tensor, mb: Micro, negs, step: int) -> losses.EnergyLoss:
