@@ -51,13 +51,26 @@ def test_phase_1_is_stochastic_and_phase_2_deterministic_with_dropout():
 
 
 @pytest.mark.parametrize("strategy", ["two_phase", "joint"])
-def test_every_no_grad_forward_runs_in_eval_mode_and_modes_are_restored(tmp_path, strategy):
-    cfg = tiny_cfg(strategy=strategy, steps=3, probe_every=1, log_every=1)
+def test_every_no_grad_forward_runs_in_eval_mode_and_modes_are_restored(tmp_path, strategy,
+                                                                        monkeypatch):
+    from energy_train import losses
+    cfg = tiny_cfg(strategy=strategy, steps=3, probe_every=1, log_every=1, lag_every=1)
     setup = _dropout_setup(cfg)
+    setup.energy.eval()  # a loaded energy model: the trainer trains it in train mode
     log = _record(setup)
+    scored, scores = [], losses.energy_scores
+
+    def spy(model, *a, **kw):  # (grad enabled, energy model in train mode) of every scoring
+        scored.append((torch.is_grad_enabled(), model.training))
+        return scores(model, *a, **kw)
+
+    monkeypatch.setattr(losses, "energy_scores", spy)
     res = train(cfg, tmp_path / "run", policy=setup.policy, data=setup.data, energy=setup.energy,
                 probe=setup.data.probe(), echo=lambda *a: None)
     assert res.complete
+    assert {on for grad, on in scored if grad} == {True}   # phi's loss: train mode
+    assert {on for grad, on in scored if not grad} == {False}  # probe, lag effect: eval mode
+    assert not setup.energy.training  # restored
     with_grad = [on for _, grad, on in log if grad]
     without = [on for _, grad, on in log if not grad]
     assert with_grad and all(with_grad), "a forward with grad ran in eval mode"
