@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .config import build, default_config, load_toml
+from .config import Typed, build, default_config, load_toml
 
 
 def _demo(args) -> int:
@@ -39,6 +40,13 @@ def _demo(args) -> int:
     return 0
 
 
+# what `compare --report-only` does not use: (flag, argparse dest)
+REPORT_IGNORES = [("--strategies", "strategies"), ("--preset", "preset"), ("--seeds", "seeds"),
+                  ("--init-from", "init_from"), ("--init-phi", "init_phi"), ("--jobs", "jobs"),
+                  ("--pretrain-steps", "pretrain_steps"), ("--policy", "policy"),
+                  ("--steps", "steps"), ("--batch-size", "batch_size"), ("--device", "device"),
+                  ("--seed", "seed"), ("--config", "config"), ("--set", "set")]
+
 FLAGS = {"policy": "run.policy", "strategy": "run.strategy", "steps": "run.steps",
          "batch_size": "run.batch_size", "device": "run.device", "seed": "run.seed",
          "stop_after": "run.stop_after", "log_every": "run.log_every"}
@@ -51,7 +59,7 @@ def _sets(args) -> dict:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--set: expected key=value, got {item!r}")
-        out[key.strip()] = value.strip()
+        out[key.strip()] = Typed(value.strip())  # text: a free-form [policy] key parses TOML
     return out
 
 
@@ -92,12 +100,17 @@ def _compare(args) -> int:
 
     if args.report_only:
         from .study.compare import report_again
+        given = [flag for flag, dest in REPORT_IGNORES if getattr(args, dest, None) not in (None, False)]
+        if given:
+            raise ValueError(f"--report-only rewrites the report of the study in --out from its "
+                             f"runs (only --k applies); drop {', '.join(given)}")
         report_again(args.out, args.k)
         return 0
+    args.preset = args.preset or "default"
     preset = PRESETS[args.preset]
     cfg = build({}, _layers(args, {**STUDY, **preset["base"]}, f"--preset {args.preset}"))
     specs = [s for s in args.strategies.split(";") if s.strip()] if args.strategies else list(preset["specs"])
-    seeds = parse_seeds(args.seeds, cfg.run.seed)
+    seeds = parse_seeds("3" if args.seeds is None else args.seeds, cfg.run.seed)
     pretrain = args.pretrain_steps
     if pretrain is None:
         pretrain = 0 if args.init_from else PRETRAIN_STEPS
@@ -151,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "preset's; default preset: joint; joint:detach_context=false; two_phase; "
                    "shared_forward; alternating; adaptive_weights; cached_negatives; "
                    "two_phase:lr=0 (theta frozen: the noise floor))")
-    c.add_argument("--preset", choices=("default", "fork"), default="default",
+    c.add_argument("--preset", choices=("default", "fork"), default=None,
                    help="base config and specs: default (explicit loss with the policy's own "
                    "prediction as a negative) or fork (the public energy fork's first recipe: "
                    "bf16 energy weights, sigmoid output, no phi clipping, lr 5e-4 constant, "
                    "swap loss, whole last hidden state as context; one ablation per setting)")
-    c.add_argument("--seeds", default="3", help="N (N seeds from --seed) or a list 0,1,2 (default 3)")
+    c.add_argument("--seeds", default=None, help="N (N seeds from --seed) or a list 0,1,2 (default 3)")
     c.add_argument("--init-from", dest="init_from", metavar="RUN_DIR",
                    help="start every run from this run's latest checkpoint (theta; phi with "
                    "--init-phi) instead of pretraining")
@@ -178,12 +191,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# errors whose message names what to fix; any other type is named in front of its message
+NAMED = (ValueError, TypeError, RuntimeError, FloatingPointError, OSError, ImportError)
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: its message (an OSError: the file and the reason), whitespace
+    collapsed; a type outside :data:`NAMED` is named first."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e)
+    if not isinstance(e, NAMED) or not msg.strip():
+        msg = f"{type(e).__name__}: {msg}"
+    return " ".join(msg.split())
+
+
 def main(argv=None) -> int:
+    """The command line; every error a user can cause is one line on stderr, exit code 2 (a
+    run's error.txt keeps the traceback; ENERGY_TRAIN_TRACEBACK=1 raises instead)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-        print(f"energy-train {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: one line too (a run's error.txt says where it stopped)
+        if os.environ.get("ENERGY_TRAIN_TRACEBACK") == "1":
+            raise
+        print(f"energy-train {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the user gets one line, error.txt the traceback
+        if os.environ.get("ENERGY_TRAIN_TRACEBACK") == "1":
+            raise
+        print(f"energy-train {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

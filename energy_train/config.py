@@ -169,6 +169,12 @@ class TrainConfig:
             raise ValueError(f"run.stop_after: expected 0..run.steps={self.run.steps}, "
                              f"got {self.run.stop_after}")
         check_multiple("energy.hidden", self.energy.hidden, "energy.heads", self.energy.heads)
+        if self.energy.loss == "swap" and self.run.batch_size < 2:
+            raise ValueError(f"run.batch_size: the swap loss (energy.loss='swap') scores each "
+                             f"sample against the batch's other chunks; expected >= 2, got "
+                             f"{self.run.batch_size} (a loss of exactly 0, ranking accuracy 1.0 = "
+                             "chance); raise it, or use energy.loss='explicit' (structured "
+                             "negatives)")
         if self.energy.loss != "swap":
             if self.energy.num_negatives() == 0:
                 raise ValueError(f"energy.loss={self.energy.loss!r}: every kind of negative is off "
@@ -256,11 +262,46 @@ def build(base: dict, layers: list[tuple[dict, str]]) -> TrainConfig:
     return TrainConfig(**sections, policy=policy).validate()
 
 
+class Typed(str):
+    """A value typed on the command line (``--set``, a ``compare`` spec): text. A declared key
+    parses it as its type; a key of a free-form ``[policy]`` table as a TOML literal."""
+
+
+def free_value(key: str, value):
+    """A value of a free-form ``[policy]`` table (a factory without ``options``): from a TOML
+    file or Python as given; typed on the command line (:class:`Typed`) parsed as a TOML
+    literal - ``true``, ``3``, ``0.5``, ``"text"`` (a string in quotes), ``[1, 2]`` - or refused:
+    ``--set policy.lora=false`` must not reach a factory as the (truthy) string 'false'."""
+    if not isinstance(value, Typed):
+        return value
+    hint = (f"{key}: the [policy] table of a factory without options takes TOML values from the "
+            f"command line (true, 3, 0.5, a string in quotes: --set '{key}=\"text\"')")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise ValueError(f"{hint}, got {str(value)!r}; or declare the factory's options "
+                         "(factory.options = a dataclass of energy_train.knobs.knob(...) fields) "
+                         "to have each key typed and checked") from None
+    plain = (bool, int, float, str, list, dict)
+    if not isinstance(parsed, plain) or (isinstance(parsed, (list, dict)) and not json_safe(parsed)):
+        raise ValueError(f"{hint}, got {str(value)!r} (a {type(parsed).__name__}, which config.json "
+                         "cannot hold)")
+    return parsed
+
+
+def json_safe(v) -> bool:
+    if isinstance(v, list):
+        return all(json_safe(x) for x in v)
+    if isinstance(v, dict):
+        return all(json_safe(x) for x in v.values())
+    return isinstance(v, (bool, int, float, str))
+
+
 def _check(key: str, value, pcls):
     sec, name = key.split(".", 1)
     cls = SECTIONS.get(sec) or pcls
-    if cls is None:  # a free-form policy section: passed through as given
-        return value
+    if cls is None:  # a free-form policy section: as given (command-line text: a TOML literal)
+        return free_value(key, value)
     f = section_fields(cls)[name]
     return check_value(key, kind_of(f), dict(f.metadata), value)
 
@@ -285,10 +326,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """A TOML file's values: tables are sections; top-level keys may be flat (mapped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config: no such file {str(path)!r}")
+        what = "a directory, not a file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"--config: {what} {str(path)!r}")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path}: not valid TOML ({e})") from None
     for k, v in data.items():
         if isinstance(v, dict) and k not in SECTIONS and k != "policy":

@@ -225,6 +225,9 @@ def _plan(energy_model, chunk, context_len, batch, candidates, steps, alpha, cli
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu or cuda, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {str(device)!r} asked for, but this torch ({torch.__version__}) "
+                           "has no CUDA device; export on a CUDA machine, or device='cpu'")
     functions = tuple(functions)
     if not functions or any(f not in FUNCTIONS for f in functions):
         raise ValueError(f"functions: expected a non-empty subset of {FUNCTIONS}, got {functions!r}")

@@ -185,6 +185,13 @@ def check_config(cfg, world_size: int) -> None:
     if cfg.run.batch_size % world_size:
         raise ValueError(f"run.batch_size: the global batch is split over the {world_size} ranks;"
                          f" expected a multiple of {world_size}, got {cfg.run.batch_size}")
+    if (cfg.energy.loss == "swap" and not cfg.dist.global_negatives
+            and cfg.run.batch_size // world_size < 2):
+        raise ValueError(f"run.batch_size: with dist.global_negatives=false the swap loss scores "
+                         f"each rank's {cfg.run.batch_size // world_size} sample(s) against "
+                         "themselves alone (a loss of 0); expected >= 2 per rank, got "
+                         f"{cfg.run.batch_size} over {world_size} ranks; set "
+                         "dist.global_negatives=true or raise run.batch_size")
     if cfg.dist.fsdp:
         if not fsdp_available():
             raise RuntimeError(f"dist.fsdp: this torch ({torch.__version__}) has no "

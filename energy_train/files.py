@@ -37,10 +37,19 @@ def write_synced(path: str | Path, data: bytes) -> str:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """A temporary file beside ``path``, fsync'd and renamed onto it; on a failure (a full or
+    read-only disk) the temporary file is removed and the OSError names ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_synced(tmp, data)
-    os.replace(tmp, path)
+    try:
+        write_synced(tmp, data)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     fsync_dir(path.parent)
 
 
@@ -49,11 +58,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def append_lines(path: str | Path, lines: list[str]) -> None:
-    """Append ``lines`` (each without its newline) and fsync."""
-    with open(path, "a") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
+    """Append ``lines`` (each without its newline) and fsync; an OSError names ``path``."""
+    try:
+        with open(path, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 __all__ = ["fsync_dir", "write_synced", "atomic_write_bytes", "atomic_write_text", "append_lines"]

@@ -81,7 +81,7 @@ def check_value(key: str, kind: type, meta: dict, value: Any) -> Any:
         raise bad()
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
         raise bad()
-    return value
+    return str(value)  # a plain str (command-line text comes as a str subclass)
 
 
 def kind_of(f) -> type:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from .checks import check_bool, check_int, check_nonempty, check_real, check_tensor
 from .models import EnergyModel
-from .ops import energy_scores
+from .modes import eval_mode
+from .ops import energy_scores, is_layer_actions
 
 
 class EnergyLoss(NamedTuple):
@@ -39,7 +40,13 @@ def ranking_accuracy(out: EnergyLoss) -> torch.Tensor:
     """Fraction of samples whose positive gets the lowest energy among its candidates, ties
     counted as ties: a positive tied with k others (|E_c - E_pos| <= 1e-4 * max(1, |E_pos|))
     and below the rest scores 1 / (k + 1), what a random tie-break gets. A model that cannot
-    tell the candidates apart scores chance (1 / C), not 1. (tensor, no host sync)"""
+    tell the candidates apart scores chance (1 / C), not 1. At least 2 candidates (with one
+    it would be 1.0 whatever the model). (tensor, no host sync)"""
+    if out.energies.dim() != 2 or out.energies.shape[1] < 2:
+        raise ValueError(f"ranking_accuracy: expected energies (B, C) of at least 2 candidates, "
+                         f"got shape {tuple(out.energies.shape)}: with one candidate the accuracy "
+                         "is 1.0 whatever the model (chance = 1 / C); score the positive against "
+                         "negatives")
     E, pos, tie, tol = _ties(out)
     lower = (E < pos - tol).any(dim=1)  # another candidate strictly below the positive
     return ((~lower).float() / (1 + tie.sum(dim=1)).float()).mean()
@@ -78,12 +85,21 @@ def _check_chunks(energy_model, context, name: str, t, ndim: int = 3,
         check_nonempty(name, t, 0, "sample")
 
 
-def _check_negatives(energy_model, context, expert, negatives, at_least: int) -> None:
+def _check_negatives(energy_model, context, expert, negatives, loss: str) -> None:
+    """negatives (B, M, H, Da), M >= 1 - not layer_actions' (L, B, H, Da), whose shape is the
+    same when L == B (it carries a mark: :func:`energy_train.ops.is_layer_actions`)."""
+    if is_layer_actions(negatives):
+        raise ValueError(f"negatives: got the output of layer_actions, laid out (L, B, H, Da) "
+                         f"(layers first, shape {tuple(negatives.shape)}); {loss} takes negatives "
+                         "(B, M, H, Da): pass structured_negatives(expert, layer_actions) or "
+                         "layer_actions.transpose(0, 1)")
     _check_chunks(energy_model, context, "negatives", negatives, 4)
     check_tensor("negatives", negatives, shape={2: expert.shape[1]})
-    if negatives.shape[1] < at_least:
-        raise ValueError(f"negatives: expected at least {at_least} negative(s) (dim 1), got "
-                         f"shape {tuple(negatives.shape)}")
+    if negatives.shape[1] < 1:
+        raise ValueError(f"negatives: expected at least 1 negative(s) (dim 1), got shape "
+                         f"{tuple(negatives.shape)}: with the expert alone {loss} is a constant "
+                         "with zero gradient; give negatives (structured_negatives) or use "
+                         "swap_infonce (the other samples' chunks)")
 
 
 def infonce_from_energies(energies: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
@@ -116,6 +132,12 @@ def swap_infonce(energy_model, context, pad_mask, expert, *, tau: float = 0.5,
         check_tensor("offset", offset, ndim=0, integer=True)
     else:
         check_int("offset", offset, low=0, high=pool.shape[0] - B)
+    if pool.shape[0] < 2:
+        raise ValueError(f"expert: the swap InfoNCE scores each sample against every chunk of the "
+                         f"batch (or all_expert); got one chunk, shape {tuple(pool.shape)}: the "
+                         "loss would be exactly 0 and the ranking accuracy 1.0 (chance); use a "
+                         "batch of at least 2 samples, all_expert= (other ranks' chunks) or "
+                         "explicit_infonce with negatives")
     candidates = pool.unsqueeze(0).expand(B, *pool.shape)  # a view: no copy per sample
     energies = energy_scores(energy_model, context, pad_mask, candidates, backend=backend)
     target = torch.arange(B, device=expert.device) + offset
@@ -125,10 +147,11 @@ def swap_infonce(energy_model, context, pad_mask, expert, *, tau: float = 0.5,
 def explicit_infonce(energy_model, context, pad_mask, expert, negatives, *, tau: float = 0.5,
                      backend: str = "auto") -> EnergyLoss:
     """InfoNCE with explicit negatives: candidate 0 is the expert (B, H, Da), then the
-    negatives (B, M, H, Da), M >= 0."""
+    negatives (B, M, H, Da), M >= 1 (layer_actions' (L, B, H, Da) output is refused: pass it
+    through structured_negatives)."""
     tau = check_real("tau", tau, low=0, low_open=True)
     _check_chunks(energy_model, context, "expert", expert)
-    _check_negatives(energy_model, context, expert, negatives, at_least=0)
+    _check_negatives(energy_model, context, expert, negatives, "explicit_infonce")
     candidates = torch.cat([expert.unsqueeze(1), negatives.to(expert.dtype)], dim=1)
     energies = energy_scores(energy_model, context, pad_mask, candidates, backend=backend)
     target = torch.zeros(expert.shape[0], dtype=torch.int64, device=expert.device)
@@ -162,7 +185,7 @@ def margin_ranking(energy_model, context, pad_mask, expert, negatives, *, m0: fl
     kappa = check_real("kappa", kappa, low=0)
     check_bool("detach_positive", detach_positive)
     _check_chunks(energy_model, context, "expert", expert)
-    _check_negatives(energy_model, context, expert, negatives, at_least=1)
+    _check_negatives(energy_model, context, expert, negatives, "margin_ranking")
     candidates = torch.cat([expert.unsqueeze(1), negatives.to(expert.dtype)], dim=1)
     energies = energy_scores(energy_model, context, pad_mask, candidates, backend=backend)
     dist = (negatives - expert.unsqueeze(1)).flatten(2).norm(dim=-1)
@@ -244,7 +267,8 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
 def correct_actions(energy_model, context, pad_mask, actions, *, alpha: float = 0.1,
                     steps: int = 1, clip_frac: float = 0.2, backend: str = "auto") -> torch.Tensor:
     """Test-time correction: ``steps`` times A <- A - alpha * dE/dA, each step's norm clipped
-    to ``clip_frac`` of |A| (per sample, over the flattened chunk, as the fork does).
+    to ``clip_frac`` of |A| (per sample, over the flattened chunk, as the fork does), the
+    energy model in eval mode (its mode restored after).
     actions (B, H, Da) -> corrected (B, H, Da), detached (B = 0: an empty result). Context gets
     no gradient. alpha >= 0, steps an int >= 0, clip_frac > 0."""
     alpha = check_real("alpha", alpha, low=0)
@@ -253,7 +277,7 @@ def correct_actions(energy_model, context, pad_mask, actions, *, alpha: float = 
     _check_chunks(energy_model, context, "actions", actions, allow_empty=True)
     context = context.detach()
     a = actions.detach()
-    with torch.enable_grad():
+    with torch.enable_grad(), eval_mode(energy_model):  # test time: eval mode, restored after
         for _ in range(steps):
             a = a.clone().requires_grad_(True)
             e = energy_scores(energy_model, context, pad_mask, a.unsqueeze(1), backend=backend)

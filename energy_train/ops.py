@@ -167,6 +167,41 @@ def select_layers(n_states: int, layers: Iterable[int] | None, include_embedding
     return out
 
 
+def check_final_norm(final_norm, D: int) -> None:
+    """``final_norm`` (the logit lens: the backbone's final norm on intermediate layers) is None
+    or a module normalising width D (a LayerNorm's normalized_shape, an RMSNorm's weight)."""
+    if final_norm is None:
+        return
+    if not callable(final_norm):
+        raise TypeError(f"final_norm: expected the backbone's final norm (a module) or None, got "
+                        f"{type(final_norm).__name__}")
+    shape = getattr(final_norm, "normalized_shape", None)
+    w = getattr(final_norm, "weight", None)
+    width = (tuple(shape) if shape is not None else
+             tuple(w.shape) if isinstance(w, torch.Tensor) and w.dim() == 1 else None)
+    if width is not None and width != (D,):
+        raise ValueError(f"final_norm: normalises shape {width} ({type(final_norm).__name__}), the "
+                         f"hidden states have D = {D}: pass the backbone's own final norm "
+                         "(Policy.decoder()[1])")
+
+
+_LAYER_AXES = "_energy_train_layer_actions"  # marks (L, B, H, Da) outputs (losses refuse them)
+
+
+def mark_layer_actions(t: torch.Tensor) -> torch.Tensor:
+    """Mark ``t`` as layer actions (L, B, H, Da), layers first: the losses that take negatives
+    (B, M, H, Da) refuse it even when L == B (same shape, axes swapped)."""
+    if not torch.compiler.is_compiling():
+        setattr(t, _LAYER_AXES, True)
+    return t
+
+
+def is_layer_actions(t) -> bool:
+    if torch.compiler.is_compiling():  # a traced tensor carries no mark (none is set either)
+        return False
+    return isinstance(t, torch.Tensor) and getattr(t, _LAYER_AXES, False) is True
+
+
 @torch.no_grad()
 def layer_actions(hidden_states, action_index: torch.Tensor | None, head: L1RegressionActionHead,
                   layers: Iterable[int] | None = None, *, include_embeddings: bool = False,
@@ -207,11 +242,12 @@ def layer_actions(hidden_states, action_index: torch.Tensor | None, head: L1Regr
             T = states[0].shape[1]
             if bool(((action_index < 0) | (action_index >= T)).any()):
                 raise ValueError(f"action_index: positions must lie in [0, {T})")
+    check_final_norm(final_norm, D)
     idx = select_layers(len(states), layers, include_embeddings)
     norm_mask = [final_norm is not None and l != len(states) - 1 for l in idx]
     fn = _path("layer_actions", backend, states[0].device)
-    return fn([states[l] for l in idx], action_index, action_head_weights(head),
-              final_norm=final_norm, norm_mask=norm_mask)
+    return mark_layer_actions(fn([states[l] for l in idx], action_index, action_head_weights(head),
+                                 final_norm=final_norm, norm_mask=norm_mask))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from torch import nn
 
 from .capture import find_decoder
 from .models import L1RegressionActionHead
-from .ops import layer_actions
+from .ops import check_final_norm, layer_actions, mark_layer_actions
 
 
 @dataclass
@@ -105,12 +105,13 @@ class Policy(abc.ABC):
         another head a faster path."""
         if isinstance(self.action_head, L1RegressionActionHead):
             return layer_actions(list(rows), None, self.action_head, final_norm=final_norm)
+        check_final_norm(final_norm, rows[-1].shape[-1])
         picked = [(final_norm(r) if final_norm is not None and i < len(rows) - 1 else r)
                   for i, r in enumerate(rows) if i > 0]
         stacked = torch.stack(picked)
         L, B = stacked.shape[:2]
         out = self.predict_action(stacked.reshape(L * B, *stacked.shape[2:]))
-        return out.reshape(L, B, *out.shape[1:])
+        return mark_layer_actions(out.reshape(L, B, *out.shape[1:]))
 
     def check_batch(self, batch: dict) -> None:
         """Optional: check a batch as the data gives it, before the trainer moves it to the

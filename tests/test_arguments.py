@@ -9,7 +9,8 @@ import torch
 from energy_train import (EnergyModel, L1RegressionActionHead, build_action_index,
                           correct_actions, energy_scores, explicit_infonce, layer_actions,
                           margin_ranking, structured_negatives, swap_infonce)
-from energy_train.losses import infonce_from_energies
+from energy_train.losses import EnergyLoss, infonce_from_energies, ranking_accuracy
+from energy_train.ops import mark_layer_actions
 from energy_train.models import MLPResNet, load_oft_state_dict
 from energy_train.policies.tiny import TinyVLA
 
@@ -103,6 +104,19 @@ CASES = [
      "negatives: expected size 2 at dim 2"),
     ("explicit-negatives-batch", lambda: explicit(torch.randn(B + 1, 3, H, Da)), ValueError,
      "negatives: expected size 2 at dim 0"),
+    # degenerate batches: a loss that would be a constant, an accuracy that would be 1.0
+    ("swap-one-sample", lambda: swap(b=1, expert=_expert(b=1)), ValueError,
+     "expert: the swap InfoNCE scores each sample against every chunk of the batch"),
+    ("explicit-no-negative", lambda: explicit(torch.randn(B, 0, H, Da)), ValueError,
+     "negatives: expected at least 1 negative(s) (dim 1), got shape (2, 0, 2, 3): with the "
+     "expert alone explicit_infonce is a constant"),
+    ("explicit-layer-actions-axes", lambda: explicit(mark_layer_actions(torch.randn(B, B, H, Da))),
+     ValueError, "negatives: got the output of layer_actions, laid out (L, B, H, Da)"),
+    ("margin-layer-actions-axes", lambda: margin(head_layer_actions(layers=[1, 2])), ValueError,
+     "pass structured_negatives(expert, layer_actions) or layer_actions.transpose(0, 1)"),
+    ("ranking-accuracy-one-candidate", lambda: ranking_accuracy(EnergyLoss(
+        torch.zeros(()), torch.zeros(B, 1), torch.zeros(B, dtype=torch.long))), ValueError,
+     "ranking_accuracy: expected energies (B, C) of at least 2 candidates, got shape (2, 1)"),
     ("margin-m0", lambda: margin(m0=-1.0), ValueError, "m0: expected a finite number >= 0, got -1.0"),
     ("margin-kappa-inf", lambda: margin(kappa=INF), ValueError, "kappa: expected a finite number >= 0"),
     ("margin-no-negative", lambda: margin(torch.randn(B, 0, H, Da)), ValueError,
@@ -200,7 +214,8 @@ def test_good_edge_values_pass():
     out = swap_infonce(_model(), c, m, a, all_expert=pool, offset=3)
     assert out.target.tolist() == [3, 4]
     assert swap_infonce(_model(), c, m, a, offset=torch.tensor(0)).target.tolist() == [0, 1]
-    assert math.isfinite(explicit_infonce(_model(), c, m, a, torch.randn(B, 0, H, Da)).loss.item())
+    assert math.isfinite(explicit_infonce(_model(), c, m, a, torch.randn(B, 1, H, Da)).loss.item())
+    assert math.isfinite(swap_infonce(_model(), c[:1], m[:1], a[:1], all_expert=a).loss.item())
 
 
 # --------------------------------------------------------------------------------------------

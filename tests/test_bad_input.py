@@ -132,3 +132,37 @@ def test_auto_runs_the_measured_faster_path():
         if kind == "cuda":
             files = [w.strip("(),:") for w in evidence.split() if w.startswith(("(bench/", "bench/"))]
             assert files and all((root / f).is_file() for f in files), (op, evidence)
+
+
+def test_inputs_on_another_device_than_the_model(model):
+    """Named at the door (it used to be a torch error 23 frames deep); the meta device stands
+    in for a GPU on the CPU."""
+    c, m, a = _energy_args()
+    with pytest.raises(ValueError, match=r"context: on cpu, the energy model's weights on meta; "
+                                         r"move the inputs to the model's device"):
+        energy_scores(model.to("meta"), c, m, a)
+
+
+@pytest.mark.parametrize("norm", [torch.nn.LayerNorm(D + 1), torch.nn.RMSNorm(D + 1)],
+                         ids=["layernorm", "rmsnorm"])
+def test_a_final_norm_of_another_width(head, norm):
+    with pytest.raises(ValueError, match=rf"final_norm: normalises shape \({D + 1},\) \({type(norm).__name__}\), "
+                                         rf"the hidden states have D = {D}"):
+        layer_actions(_hs(), _idx(), head, final_norm=norm)
+    from energy_train import Policy
+
+    class Other(Policy):  # another head: the default layer_actions stacks the layers
+        backbone, action_head = torch.nn.Identity(), torch.nn.Identity()
+        forward = layout = expert = None
+
+    with pytest.raises(ValueError, match="final_norm: normalises shape"):
+        Other().layer_actions([torch.randn(B, H * Da, D)] * 3, norm)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only torch")
+def test_export_verifier_for_cuda_on_a_cpu_only_torch(tmp_path, model):
+    from energy_train.deploy import export_verifier
+    with pytest.raises(RuntimeError, match=r"device: 'cuda' asked for, but this torch .* has no "
+                                           r"CUDA device; export on a CUDA machine, or device='cpu'"):
+        export_verifier(model, path=tmp_path / "v", chunk=(H, Da), device="cuda")
+    assert not (tmp_path / "v").exists()

@@ -136,3 +136,58 @@ def test_plain_resume_continues_a_stopped_run(tmp_path):
     assert main(["train", "--resume", "--out", str(out)]) == 0
     assert (out / "complete.json").is_file()
     assert json.loads((out / "config.json").read_text())["run"]["stop_after"] == 0
+
+
+# ---- the one --resume rule (README "Training"): to run.steps unless the command gives a new
+# --stop-after / --steps; a fallback to an older checkpoint does not move the stop point; a
+# target the run is already past is refused, naming the step ------------------------------------
+def _stopped_run(tmp_path, steps=6, stop_after=4):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", str(steps), "--stop-after", str(stop_after), "--out", str(out),
+                 "--no-progress", *_sets(TINY | {"steps": steps, "ckpt_every": 2, "log_every": 1})]) == 0
+    assert not (out / "complete.json").exists()
+    return out
+
+
+def _steps(out) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] >= 0]
+
+
+def test_resume_after_a_fallback_runs_to_the_end(tmp_path, capsys):
+    """The newest checkpoint (step 4, the saved stop point) is corrupt: --resume loads step 2
+    and runs to run.steps = 6 - it used to stop again at the old --stop-after 4."""
+    out = _stopped_run(tmp_path)
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())["dir"]
+    (out / "checkpoints" / latest / "state.pt").write_bytes(b"garbage")
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    err_out = capsys.readouterr().out
+    assert "skipped a newer checkpoint" in err_out and "resumed" in err_out and "at step 2" in err_out
+    assert (out / "complete.json").is_file() and _steps(out) == list(range(6))
+    run = json.loads((out / "config.json").read_text())["run"]
+    assert run["steps"] == 6 and run["stop_after"] == 0
+
+
+def test_resume_with_a_new_stop_point_then_a_plain_resume(tmp_path):
+    out = _stopped_run(tmp_path)
+    assert main(["train", "--resume", "--out", str(out), "--stop-after", "5"]) == 0
+    assert not (out / "complete.json").exists() and _steps(out) == list(range(5))
+    assert main(["train", "--resume", "--out", str(out), "--steps", "7"]) == 0
+    assert (out / "complete.json").is_file() and _steps(out) == list(range(7))
+
+
+@pytest.mark.parametrize("args", [["--steps", "2"], ["--steps", "2", "--stop-after", "0"],
+                                  ["--stop-after", "4"], ["--stop-after", "3"]],
+                         ids=["steps", "steps-stop-0", "stop-at", "stop-before"])
+def test_resume_to_a_step_the_run_is_past_is_refused(tmp_path, capsys, args):
+    """--steps 2 at step 4 (with --stop-after 0 it used to mark the run complete at step 4 with
+    config.json saying 2) and a --stop-after at or before step 4 are refused."""
+    out = _stopped_run(tmp_path)
+    config = (out / "config.json").read_text()
+    assert main(["train", "--resume", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the run is already at step 4" in err, err
+    assert (out / "config.json").read_text() == config  # nothing rewritten
+    assert not (out / "complete.json").exists() and _steps(out) == list(range(4))
+    assert main(["train", "--resume", "--out", str(out)]) == 0  # the way on
+    assert (out / "complete.json").is_file() and _steps(out) == list(range(6))

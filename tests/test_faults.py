@@ -46,6 +46,11 @@ CONFIG = [
     ({"steps": 2.5}, "run.steps: expected an integer >= 1, got 2.5"),
     ({"steps": 4, "stop_after": 9}, "run.stop_after: expected 0..run.steps=4, got 9"),
     ({"batch_size": 0}, "run.batch_size: expected an integer >= 1, got 0"),
+    # the swap loss at B = 1: a loss of exactly 0 and accuracy 1.0 (chance) every step
+    ({"batch_size": 1, "energy_loss": "swap"}, "run.batch_size: the swap loss (energy.loss='swap') "
+     "scores each sample against the batch's other chunks; expected >= 2, got 1"),
+    ({"energy_loss": "explicit", "layer_picks": "", "own_prediction": False, "noise_sigma": 0,
+      "sign_flip": False}, "energy.loss='explicit': every kind of negative is off"),
     ({"seed": -1}, "run.seed: expected an integer >= 0, got -1"),
     ({"device": "gpu"}, "run.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     ({"precision": "fp16"}, "run.precision: expected one of ('fp32', 'bf16'), got 'fp16'"),
@@ -74,6 +79,14 @@ def test_config_value_is_checked(values, error):
     assert error in str(e.value)
 
 
+def test_swap_loss_needs_two_chunks_per_rank_without_global_negatives():
+    from energy_train import distributed
+    lone = default_config(batch_size=2, **{"dist.global_negatives": False})
+    with pytest.raises(ValueError, match=r"expected >= 2 per rank, got 2 over 2 ranks"):
+        distributed.check_config(lone, 2)
+    distributed.check_config(default_config(batch_size=2), 2)  # global negatives: a pool of 2
+
+
 # ---- the same through the CLI: an error, exit code 2, and no run directory -------------------
 CLI = [
     (["--set", "steps=abc", "--steps", "2"], "run.steps: expected an integer >= 1, got 'abc'"),
@@ -81,6 +94,7 @@ CLI = [
     (["--set", "lr=-0.1"], "optim.lr: expected a number >= 0.0, got -0.1"),
     (["--set", "n_heads=0"], "policy.n_heads: expected an integer >= 1, got 0"),
     (["--policy", "tiny", "--set", "policy.lora=1"], "unknown config key 'policy.lora'"),
+    (["--batch-size", "1"], "run.batch_size: the swap loss (energy.loss='swap')"),
 ]
 
 

@@ -377,6 +377,12 @@ def _bad(kind: str, b: dict) -> dict:
         b["proprio"] = b["proprio"][:, :5]
     elif kind == "head":
         b["actions"] = b["actions"][:, :5]
+    elif kind == "channels":  # OFT's fused backbone reads 6 channels per image
+        b["pixel_values"] = b["pixel_values"][:, :5]
+    elif kind == "vocab":
+        ids = b["input_ids"].clone()
+        ids[0, 1] = 10 ** 6
+        b["input_ids"] = ids
     elif kind == "pad_in_labels":
         lab = b["labels"].clone()
         r = int((~b["attention_mask"].all(1)).nonzero()[0])  # a padded row: pad ids as labels
@@ -393,7 +399,11 @@ BAD = [("no_labels", r"batch\['labels'\]: missing"),
        ("head", r"batch\['actions'\]: expected \(B, H, Da\) = \(4, 8, 7\) from the action head, "
                 r"got \(4, 5, 7\)"),
        ("pad_in_labels", r"batch\['labels'\]: rows \[\d\] hold ids >= the pad id 128, outside the "
-                         r"action-token range \(64..127\)")]
+                         r"action-token range \(64..127\)"),
+       ("channels", r"batch\['pixel_values'\]: expected \(B, 12, H, W\) with B = 4 \(6 \(a fused "
+                    r"backbone\) channels per image x 2 image\(s\)\), got \(4, 5, 16, 16\)"),
+       ("vocab", r"batch\['input_ids'\]: expected ids in \[0, 136\) \(the language model's "
+                 r"vocabulary\), got values in \[\d+, 1000000\]")]
 
 
 @pytest.mark.parametrize("kind,match", BAD, ids=[b[0] for b in BAD])
@@ -483,3 +493,91 @@ def test_a_crash_during_a_re_save_of_the_oft_files_loses_neither_copy(tmp_path, 
     oc.load_oft_checkpoint(d, action_head=got)
     assert same(list(got.state_dict().values()), list(new.state_dict().values()))
     assert sorted(x.name for x in d.parent.iterdir()) == ["step_0000002"]
+
+
+# --------------------------------------------------------------------------------------------
+# test-time inputs are checked like training inputs
+# --------------------------------------------------------------------------------------------
+def _prompt(p):
+    item = episodes()[3]
+    n_prompt = len(item["input_ids"]) - p.num_action_tokens - 1
+    ids = item["input_ids"][None, :n_prompt - 1]
+    pix = S.PaddedCollatorForActionPrediction(512, S.PAD_TOKEN_ID)([item])["pixel_values"]
+    return ids, torch.ones_like(ids, dtype=torch.bool), pix, item["proprio"]
+
+
+def _inference(p, **kw):
+    ids, mask, pix, proprio = _prompt(p)
+    args = dict(proprio=proprio, num_action_tokens=p.num_action_tokens,
+                action_token_begin_idx=S.ACTION_TOKEN_BEGIN_IDX, empty_token_id=S.EMPTY_TOKEN_ID)
+    return prepare_inference(ids, mask, pix, **{**args, **kw})
+
+
+TEST_TIME = [
+    ("tokens-zero", lambda p: _inference(p, num_action_tokens=0), ValueError,
+     "num_action_tokens: expected an int >= 1, got 0"),
+    ("tokens-float", lambda p: _inference(p, num_action_tokens=2.7), TypeError,
+     "num_action_tokens: expected an int >= 1, got 2.7"),
+    ("begin-str", lambda p: _inference(p, action_token_begin_idx="x"), TypeError,
+     "action_token_begin_idx: expected an int >= 0, got 'x'"),
+    ("mask-length", lambda p: prepare_inference(*_prompt(p)[:1], torch.ones(1, 3, dtype=torch.bool),
+                                                _prompt(p)[2], num_action_tokens=56), ValueError,
+     "attention_mask: expected size"),
+    ("act-placeholders", lambda p: p.act(_inference(p, num_action_tokens=p.num_action_tokens - 1)),
+     OFTInputError, "batch['labels']: expected H*Da = 56 action tokens (ids > 63) in every row, got [55]"),
+    ("num-patches", lambda p: OFTPolicy(p.backbone, p.action_head, p.proprio_projector, num_patches=-1),
+     ValueError, "num_patches: expected an int >= 1, got -1"),
+    ("policy-begin-str", lambda p: OFTPolicy(p.backbone, p.action_head, p.proprio_projector,
+                                             action_token_begin_idx="x"), TypeError,
+     "action_token_begin_idx: expected an int >= 0, got 'x'"),
+    ("projector-class", lambda p: OFTPolicy(p.backbone, p.action_head, torch.nn.Linear(8, 32)),
+     OFTInputError, "proprio_projector: expected OFT's ProprioProjector (fc1: Linear(proprio_dim, "
+     "llm_dim), fc2), got Linear"),
+    ("nan-weights", lambda p: load_oft_state_dict(p.action_head, {
+        **p.action_head.state_dict(), "model.fc1.weight": torch.full_like(
+            p.action_head.state_dict()["model.fc1.weight"], float("nan"))}), ValueError,
+     "state_dict['model.fc1.weight']: holds"),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", [c[1:] for c in TEST_TIME], ids=[c[0] for c in TEST_TIME])
+def test_test_time_inputs_are_checked_like_training_inputs(call, exc, message):
+    p = policy()
+    with pytest.raises(exc) as info:
+        call(p)
+    assert message in str(info.value), str(info.value)
+
+
+def test_nan_weights_in_an_oft_checkpoint_are_refused(tmp_path):
+    from energy_train.integrations.openvla_oft import save_oft_checkpoint
+    p = policy()
+    save_oft_checkpoint(tmp_path / "ckpt", 1, action_head=p.action_head)
+    path = next((tmp_path / "ckpt").glob("action_head--*"))
+    sd = torch.load(path, weights_only=True)
+    sd[next(iter(sd))].view(-1)[0] = float("inf")
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"action_head--1_checkpoint.pt\['.*'\]: holds 1 non-finite"):
+        load_oft_checkpoint(tmp_path / "ckpt", action_head=policy().action_head)
+
+
+def test_rerank_never_returns_a_non_finite_candidate():
+    """The rule the C++ runtime shares: a NaN/inf energy or chunk is never picked; a sample with
+    no finite candidate is an error (the Python rerank used to pick a NaN-energy candidate)."""
+    torch.manual_seed(0)
+    energy = EnergyModel(32, 7, hidden=16, heads=2)
+    ctx, pad = torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.bool)
+    cands = torch.randn(2, 3, 8, 7)
+    e = rerank(energy, ctx, pad, cands)[2]
+    low = e.argmin(1)
+    bad = cands.clone()
+    bad[0, low[0], 0, 0] = float("nan")   # its energy becomes NaN
+    bad[1, low[1], 2, 3] = float("inf")   # a chunk with inf
+    best, idx, e2 = rerank(energy, ctx, pad, bad)
+    assert (idx != low).all() and torch.isfinite(best).all()
+    assert idx[0] == e2[0].masked_fill(e2[0].isnan(), float("inf")).argmin()
+    bad[1] = float("nan")
+    with pytest.raises(ValueError, match=r"rerank: samples \[1\] have no candidate with a finite energy"):
+        rerank(energy, ctx, pad, bad)
+    energy.train()
+    rerank(energy, ctx, pad, cands)
+    assert energy.training  # run in eval mode, its mode restored

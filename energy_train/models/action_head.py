@@ -55,8 +55,19 @@ def strip_module_prefix(state_dict: Mapping) -> dict:
     return out
 
 
-def load_oft_state_dict(module: nn.Module, state_dict: Mapping, strict: bool = True):
-    """Load an OFT (or energy-fork) checkpoint, with or without the DDP ``module.`` prefix."""
+def load_oft_state_dict(module: nn.Module, state_dict: Mapping, strict: bool = True, *,
+                        where: str = "state_dict"):
+    """Load an OFT (or energy-fork) checkpoint, with or without the DDP ``module.`` prefix. A
+    floating tensor holding NaN or inf is refused (``where`` names the file in the error): it
+    would load silently and every output would be NaN."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
-    return module.load_state_dict(strip_module_prefix(state_dict), strict=strict)
+    sd = strip_module_prefix(state_dict)
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            bad = int((~torch.isfinite(v)).sum())
+            if bad:
+                raise ValueError(f"{where}[{k!r}]: holds {bad} non-finite value(s) (NaN/inf) of "
+                                 f"{v.numel()}; the checkpoint is corrupt or its training "
+                                 "diverged: load another")
+    return module.load_state_dict(sd, strict=strict)

@@ -288,6 +288,11 @@ class EnergyModel(nn.Module):
         if pad_mask is not None:
             check_tensor("pad_mask", pad_mask, ndim=2, shape={0: B, 1: S}, dtype=torch.bool)
         check_same_device(context=context, pad_mask=pad_mask, candidates=candidates)
+        w = next(self.parameters(), None)
+        if w is not None and w.device != context.device:
+            raise ValueError(f"context: on {context.device}, the energy model's weights on "
+                             f"{w.device}; move the inputs to the model's device (or the model: "
+                             "energy_model.to(device))")
 
     def score(self, context, pad_mask, candidates) -> torch.Tensor:
         """Energies (B, C): the maths is ``energy_scores_reference`` (kernels/energy), on this

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -39,24 +41,89 @@ class Setup:
     energy: nn.Module | None = None
 
 
+class FactoryError(ValueError):
+    """A policy factory (``run.policy``) that cannot be imported, called or whose result is
+    not a :class:`Setup`: the message names it and what to fix."""
+
+
+_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # energy_train/
+
+
+def _raised(e: BaseException) -> str:
+    """``Type: message (at file:line)`` of an error raised in a user's code: the innermost
+    frame of the user's own files (not this package's, not an installed library's)."""
+    msg = " ".join(str(e).split())
+    mine = [f for f in traceback.extract_tb(e.__traceback__)
+            if not f.filename.startswith((_OURS, "<")) and "site-packages" not in f.filename
+            and os.sep + "lib" + os.sep + "python" not in f.filename]
+    at = f" (at {mine[-1].filename}:{mine[-1].lineno})" if mine and not isinstance(e, SyntaxError) else ""
+    return f"{type(e).__name__}: {msg}{at}"
+
+
 def resolve_factory(name: str) -> Callable:
     """The factory of a registered policy, or of ``module:factory``; a clear error naming
-    ``run.policy`` (``--policy``) when it cannot be imported."""
+    ``run.policy`` (``--policy``) when it cannot be imported (whatever its module raises:
+    an ImportError, a SyntaxError, a NameError, ...) or is not ``factory(cfg, device)``."""
     target = REGISTRY.get(name, name)
-    if ":" not in target:
-        raise ValueError(f"run.policy (--policy): expected one of {tuple(REGISTRY)} or "
-                         f"module:factory, got {name!r}")
+    if not isinstance(name, str) or ":" not in target:
+        raise FactoryError(f"run.policy (--policy): expected one of {tuple(REGISTRY)} or "
+                           f"module:factory, got {name!r}")
     module, _, attr = target.rpartition(":")
     try:
         fn = getattr(_import(module), attr)
-    except (ImportError, AttributeError, OSError) as e:
-        hint = "" if module.endswith(".py") else (
+    except Exception as e:  # noqa: BLE001 - the module's own code may raise anything
+        hint = "" if module.endswith(".py") or not isinstance(e, ImportError) else (
             "; the module must be importable (PYTHONPATH), or give a file: path/to/file.py:factory")
-        raise ValueError(f"run.policy (--policy): cannot import {target!r} "
-                         f"({type(e).__name__}: {e}){hint}") from None
+        raise FactoryError(f"run.policy (--policy): cannot import {target!r} "
+                           f"({_raised(e)}){hint}") from None
     if not callable(fn):
-        raise ValueError(f"run.policy (--policy): {target!r} is not callable")
+        raise FactoryError(f"run.policy (--policy): {target!r} is not callable")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a callable without a signature: called as it is
+        return fn
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        raise FactoryError(f"run.policy (--policy): {target!r} is called as factory(cfg, device) "
+                           f"-> energy_train.policies.Setup; its signature is {attr}{sig}") from None
     return fn
+
+
+def make_setup(name: str, cfg, device: torch.device, *, need_data: bool = True) -> Setup:
+    """``factory(cfg, device)`` of run.policy, its result checked: a :class:`Setup` of a
+    Policy, data (may be None when the caller brings its own: ``need_data=False``), a probe
+    batch dict (or None) and an EnergyModel (or None). Whatever the factory raises becomes a
+    FactoryError naming it (and where in its code)."""
+    fn = resolve_factory(name)
+    where = f"run.policy (--policy) {name!r}"
+    try:
+        setup = fn(cfg, device)
+    except Exception as e:  # noqa: BLE001 - a user's factory may raise anything
+        raise FactoryError(f"{where}: the factory raised {_raised(e)}") from e
+    if not isinstance(setup, Setup):
+        raise FactoryError(f"{where}: the factory must return energy_train.policies.Setup(policy, "
+                           f"data, probe=None, energy=None), got {_kind(setup)}")
+    if not isinstance(setup.policy, Policy):
+        raise FactoryError(f"{where}: Setup.policy: expected an energy_train.Policy (subclass it: "
+                           f"backbone, action_head, forward, layout, expert), got {_kind(setup.policy)}")
+    if (setup.data is None and need_data) or isinstance(setup.data, (str, bytes, dict, torch.Tensor)):
+        raise FactoryError(f"{where}: Setup.data: expected a step-indexed source (batch(step, "
+                           "rank, world), probe()) or an iterable of batch dicts (a DataLoader; "
+                           f"energy_train.data.TaskData is one), got {_kind(setup.data)}")
+    if setup.probe is not None and not isinstance(setup.probe, dict):
+        raise FactoryError(f"{where}: Setup.probe: expected a batch dict or None, got "
+                           f"{_kind(setup.probe)}")
+    if setup.energy is not None and not isinstance(setup.energy, EnergyModel):
+        raise FactoryError(f"{where}: Setup.energy: expected an energy_train.EnergyModel or None "
+                           f"(None: built from the [energy] section), got {_kind(setup.energy)}")
+    return setup
+
+
+def _kind(v) -> str:
+    if isinstance(v, tuple):
+        return f"a tuple of {len(v)} ({', '.join(type(x).__name__ for x in v[:4])})"
+    return "None" if v is None else type(v).__name__
 
 
 def _import(module: str):
@@ -96,4 +163,4 @@ def default_energy(cfg, policy: Policy, device: torch.device) -> nn.Module:
                        action_residual=cfg.energy.action_residual).to(device)
 
 
-__all__ = ["Setup", "REGISTRY", "resolve_factory", "options_class", "available", "default_energy"]
+__all__ = ["Setup", "REGISTRY", "FactoryError", "resolve_factory", "make_setup", "options_class", "available", "default_energy"]

@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from ..config import Typed
 from ..plots import series
 
 SPIKE_ALPHA, SPIKE_WARMUP, SPIKE_REL_FLOOR = 0.1, 20, 0.01
@@ -50,10 +51,10 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         if not eq:
             if last is None:
                 raise ValueError(f"--strategies: expected key=value after ':' in {spec!r}, got {part!r}")
-            kv[last] += "," + part.strip()
+            kv[last] = Typed(kv[last] + "," + part.strip())
             continue
         last = k.strip()
-        kv[last] = v.strip()
+        kv[last] = Typed(v.strip())  # text, as --set gives it
     return name.strip(), kv
 
 

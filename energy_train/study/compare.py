@@ -23,6 +23,7 @@ loss is recorded as diverged (its metrics up to then are kept); the study goes o
 from __future__ import annotations
 
 import json
+import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -93,7 +94,10 @@ def parse_seeds(text: str | None, first: int) -> list[int]:
             seeds = list(range(first, first + int(text)))
     except ValueError:
         raise ValueError(f"--seeds: expected N or a comma-separated list of seeds, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    if not seeds:
+        raise ValueError(f"--seeds: {text!r} asks for no seed; give N >= 1 (N seeds from --seed) "
+                         "or a list of seeds (--seeds 0,1,2; one seed: --seeds 1 --seed S)")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds: expected distinct seeds >= 0, got {text!r}")
     return seeds
 
@@ -149,7 +153,10 @@ def compare(base: TrainConfig, specs=STRATEGY_SPECS, out="runs/compare", *, seed
     on its own: the numbers do not depend on ``jobs``)."""
     if jobs < 1:
         raise ValueError(f"--jobs: expected an integer >= 1, got {jobs}")
+    k = check_k(k)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r}: expected a directory, got an existing file")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {str(out)!r} already holds files; choose another")
     if init_from is not None and pretrain_steps:
@@ -201,12 +208,13 @@ def compare(base: TrainConfig, specs=STRATEGY_SPECS, out="runs/compare", *, seed
 def write_report(out: Path, meta: dict, runs: list[dict], k: float, echo=print) -> dict:
     """Analyse the runs' metrics (``runs``: spec, seed, dir relative to ``out``, theta_lr,
     summary, diverged) and write report.md|png|json."""
+    k = check_k(k)
     runs = [{**r, "records": read_metrics(out / r["dir"])} for r in runs]
     runs = [{**r, **analyse(r["records"], k)} for r in runs]
     result = study(runs, k)
     result["conclusion"] = conclude(result)
+    report = render({**meta, "k": k}, result, runs)  # everything computed before a file is written
     plot_compare(runs, result, out / "report.png", title=meta["title"])
-    report = render({**meta, "k": k}, result, runs)
     atomic_write_text(out / "report.md", report)
     slim = [{k2: v for k2, v in r.items() if k2 != "records"} for r in runs]
     atomic_write_text(out / "report.json", json.dumps({"meta": {**meta, "k": k}, "study": result,
@@ -218,16 +226,32 @@ def write_report(out: Path, meta: dict, runs: list[dict], k: float, echo=print) 
 RUN_KEYS = ("spec", "seed", "dir", "theta_lr", "summary", "diverged")
 
 
+def check_k(k) -> float:
+    """The spike threshold: a finite number of EMA sigmas > 0 (``--k``)."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
+        raise ValueError(f"--k: expected a finite number of sigmas > 0 (a spike is a loss more "
+                         f"than k sigmas above its EMA; default 4), got {k!r}")
+    return float(k)
+
+
 def report_again(out, k: float | None = None, echo=print) -> dict:
     """Rewrite the report of a finished study in ``out`` from its runs' metrics (after the
-    analysis changed, or with another spike threshold ``k``); no run is trained again."""
+    analysis changed, or with another spike threshold ``k``); no run is trained again. Every
+    input is checked and the report computed before a file is replaced."""
+    if k is not None:
+        check_k(k)
     out = Path(out)
     path = out / "report.json"
     if not path.is_file():
         raise ValueError(f"--report-only: {str(out)!r} holds no study (no report.json)")
-    saved = json.loads(path.read_text())
-    runs = [{key: r[key] for key in RUN_KEYS} for r in saved["runs"]]
-    return write_report(out, saved["meta"], runs, saved["meta"]["k"] if k is None else k, echo)
+    try:
+        saved = json.loads(path.read_text())
+        runs = [{key: r[key] for key in RUN_KEYS} for r in saved["runs"]]
+        meta = saved["meta"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--report-only: {path} is not a study's report ({type(e).__name__}: "
+                         f"{e})") from None
+    return write_report(out, meta, runs, meta["k"] if k is None else k, echo)
 
 
 def _json(v):

@@ -40,6 +40,7 @@ from ..capture import HiddenStateCapture, gather_hidden_states
 from ..config import TrainConfig
 from ..distributed import LOCAL
 from ..grads import clip_grad_norm
+from ..modes import restore_modes, saved_modes, set_mode
 from ..policy import Policy, hidden
 from ..strategies import make_strategy
 from ..telemetry import GpuTelemetry
@@ -80,6 +81,10 @@ class Trainer:
         self.telemetry = GpuTelemetry(device)
         self.meter, self.clock = Meter(), WallClock()
         self.step = 0  # optimizer steps done
+        # the modes the modules came in (energy_train/modes.py: the trainer owns them while it
+        # runs; train() restores these when it ends)
+        self._modes = saved_modes([*policy.modules().values(), energy])
+        energy.train()  # phi trains in train mode; the diagnostics score in eval mode
 
     def use_parallel(self, dp) -> None:
         """Install data-parallel hooks (distributed.Parallel): the DDP wrappers the L1 forward and
@@ -90,6 +95,13 @@ class Trainer:
     def autocast(self):
         """The policy's forwards (both phases, the head, the negatives): bf16 autocast or none."""
         return bf16_autocast(self.device, self.cfg.run.precision == "bf16")
+
+    def restore_modes(self) -> None:
+        """Every module of theta and phi back in the mode it came in (train() calls it at the end).
+        Module modes are the trainer's while it runs (:mod:`energy_train.modes`): every policy
+        forward sets train mode with grad and eval mode without, the negatives and the
+        diagnostics run in eval mode, phi trains in train mode."""
+        restore_modes(self._modes)
 
     # ---- micro-batches -----------------------------------------------------------------------------
     def batch(self, step: int) -> list[Micro]:
@@ -123,6 +135,7 @@ class Trainer:
         context rows in buffers reused per (grad, step parity, micro-batch) when ``reuse``
         (fresh ones otherwise), or run.capture="hidden_states" gathers them from the tuple."""
         lay = mb.layout
+        set_mode(self.policy.modules().values(), grad)  # train mode with grad, else eval (modes.py)
         with torch.set_grad_enabled(grad), self.autocast():
             if not capture:
                 return Forward(mb, hidden(self.policy.forward(mb.batch)), None)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses
+from ..modes import module_mode
 from ..tensors import upcast
 from .feed import Micro, prepare
 
@@ -70,9 +71,14 @@ class Diagnostics:
             self._probe = prepare(t.policy, t.feed.probe(), t.device, 0, True)
         return self._probe
 
-    @torch.no_grad()
     def probe(self, t) -> dict:
-        """Held-out metrics on the fixed probe batch (see the module docstring)."""
+        """Held-out metrics on the fixed probe batch (see the module docstring); the energy
+        model scores in eval mode (restored after), as every no-grad forward runs."""
+        with module_mode([t.energy], False):
+            return self._run_probe(t)
+
+    @torch.no_grad()
+    def _run_probe(self, t) -> dict:
         t.drain()
         obj, mb = t.objective, self.probe_batch(t)
         fwd = t.observe(mb, reuse=False)  # kept as the next drift reference
@@ -99,8 +105,12 @@ class Diagnostics:
         fwd = t.observe(mb, reuse=False)
         return t.objective.context(fwd), t.objective.negatives(fwd)
 
-    @torch.no_grad()
     def lag_effect(self, t) -> dict:
+        with module_mode([t.energy], False):  # no-grad scoring: eval mode, restored after
+            return self._run_lag_effect(t)
+
+    @torch.no_grad()
+    def _run_lag_effect(self, t) -> dict:
         """After step s (theta_s+1, phi_s+1): how much the energy loss (the training loss, no
         grad) moves when its inputs switch from theta_s to theta_s+1 on batch s - what
         two_phase changes against joint - and, for scale, when the batch switches from s to

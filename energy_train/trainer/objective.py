@@ -21,6 +21,7 @@ from .. import losses
 from ..config import TrainConfig, parse_floats
 from ..distributed import LOCAL
 from ..grads import grad_norm
+from ..modes import module_mode
 from ..policy import Policy
 from ..tensors import bf16_autocast, gather_rows, upcast
 from .feed import Forward, Micro
@@ -54,7 +55,9 @@ class EnergyObjective:
         """(L, B, H, Da) actions of the CURRENT head on every layer's captured action rows
         (Policy.layer_actions; the final norm on intermediate layers with energy.logit_lens)."""
         norm = self.dp.final_norm(self.policy.decoder()[1]) if self.cfg.energy.logit_lens else None
-        with bf16_autocast(self.device, self.cfg.run.precision == "bf16"):
+        # a no-grad forward: eval mode, restored after (joint's backward follows in train mode)
+        with bf16_autocast(self.device, self.cfg.run.precision == "bf16"), \
+                module_mode(self.policy.modules().values(), False):
             return self.policy.layer_actions(list(fwd.captured.action_rows), norm)
 
     def negatives(self, fwd: Forward) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from .. import distributed
 from ..config import TrainConfig, canonical
 from ..files import atomic_write_text
 from ..plots import plot_run
-from ..policies import Setup, default_energy, resolve_factory
+from ..policies import default_energy, make_setup
 from ..policy import Policy
 from . import checkpoint
 from .core import Trainer
@@ -64,6 +64,9 @@ def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=No
     ``--resume`` may change (the resumable keys). Returns a RunResult; raises on error,
     leaving error.txt (and never complete.json) in the run directory.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected an energy_train.config.TrainConfig (default_config(...) "
+                        f"or config.resolve(...)), got {type(cfg).__name__}")
     ov = canonical(overrides or {}, cfg.run.policy, "command line")
     if policy is not None and data is None:
         raise ValueError("data: train(policy=...) needs data= (a step-indexed source or an "
@@ -88,6 +91,7 @@ def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=No
     device = resolve_device(cfg.run.device) if ctx is None else ctx.device
     if cfg.run.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.run.threads)
+    trainer = None
     try:
         trainer = build_trainer(cfg, device, ctx, policy=policy, energy=energy, data=data,
                                 probe=probe)
@@ -100,6 +104,8 @@ def train(cfg: TrainConfig, out=None, *, policy: Policy | None = None, energy=No
             raise e2 from e
         raise
     finally:
+        if trainer is not None:
+            trainer.restore_modes()  # the modules' modes as they came in (energy_train/modes.py)
         unlock(run_dir)
         torch.set_num_threads(threads)
         distributed.teardown(ctx)
@@ -110,11 +116,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device, ctx=None, *, policy=No
     """The policy (the user's, or built by run.policy's factory), the energy model and the
     data in a Trainer, checked once (data, policy outputs) and distributed under torchrun."""
     if policy is None:
-        setup = resolve_factory(cfg.run.policy)(cfg, device)
-        if not isinstance(setup, Setup):
-            raise TypeError(f"run.policy (--policy) {cfg.run.policy!r}: the factory must return "
-                            f"energy_train.policies.Setup(policy, data, probe=None, energy=None), "
-                            f"got {type(setup).__name__}")
+        setup = make_setup(cfg.run.policy, cfg, device, need_data=data is None)  # checked
         policy, data = setup.policy, data if data is not None else setup.data
         energy = energy if energy is not None else setup.energy
         probe = probe if probe is not None else setup.probe
@@ -194,10 +196,16 @@ def _resume(trainer: Trainer, run_dir: Path, echo, main: bool, keep_stop: bool):
     step, cfg = (0 if loaded is None else loaded.step), trainer.cfg
     for why in (loaded.skipped if loaded is not None else []):
         echo(f"warning: skipped a newer checkpoint: {why}")
-    if cfg.run.stop_after and cfg.run.stop_after <= step and not keep_stop:
-        # the saved stop point is reached: a plain --resume continues to run.steps (else it
-        # would stop at once and suggest the same --resume again)
-        cfg = trainer.cfg = cfg.with_values({"run.stop_after": 0}, "--resume")
+    # the --resume rule (rundir.prepare_run_dir): to run.steps, or to a --stop-after the command
+    # gives; a target at or before the checkpoint is refused before anything is rewritten
+    where = f"its checkpoint {loaded.dir.name}" if loaded is not None else "no checkpoint"
+    if cfg.run.steps < step:
+        raise RunError(f"run.steps (--steps) = {cfg.run.steps}: the run is already at step {step} "
+                       f"({where}); give --steps >= {step}, or leave it out")
+    if keep_stop and 0 < cfg.run.stop_after <= step:
+        raise RunError(f"run.stop_after (--stop-after) = {cfg.run.stop_after}: the run is already "
+                       f"at step {step} ({where}); give a later step, or 0 to run to run.steps = "
+                       f"{cfg.run.steps}")
     if main:
         (run_dir / "complete.json").unlink(missing_ok=True)
         retire_error(run_dir)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -60,7 +61,15 @@ def prepare_run_dir(cfg: TrainConfig, out, resume: bool, overrides: dict | None)
             unlock(run_dir)
             raise RunError(f"--resume: cannot change {locked} of an existing run (only "
                            f"{resumable_keys()})")
-        return run_dir, saved.with_values(changed, "--resume")  # config.json: after load
+        # the one --resume rule: a resume runs to run.steps unless the command gives a new
+        # --stop-after; the saved stop point never applies (it may lie before or after the
+        # checkpoint a fallback loads). run.py refuses a --steps / --stop-after the run is past.
+        changed["run.stop_after"] = (overrides or {}).get("run.stop_after", 0)
+        try:
+            return run_dir, saved.with_values(changed, "--resume")  # config.json: after load
+        except ValueError:
+            unlock(run_dir)
+            raise
     run_dir = Path(out) if out is not None else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"--out {str(run_dir)!r}: expected a directory, got an existing file")
@@ -120,7 +129,11 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         import fcntl
-        self.file = open(run_dir / ".lock", "a+")
+        try:
+            self.file = open(run_dir / ".lock", "a+")
+        except OSError as e:  # a read-only run directory (or filesystem)
+            raise RunError(f"--out {str(run_dir)!r}: cannot open {run_dir / '.lock'} "
+                           f"({e.strerror or e}); the run directory must be writable") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -152,8 +165,14 @@ def unlock(run_dir) -> None:
 
 
 def append_metrics(path: Path, records: list[dict]) -> None:
-    """Append metrics records to metrics.jsonl (one JSON line each, fsync'd)."""
-    append_lines(path, [json.dumps(r) for r in records])
+    """Append metrics records to metrics.jsonl (one JSON line each, fsync'd); a full or
+    read-only disk is a RunError naming the file."""
+    try:
+        append_lines(path, [json.dumps(r) for r in records])
+    except OSError as e:
+        steps = f"steps {records[0]['step']}..{records[-1]['step']}" if records else "no step"
+        raise RunError(f"cannot append the metrics of {steps} to {path} ({e.strerror or e}); "
+                       "make room, then --resume (it continues from the last checkpoint)") from None
 
 
 def retire_error(run_dir: Path) -> None:
@@ -166,18 +185,19 @@ def retire_error(run_dir: Path) -> None:
 
 def record_error(run_dir: Path, resume: bool, e: BaseException) -> None:
     """error.txt: why the run failed. A failed --resume appends (the original error stays); a
-    finished run stays finished (no error.txt beside complete.json). Never raises."""
-    if is_complete(run_dir):
+    finished run stays finished (no error.txt beside complete.json). Never raises: when it
+    cannot be written, the reason goes to stderr."""
+    if run_dir is None or is_complete(run_dir):
         return
     text = f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"
+    path = run_dir / "error.txt"
     try:
-        path = run_dir / "error.txt"
         if resume and path.is_file():
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             text = path.read_text() + f"\n--- --resume at {stamp} failed ---\n" + text
-        atomic_write_text(path, text)
-    except OSError:  # e.g. a read-only or full filesystem: the raised error still says why
-        pass
+        atomic_write_text(path, text)  # leaves no temporary file when it fails
+    except OSError as why:  # e.g. a read-only or full filesystem: say so; the error follows
+        print(f"energy-train: could not write {path} ({why.strerror or why})", file=sys.stderr)
 
 
 def is_complete(run_dir) -> bool:

@@ -9,6 +9,7 @@ import contextlib
 import torch
 
 from ..capture import NORM_NAMES, layer_output
+from ..modes import module_mode
 from ..policy import BatchLayout
 from ..tensors import gather_rows
 
@@ -143,7 +144,8 @@ def check_policy(trainer) -> None:
     _shape("Policy.layout(batch).pad_mask", lay.pad_mask, (B, S), (torch.bool,),
            "(B, S), like context_index")
     hooks = cfg.run.capture == "hooks"
-    with torch.no_grad(), trainer.autocast(), \
+    theta = policy.modules().values()  # no-grad forwards: eval mode (energy_train/modes.py)
+    with torch.no_grad(), trainer.autocast(), module_mode(theta, False), \
             (_recording(policy) if hooks else contextlib.nullcontext()) as recorded:
         h = _forward(policy, mb.batch)
         _shape("Policy.forward(batch)", h, (B, None, D), what=f"(B, T, D) with the policy's D={D}")
@@ -169,7 +171,7 @@ def check_policy(trainer) -> None:
         raise PolicyError(f"energy: expected an energy model for the policy's D={D}, Da={Da} "
                           f"(state_dim, act_dim), got state_dim={sizes[0]}, act_dim={sizes[1]}")
     if cfg.run.capture == "hidden_states":
-        with torch.no_grad(), trainer.autocast():
+        with torch.no_grad(), trainer.autocast(), module_mode(theta, False):
             out = policy.forward(mb.batch, output_hidden_states=True)
         if not hasattr(out, "hidden_states") or not out.hidden_states:
             raise PolicyError("run.capture = hidden_states: Policy.forward(batch, "

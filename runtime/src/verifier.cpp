@@ -447,8 +447,22 @@ Reranked Verifier::rerank(const at::Tensor& context, const at::Tensor& pad_mask,
                      impl_->dir);
   Reranked r;
   r.energies = score(context, pad_mask, candidates);
+  // the rule the Python rerank shares: a candidate whose energy is not finite (NaN, inf) or
+  // whose chunk holds a non-finite value is never picked; a sample without another is an error
+  const at::Tensor ok =
+      r.energies.isfinite().logical_and(candidates.isfinite().flatten(2).all(2));
+  const at::Tensor none = ok.any(1).logical_not();
+  if (none.any().item<bool>()) {
+    const at::Tensor rows = none.nonzero().flatten().cpu();
+    std::string list;
+    for (int64_t i = 0; i < std::min<int64_t>(rows.size(0), 8); ++i)
+      list += (i ? ", " : "") + std::to_string(rows[i].item<int64_t>());
+    throw InputError("rerank: samples [" + list + "] have no candidate with a finite energy and "
+                     "finite values (NaN/inf in the candidates, the context or the model); "
+                     "nothing safe to pick");
+  }
   const double inf = std::numeric_limits<double>::infinity();
-  r.index = r.energies.masked_fill(r.energies.isnan(), inf).argmin(1);
+  r.index = r.energies.masked_fill(ok.logical_not(), inf).argmin(1);
   const int64_t B = candidates.size(0);
   r.chunk = candidates.contiguous()
                 .gather(1, r.index.view({B, 1, 1, 1}).expand({B, 1, candidates.size(2),

@@ -268,6 +268,16 @@ ET_TEST(rerank_never_picks_nan) {
   const auto r = verifier().rerank(T("context"), T("pad_mask"), c);
   ET_CHECK(r.energies[0][0].isnan().item<bool>());
   ET_CHECK(r.index[0].item<int64_t>() != 0);
+  // a chunk with an inf value is never picked either (the rule the Python rerank shares)
+  at::Tensor d = T("candidates").clone();
+  const int64_t low = verifier().rerank(T("context"), T("pad_mask"), d).index[0].item<int64_t>();
+  d[0][low][0][0] = std::numeric_limits<float>::infinity();
+  const auto r2 = verifier().rerank(T("context"), T("pad_mask"), d);
+  ET_CHECK(r2.index[0].item<int64_t>() != low && r2.chunk.isfinite().all().item<bool>());
+  // a sample with no finite candidate: an error, never a NaN chunk
+  d[0].fill_(std::numeric_limits<float>::quiet_NaN());
+  ET_CHECK_THROWS(InputError, verifier().rerank(T("context"), T("pad_mask"), d),
+                  {"rerank: samples [0] have no candidate with a finite energy"});
 }
 
 ET_TEST(optional_mask_and_strides) {

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...models.action_head import strip_module_prefix
+from ...models.action_head import load_oft_state_dict
 
 COMPONENTS = ("action_head", "proprio_projector", "vision_backbone", "energy_model")
 PREFIXED = ("action_head", "proprio_projector")  # saved from inside DDP by OFT: "module." keys
@@ -175,7 +175,7 @@ def load_oft_checkpoint(directory: str | Path, *, vla: nn.Module | None = None,
         if path is None:
             raise FileNotFoundError(f"OFT checkpoint {directory}: no {name}--*checkpoint.pt")
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        module.load_state_dict(strip_module_prefix(sd), strict=True)
+        load_oft_state_dict(module, sd, strict=True, where=str(path))  # NaN/inf refused
         loaded[name] = path
     if vla is not None:
         loaded["lora_adapter"] = _load_adapter(vla, directory / "lora_adapter")

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...checks import check_int, check_tensor
+from ...modes import eval_mode
 from ...ops import energy_scores
 from ...tensors import gather_rows
 
@@ -114,9 +116,21 @@ def context_and_mask(hidden: torch.Tensor, labels: torch.Tensor,
 @torch.no_grad()
 def rerank(energy, context: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor):
     """The lowest-energy candidate per sample: candidates (B, C, H, Da) -> (best (B, H, Da),
-    index (B,), energies (B, C)), each context encoded once."""
-    e = energy_scores(energy, context, mask, candidates)
-    idx = e.argmin(dim=1)
+    index (B,), energies (B, C)), each context encoded once, the energy model in eval mode.
+
+    The rule the C++ runtime's ``Verifier::rerank`` shares: a candidate whose energy is not
+    finite (NaN, inf) or whose chunk holds a non-finite value is never picked; a sample with
+    no such candidate is an error (a ValueError naming the samples; a host read)."""
+    with eval_mode(energy):
+        e = energy_scores(energy, context, mask, candidates)
+    ok = torch.isfinite(e) & torch.isfinite(candidates).flatten(2).all(dim=2)
+    none = ~ok.any(dim=1)
+    if bool(none.any()):
+        rows = none.nonzero().flatten().tolist()
+        raise ValueError(f"rerank: samples {rows[:8]} have no candidate with a finite energy and "
+                         "finite values (NaN/inf in the candidates, the context or the model); "
+                         "nothing safe to pick")
+    idx = e.masked_fill(~ok, float("inf")).argmin(dim=1)
     best = candidates.gather(1, idx[:, None, None, None].expand(-1, 1, *candidates.shape[2:]))
     return best[:, 0], idx, e
 
@@ -129,11 +143,16 @@ def prepare_inference(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     prompt ("In: What action should the robot take to {task}?\\nOut:"): the empty token
     appended if missing, H*Da placeholder ids (1) and the stop id, the attention mask extended
     with ones, labels IGNORE_INDEX on the prompt, ``begin + 1`` on the placeholders, the stop
-    id last. Feed it to :meth:`OFTPolicy.act`."""
+    id last. Feed it to :meth:`OFTPolicy.act`. ``num_action_tokens`` = H*Da, an int >= 1."""
+    n = check_int("num_action_tokens", num_action_tokens, low=1)
+    for name, v in (("action_token_begin_idx", action_token_begin_idx),
+                    ("empty_token_id", empty_token_id), ("stop_id", stop_id)):
+        check_int(name, v, low=0)
+    check_tensor("input_ids", input_ids, ndim=2, integer=True)
+    check_tensor("attention_mask", attention_mask, ndim=2, shape=dict(enumerate(input_ids.shape)))
     B, dev = input_ids.shape[0], input_ids.device
     if not bool((input_ids[:, -1] == empty_token_id).all()):
         input_ids = torch.cat([input_ids, input_ids.new_full((B, 1), empty_token_id)], dim=1)
-    n = int(num_action_tokens)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     ids = torch.cat([input_ids, input_ids.new_ones(B, n), input_ids.new_full((B, 1), stop_id)], 1)
     mask = torch.cat([attention_mask, attention_mask.new_ones(B, ids.shape[1] - attention_mask.shape[1])], 1)

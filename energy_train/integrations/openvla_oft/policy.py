@@ -11,23 +11,21 @@ import torch
 from torch import nn
 
 from ...capture import find_decoder
+from ...checks import check_int
 from ...losses import correct_actions
+from ...modes import eval_mode
 from ...ops import build_action_index
 from ...policy import BatchLayout, Policy
 from ...tensors import gather_rows
 from .checkpoints import is_peft, oft_checkpoint_dir, save_oft_checkpoint
-from .context import (ACTION_TOKEN_BEGIN_IDX, CONTEXTS, IGNORE_INDEX, PAD_TOKEN_ID, REQUIRED,
-                      OFTInputError, context_and_mask, context_layout, unwrap)
+from .context import (ACTION_TOKEN_BEGIN_IDX, CONTEXTS, PAD_TOKEN_ID, REQUIRED, OFTInputError,
+                      context_and_mask, context_layout, unwrap)
+from .inputs import check_pixels, check_projector, check_tokens, vocab_size
 
 
 # --------------------------------------------------------------------------------------------
 # the policy
 # --------------------------------------------------------------------------------------------
-def _rows(flags: torch.Tensor) -> list[int]:
-    """The rows where ``flags`` (B,) bool is True, as host ints (a host read)."""
-    return flags.nonzero().flatten().tolist() if bool(flags.any()) else []
-
-
 class _LastHidden:
     """A forward hook on the LLM's final norm that keeps its output (= ``hidden_states[-1]``)
     while armed, so the forward needs no ``output_hidden_states`` tuple of L+1 states."""
@@ -86,6 +84,14 @@ class OFTPolicy(Policy):
                  dataset_statistics: dict | None = None, processor=None):
         if context not in CONTEXTS:
             raise ValueError(f"context: expected one of {CONTEXTS}, got {context!r}")
+        check_int("action_token_begin_idx", action_token_begin_idx, low=0)
+        check_int("pad_token_id", pad_token_id, low=0)
+        if num_patches is not None:
+            check_int("num_patches", num_patches, low=1)
+        if num_actions_chunk is not None:
+            check_int("num_actions_chunk", num_actions_chunk, low=1)
+        if proprio_projector is not None:
+            check_projector(proprio_projector)
         self.backbone, self.action_head = vla, action_head
         self.extras = {} if proprio_projector is None else {"proprio_projector": proprio_projector}
         self.proprio_projector, self.use_film, self.context = proprio_projector, use_film, context
@@ -240,6 +246,7 @@ class OFTPolicy(Policy):
             raise OFTInputError(f"batch['labels']: expected the shape of input_ids "
                                 f"{tuple(ids.shape)}, got {tuple(labels.shape)}")
         B = ids.shape[0]
+        check_pixels(self.backbone, batch["pixel_values"], B)
         if self.proprio_projector is not None:
             if batch.get("proprio") is None:
                 raise OFTInputError(f"batch['proprio']: missing; the proprio projector reads "
@@ -250,6 +257,10 @@ class OFTPolicy(Policy):
                 raise OFTInputError(f"batch['proprio']: expected (B, proprio_dim) = "
                                     f"({B}, {self.proprio_dim}) (or ({self.proprio_dim},) at "
                                     f"B = 1, as OFT's collator squeezes it), got {tuple(p.shape)}")
+
+    def _check_tokens(self, batch: dict) -> None:
+        check_tokens(batch, vocab=vocab_size(self.language_model), begin=self.begin,
+                     pad_id=self.pad_id, tokens=self.num_action_tokens)
 
     def check_batch(self, batch: dict) -> None:
         """Every check of a batch, with host reads (the trainer calls it before moving the
@@ -270,20 +281,7 @@ class OFTPolicy(Policy):
         if on_device and self._checked_on_device:
             return  # host reads of a device batch would synchronise: the first one only
         self._checked_on_device |= on_device
-        labels = batch["labels"]
-        rows = _rows((labels >= self.pad_id).any(dim=1))
-        if rows:
-            raise OFTInputError(
-                f"batch['labels']: rows {rows[:8]} hold ids >= the pad id {self.pad_id}, outside "
-                f"the action-token range ({self.begin + 1}..{self.pad_id - 1}); pad labels with "
-                f"{IGNORE_INDEX} (IGNORE_INDEX), as OFT's collator does")
-        counts = (labels > self.begin).sum(dim=1)
-        rows = _rows(counts != H * Da)
-        if rows:
-            raise OFTInputError(
-                f"batch['labels']: expected H*Da = {H * Da} action tokens (ids > "
-                f"{self.begin}) in every row, got {[int(counts[r]) for r in rows[:8]]} in rows "
-                f"{rows[:8]}")
+        self._check_tokens(batch)
 
     def save_extra(self, run_dir, step: int, theta: dict, phi: dict) -> None:
         """OFT's checkpoint layout at ``<run>/oft/step_<N>/`` (see checkpoints.py): the LoRA
@@ -308,9 +306,17 @@ class OFTPolicy(Policy):
         """-> (normalised actions (B, H, Da), context (B, S, D), pad_mask (B, S)) of a batch
         (:func:`prepare_inference` for test time; a training batch works too), the context by
         :func:`context_and_mask`: the rows the verifier was trained on. ``autocast``: the
-        dtype the policy was trained under (``torch.bfloat16`` for run.precision = bf16)."""
+        dtype the policy was trained under (``torch.bfloat16`` for run.precision = bf16).
+        Checked like a training batch: H*Da action placeholders in every row (a chunk with a
+        non-action row is refused), ids inside the vocabulary, pixel_values' channels."""
+        if not isinstance(batch, dict):
+            raise OFTInputError(f"batch: expected a dict (prepare_inference's), got "
+                                f"{type(batch).__name__}")
+        self._check_keys(batch)
+        self._check_tokens(batch)  # test time: host reads are fine (H*Da placeholders, ids)
         dev = next(self.backbone.parameters()).device
-        with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None), \
+                eval_mode(*self.modules().values()):  # test time: eval mode, restored after
             h = self.forward(batch)
             labels = batch["labels"].to(h.device)
             index = build_action_index(num_tokens=self.num_action_tokens, labels=labels,
@@ -329,7 +335,7 @@ class OFTPolicy(Policy):
         ``autocast``), then ``correct_actions`` on the same context in the energy model's
         dtype with autocast off (as the trainer runs it). Un-normalise after this."""
         actions, ctx, pad = self.act(batch, autocast=autocast)
-        e_dtype = next(energy.parameters()).dtype
+        e_dtype = next(energy.parameters()).dtype  # correct_actions runs it in eval mode
         with torch.autocast(ctx.device.type, enabled=False):
             fixed = correct_actions(energy, ctx.to(e_dtype), pad, actions.to(e_dtype),
                                     alpha=alpha, steps=steps, clip_frac=clip_frac)

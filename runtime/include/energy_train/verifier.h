@@ -108,8 +108,10 @@ class Verifier {
   // a <- a - alpha * dE/da, each step clipped to clip_frac * |a| (per sample).
   at::Tensor correct(const at::Tensor& context, const at::Tensor& pad_mask,
                      const at::Tensor& actions) const;
-  // Best-of-C: the lowest-energy candidate per sample (a NaN energy is never chosen unless all
-  // are NaN), then, if correct_best, the correction applied to it.
+  // Best-of-C: the lowest-energy candidate per sample, then, if correct_best, the correction
+  // applied to it. A candidate whose energy is not finite (NaN, inf) or whose chunk holds a
+  // non-finite value is never chosen; a sample with no other candidate is an InputError (the
+  // rule energy_train.integrations.openvla_oft.rerank shares).
   Reranked rerank(const at::Tensor& context, const at::Tensor& pad_mask,
                   const at::Tensor& candidates, bool correct_best = false) const;
 
