@@ -69,7 +69,8 @@ class Trainer:
         if cfg.energy.action_residual != getattr(energy, "action_residual", cfg.energy.action_residual):
             raise ValueError(f"energy.action_residual: the config says {cfg.energy.action_residual}, "
                              f"the energy model was built with {energy.action_residual}")
-        if cfg.energy.precision == "bf16_weights":
+        if cfg.energy.precision == "bf16_weights" and any(
+                p.dtype != torch.bfloat16 for p in energy.parameters()):
             energy.to(torch.bfloat16)  # the fork's first recipe: bf16 weights, AdamW on them
         self.feed = data if isinstance(data, Feed) else Feed(data, cfg.run.grad_accum, probe)
         self.theta = [p for _, p in policy.named_trainable()]
@@ -84,7 +85,7 @@ class Trainer:
         self.timer = PhaseTimer(device)
         self.streams = PhaseStreams(device, cfg.run.overlap)
         self.graphs = Graphs(cfg.run.cuda_graphs, device, blockers(policy, self.strategy, cfg),
-                             on_failure=self._drop_grads)
+                             on_failure=self._drop_grads, quiet=not self.strategy.phases)
         self.telemetry = GpuTelemetry(device)
         self.meter, self.clock = Meter(), WallClock()
         self.step = 0  # optimizer steps done

@@ -204,10 +204,11 @@ class _Part:
 class Graphs:
     """The parts' graphs of one trainer (module docstring). ``blockers``: part -> what prevents
     its capture (None: nothing); ``on_failure()``: called after a capture raised (the trainer
-    drops the gradients a half-captured backward left)."""
+    drops the gradients a half-captured backward left); ``quiet``: "auto" names the blockers in
+    :meth:`status` only (no warning: a strategy whose step has no parts)."""
 
     def __init__(self, mode: str, device: torch.device, blockers: dict[str, str | None],
-                 on_failure: Callable[[], None] = lambda: None):
+                 on_failure: Callable[[], None] = lambda: None, quiet: bool = False):
         if mode not in MODES:
             raise ValueError(f"run.cuda_graphs: expected one of {MODES}, got {mode!r}")
         self.mode, self.device, self.on_failure = mode, device, on_failure
@@ -217,11 +218,13 @@ class Graphs:
             raise CaptureError(f"run.cuda_graphs = \"on\": CUDA graphs need a CUDA device, "
                                f"run.device is {device.type} (\"auto\" ignores the option off "
                                "CUDA; \"off\" turns it off)")
-        self.parts = {p: _Part(blockers.get(p)) for p in PARTS}
+        # quiet: "auto" does not warn about the blockers (a strategy that has no parts)
+        self.parts = {p: _Part(blockers.get(p), warned=quiet) for p in PARTS}
         if self.enabled and mode == "on":
             for name, part in self.parts.items():
                 if part.reason is not None:
                     raise CaptureError(f"run.cuda_graphs = \"on\": part {name!r}: {part.reason}")
+        self.graph_cls = StandinGraph if self.standin else CudaGraph
         self._stream = None  # the capture stream of the parts that run on the default stream
         self._owned: set[int] = set()  # data_ptr of the graphs' outputs (stable buffers)
 
@@ -254,6 +257,8 @@ class Graphs:
         captured and replayed as the module docstring says."""
         part = self.parts[name]
         if not (self.enabled and eligible) or part.reason is not None:
+            if self.enabled and part.reason is not None and not part.warned:
+                self._block(name, part.reason)  # named once, at its first call
             return fn(*args)
         live: list = []
         sig = flatten(args, live)
@@ -278,7 +283,7 @@ class Graphs:
         static = [t if t.data_ptr() in self._owned else static_copy(t) for t in live]
         sargs = rebuild(args, iter(static))
         try:
-            graph = (StandinGraph if self.standin else CudaGraph)(fn, sargs, self._capture_stream())
+            graph = self.graph_cls(fn, sargs, self._capture_stream())
         except Exception as e:  # noqa: BLE001 - named, then eager (auto) or raised (on)
             self.on_failure()
             self._block(name, f"its capture raised {type(e).__name__}: {str(e).strip()[:300]} "

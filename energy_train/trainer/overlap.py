@@ -24,6 +24,21 @@ runs on a SIDE stream while phase 1 of step k+1 runs on the MAIN stream::
 - Tensors made on main and read on side (the micro-batches) are ``record_stream``-ed to the
   side stream, so the caching allocator does not hand their memory to main before phase 2(k)
   is done with it; batch k's objects also stay referenced by phase 2's metrics/trace.
+- Phase 2 issues every micro-batch's read (forward + negatives) before any energy loss, so
+  D(k) follows the last READ: opt_theta(k+1) never waits for an energy step of phase 2(k).
+- Why not a snapshot of theta for phase 2 instead of W: a copy of theta per step (the ~1B
+  backbone's 2 GB: ~1 ms at the H200's 4.3 TB/s, plus 2 GB held; OFT's LoRA + head ~0.5 GB)
+  would remove a wait that does not bind: W is reached after P1(k+1)'s forward and backward,
+  which take longer than P2(k)'s read (a no-grad forward: ~1/3 of a forward + backward); on
+  the H200 (~1B backbone) opt_theta took 11.84 ms overlapped and 11.84 ms sequential. W costs
+  only when the read outlasts a whole forward + backward.
+- What W does not explain (the H200 timeline: main idle ~30 ms per step, phase 1(k+1)
+  starting ~5 ms after phase 2(k)'s read ended) is the HOST: it issues every launch in the
+  sequential order, so phase 1(k+1)'s first kernel is issued only after all of phase 2(k)'s;
+  with the launch queue full (the host runs ahead of a busy GPU), that is when the GPU has
+  drained phase 2(k) to the queue's depth. run.cuda_graphs makes phase 2 two graph launches
+  ("phi_read", "phi"; trainer/graphs.py), so the host reaches phase 1(k+1) at once; with a
+  policy that is not capturable, "phi" (the energy loss and phi's step) is still one launch.
 - Side-stream results (phase 2 metrics, phi) are read on main only after :meth:`drain`
   (main waits for side: a device-side wait, no host sync). The trainer drains before the
   probe, the metric read-back, checkpoints and the end of a run.
