@@ -68,12 +68,21 @@ def measured(case: str, device: torch.device) -> dict:
 def check(case: str, device: torch.device) -> dict:
     t0 = time.perf_counter()
     target = "cuda" if device.type == "cuda" else "cpu"
-    p = plan(case, {**FIXED}, strategies=("two_phase",), device=device.type, target=target,
-             checkpointing=False)
+    planned_on = device.type
+    try:
+        p = plan(case, {**FIXED}, strategies=("two_phase",), device=device.type, target=target,
+                 checkpointing=False)
+    except Exception as e:  # noqa: BLE001 - fake CUDA tensors failed: plan on the CPU, said so
+        if device.type != "cuda":
+            raise
+        planned_on = f"cpu (fake cuda failed: {type(e).__name__}: {str(e)[:120]})"
+        p = plan(case, {**FIXED}, strategies=("two_phase",), device="cpu", target=target,
+                 checkpointing=False)
     s = p["strategies"]["two_phase"]
     m = measured(case, device)
     planned_above = s["peak"] - s["base"]
-    out = dict(case=case, device=str(device), planned_peak=s["peak"], planned_base=s["base"],
+    out = dict(case=case, device=str(device), planned_on=planned_on, planned_peak=s["peak"],
+               planned_base=s["base"],
                planned_above_start=planned_above, measured=m, seconds=0.0)
     if m["peak"] is not None:  # CUDA: the absolute peak is what a user sizes a GPU by
         out["ratio"] = s["peak"] / m["peak"]
