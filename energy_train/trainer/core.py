@@ -284,10 +284,12 @@ class Trainer:
         self.timer.set_step(step)
         batch = self.batch(step)
         self.diagnostics.before(self, batch)
+        self.streams.new_step()
         with self.timer("step"):
             metrics = self.strategy.step(self, batch, step)
         metrics = {k: v for k, v in metrics.items() if v is not None}
-        metrics.update(self.optim.advance())  # the lrs this step used; the stepped sides move on
+        # the lrs this step used; the stepped sides move on, phi's where its step ran
+        metrics.update(self.optim.advance({"phi": self.streams.on_phase2_stream()}))
         self.step += 1
         metrics.update(self.diagnostics.after(self))
         self.meter.add(step, metrics)

@@ -17,6 +17,7 @@ they are the plain (foreach) AdamW.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -96,13 +97,16 @@ class Optimizers:
         """Clear ``side``'s gradients without a step (its schedule does not move)."""
         (self.opt_theta if side == "theta" else self.opt_phi).zero_grad(set_to_none=True)
 
-    def advance(self) -> dict:
+    def advance(self, where: dict | None = None) -> dict:
         """End of a trainer step: the learning rates the step used ({"lr", "energy_lr"}, host
-        floats), then the schedulers of the sides that stepped move one step."""
+        floats), then the schedulers of the sides that stepped move one step. ``where``: side
+        -> a context to move that side's schedule in (on CUDA the stream its optimizer step ran
+        on: the device lr that step reads is filled after it, in stream order)."""
         lrs = {"lr": host_lr(self.sched_theta), "energy_lr": host_lr(self.sched_phi)}
         for side, sched in (("theta", self.sched_theta), ("phi", self.sched_phi)):
             if side in self.stepped:
-                sched.step()
+                with (where or {}).get(side) or contextlib.nullcontext():
+                    sched.step()
         self.stepped.clear()
         return lrs
 
