@@ -18,7 +18,9 @@ input signature (shapes, dtypes, strides of the tensor arguments; the other argu
    already on one): lazy state (AdamW's moments, cuBLAS workspaces, Triton compiles and the
    kernels' per-shape tables, the capture buffers of both step parities) exists before capture;
 2. capture: the arguments are copied into static buffers and the body is captured (nothing
-   runs), in its own memory pool; then replayed once: the step is done;
+   runs), in its own memory pool; then replayed once: the step is done. ``torch.cuda.graph``
+   synchronises the device once here (exempt from ``set_sync_debug_mode``: by design, once
+   per part and signature; a synchronisation inside the body fails the capture);
 3. each later call: the arguments are copied into the static buffers (skipped for a tensor
    that IS the static one - the "opt_theta" grads are "theta"'s outputs, the "phi" inputs
    "phi_read"'s), one replay, and the metrics (the first output, a dict) copied out (the next
@@ -161,9 +163,14 @@ class CudaGraph:
 
     def __init__(self, fn: Callable, args: tuple, stream):
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=torch.cuda.graph_pool_handle(), stream=stream,
-                              capture_error_mode="thread_local"):
-            self.out = fn(*args)
+        debug = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)  # the capture's one synchronize is by design
+        try:
+            with torch.cuda.graph(self.graph, pool=torch.cuda.graph_pool_handle(),
+                                  stream=stream, capture_error_mode="thread_local"):
+                self.out = fn(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(debug)
 
     def replay(self):
         self.graph.replay()
@@ -229,11 +236,19 @@ class Graphs:
         self._owned: set[int] = set()  # data_ptr of the graphs' outputs (stable buffers)
 
     def refuse(self, reason: str, parts=PARTS) -> None:
-        """Something found after construction prevents capture (e.g. data parallelism)."""
+        """Something found after construction prevents capture (e.g. data parallelism): named
+        once for all ``parts``."""
+        if self.mode == "on" and self.enabled:
+            raise CaptureError(f"run.cuda_graphs = \"on\": {reason}")
+        news = [name for name in parts if not self.parts[name].warned]
         for name in parts:
-            self.parts[name].graphs.clear()
-            self._block(name, reason)
+            part = self.parts[name]
+            part.graphs.clear()
+            part.reason, part.warned = reason, True
         self._owned.clear()
+        if self.enabled and news:
+            warnings.warn(f"run.cuda_graphs: parts {', '.join(news)} run eagerly: {reason}",
+                          RuntimeWarning, stacklevel=2)
 
     def reset(self) -> None:
         """Forget every graph (their static state no longer matches: e.g. a loaded optimizer
