@@ -45,7 +45,7 @@ from energy_train.models import EnergyModel, L1RegressionActionHead
 from energy_train.policies.tiny import TaskData, TinyPolicy
 from energy_train.telemetry import GpuTelemetry
 from energy_train.trainer import Trainer, build_trainer
-from energy_train.trainer.graphs import standin
+from energy_train.trainer.graphs import WARMUP, standin
 
 PROVIDERS = {
     "joint": dict(strategy="joint", cuda_graphs="off"),
@@ -103,6 +103,10 @@ def _factory(provider: str):
             torch.cuda.empty_cache()
         t = make_trainer(inputs["spec"], provider, dev)
         inputs["trainers"][provider] = t
+        if PROVIDERS[provider].get("cuda_graphs") == "on":
+            for _ in range(WARMUP + 1):  # warm-up and capture before anything is timed
+                t.train_step()
+            t.discard_metrics()
 
         def step():
             t.train_step()
