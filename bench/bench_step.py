@@ -9,7 +9,12 @@ actions):
   (energy_train/trainer/overlap.py); on a CPU it runs in order (nothing can overlap);
 - shared_forward: one forward, energy step on detached snapshots;
 - two_phase_hidden_states: overlapped two_phase with output_hidden_states=True instead of the
-  hook capture (shows what keeping L+1 full hidden states costs in peak memory).
+  hook capture (shows what keeping L+1 full hidden states costs in peak memory);
+- two_phase_seq_graphs / two_phase_overlap_graphs / shared_forward_graphs: the same steps with
+  run.cuda_graphs = "on" (every part of the step a CUDA graph: energy_train/trainer/graphs.py);
+  the providers above run with cuda_graphs = "off" (eager). On a CPU without the GPU
+  stand-ins the graphed providers are not applicable; with them (the gpu-check dry run) they
+  run the graphs' static-buffer plumbing on the CPU.
 Backbones (cases):
 - tiny: the embedded default (TinyVLA d=64, 4 layers, batch 16, T=79);
 - oftstandin: ``--policy oft-standin``, the OpenVLA-OFT stand-in with OFT's LoRA (r=16) on a
@@ -40,13 +45,18 @@ from energy_train.models import EnergyModel, L1RegressionActionHead
 from energy_train.policies.tiny import TaskData, TinyPolicy
 from energy_train.telemetry import GpuTelemetry
 from energy_train.trainer import Trainer, build_trainer
+from energy_train.trainer.graphs import WARMUP, standin
 
 PROVIDERS = {
-    "joint": dict(strategy="joint"),
-    "two_phase_seq": dict(strategy="two_phase", overlap=False),
-    "two_phase_overlap": dict(strategy="two_phase", overlap=True),
-    "shared_forward": dict(strategy="shared_forward"),
-    "two_phase_hidden_states": dict(strategy="two_phase", overlap=True, capture="hidden_states"),
+    "joint": dict(strategy="joint", cuda_graphs="off"),
+    "two_phase_seq": dict(strategy="two_phase", overlap=False, cuda_graphs="off"),
+    "two_phase_overlap": dict(strategy="two_phase", overlap=True, cuda_graphs="off"),
+    "shared_forward": dict(strategy="shared_forward", cuda_graphs="off"),
+    "two_phase_hidden_states": dict(strategy="two_phase", overlap=True, capture="hidden_states",
+                                    cuda_graphs="off"),
+    "two_phase_seq_graphs": dict(strategy="two_phase", overlap=False, cuda_graphs="on"),
+    "two_phase_overlap_graphs": dict(strategy="two_phase", overlap=True, cuda_graphs="on"),
+    "shared_forward_graphs": dict(strategy="shared_forward", cuda_graphs="on"),
 }
 BACKBONES = {
     "tiny": dict(kind="tiny", B=16),
@@ -78,14 +88,25 @@ def make_trainer(spec: dict, provider: str, device: torch.device) -> Trainer:
     return build_trainer(cfg, device, policy=policy, energy=energy, data=data)
 
 
+def graphs_apply(provider: str, device: torch.device) -> bool:
+    """A graphed provider runs on CUDA, or on the CPU with the GPU stand-ins (dry run)."""
+    return PROVIDERS[provider].get("cuda_graphs") != "on" or device.type == "cuda" or standin()
+
+
 def _factory(provider: str):
     def factory(inputs):
         dev = inputs["device"]
+        if not graphs_apply(provider, dev):
+            return None  # "not applicable": cuda_graphs = "on" needs CUDA (or the stand-ins)
         inputs["trainers"].pop(provider, None)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         t = make_trainer(inputs["spec"], provider, dev)
         inputs["trainers"][provider] = t
+        if PROVIDERS[provider].get("cuda_graphs") == "on":
+            for _ in range(WARMUP + 1):  # warm-up and capture before anything is timed
+                t.train_step()
+            t.discard_metrics()
 
         def step():
             t.train_step()
@@ -114,15 +135,30 @@ def annotate(case: Case, provider: str, inputs: dict, rec: dict, device: torch.d
         if vals:
             out[f"ms_{name}"] = 1e3 * sum(vals) / len(vals)
     out.update({k: v for k, v in records[-1].items() if k.startswith("gpu_")})
+    out["graphed_parts"] = sum(s.startswith("graphed") for s in t.graphs.status().values())
     inputs["trainers"].pop(provider, None)
     return out
 
 
+TIMELINE = ("two_phase_overlap", "two_phase_overlap_graphs")
+
+
 def timeline(device: torch.device, out_dir: Path | None, case: str) -> dict:
-    """Intervals of 3 overlapped two_phase steps per phase per stream (CUDA events), + a PNG."""
-    spec = BACKBONES[case]
-    t = make_trainer(spec, "two_phase_overlap", device)
-    for _ in range(3):
+    """Intervals of 3 overlapped two_phase steps per phase per stream (CUDA events), eager and
+    with CUDA graphs (where they apply), + a PNG with one panel each."""
+    runs = {p: _timeline_run(device, case, p) for p in TIMELINE if graphs_apply(p, device)}
+    res = dict(case=case, device=str(device), runs=runs)
+    if out_dir is not None:
+        dev = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+        stem = out_dir / f"step-timeline-{dev}"
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        draw_timeline(res, stem.with_suffix(".png"))
+    return res
+
+
+def _timeline_run(device: torch.device, case: str, provider: str) -> dict:
+    t = make_trainer(BACKBONES[case], provider, device)
+    for _ in range(3):  # warm-up (and, with graphs, the capture)
         t.train_step()
     t.flush()
     t.timer.history = []
@@ -146,13 +182,7 @@ def timeline(device: torch.device, out_dir: Path | None, case: str) -> dict:
             start, end = (a - t0) * 1e3, (b - t0) * 1e3
             lane = "CPU (in order)"
         bars.append(dict(step=step, name=name, lane=lane, start_ms=start, end_ms=end))
-    res = dict(case=case, device=str(device), overlap_enabled=t.streams.enabled, bars=bars)
-    if out_dir is not None:
-        dev = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
-        stem = out_dir / f"step-timeline-{dev}"
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        draw_timeline(res, stem.with_suffix(".png"))
-    return res
+    return dict(overlap_enabled=t.streams.enabled, graphs=t.graphs.status(), bars=bars)
 
 
 def draw_timeline(res: dict, path: Path) -> None:
@@ -160,34 +190,41 @@ def draw_timeline(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lanes = sorted({b["lane"] for b in res["bars"]}, key=lambda s: (s != "main stream", s))
     colours = {"phase1": "tab:blue", "opt_theta": "tab:cyan", "phase2": "tab:orange",
                "phase2_read": "tab:red"}
     labels = {"phase1": "phase 1 (L1 fwd/bwd + opt_theta)", "opt_theta": "opt_theta (incl. wait)",
               "phase2": "phase 2 (no-grad fwd, negatives, energy, opt_phi)",
               "phase2_read": "phase 2 reads theta (fwd + negatives)"}
-    fig, ax = plt.subplots(figsize=(11, 1.6 + 1.1 * len(lanes)))
-    seen = set()
-    for b in res["bars"]:
-        y = lanes.index(b["lane"])
-        sub = b["name"] in ("opt_theta", "phase2_read")
-        h, off = (0.2, -0.55) if sub else (0.6, -0.3)
-        ax.broken_barh([(b["start_ms"], b["end_ms"] - b["start_ms"])], (y + off, h),
-                       facecolors=colours.get(b["name"], "grey"), edgecolor="black", linewidth=0.4,
-                       label=None if b["name"] in seen else labels.get(b["name"], b["name"]))
-        seen.add(b["name"])
-        if not sub:
-            tag = "P1" if b["name"] == "phase1" else "P2"
-            ax.text((b["start_ms"] + b["end_ms"]) / 2, y + 0.36, f"{tag}({b['step']})",
-                    ha="center", va="bottom", fontsize=7)
-    ax.set_yticks(range(len(lanes)))
-    ax.set_yticklabels(lanes)
-    ax.set_ylim(-0.8, len(lanes) - 1 + 0.7)
-    ax.set_xlabel("ms since the first of 3 timed steps")
-    how = ("CUDA events per phase per stream" if res["overlap_enabled"]
-           else "CPU: the overlap code runs in order (nothing can overlap)")
-    ax.set_title(f"two_phase overlapped, {res['case']} on {res['device']}: {how}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    runs = res["runs"]
+    heights = [1.2 + 1.1 * len({b["lane"] for b in r["bars"]}) for r in runs.values()]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(11, sum(heights)), squeeze=False,
+                             gridspec_kw=dict(height_ratios=heights))
+    for ax, (provider, run) in zip(axes[:, 0], runs.items()):
+        lanes = sorted({b["lane"] for b in run["bars"]}, key=lambda s: (s != "main stream", s))
+        seen = set()
+        for b in run["bars"]:
+            y = lanes.index(b["lane"])
+            sub = b["name"] in ("opt_theta", "phase2_read")
+            h, off = (0.2, -0.55) if sub else (0.6, -0.3)
+            ax.broken_barh([(b["start_ms"], b["end_ms"] - b["start_ms"])], (y + off, h),
+                           facecolors=colours.get(b["name"], "grey"), edgecolor="black",
+                           linewidth=0.4,
+                           label=None if b["name"] in seen else labels.get(b["name"], b["name"]))
+            seen.add(b["name"])
+            if not sub:
+                tag = "P1" if b["name"] == "phase1" else "P2"
+                ax.text((b["start_ms"] + b["end_ms"]) / 2, y + 0.36, f"{tag}({b['step']})",
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_yticks(range(len(lanes)))
+        ax.set_yticklabels(lanes)
+        ax.set_ylim(-0.8, len(lanes) - 1 + 0.7)
+        ax.set_xlabel("ms since the first of 3 timed steps")
+        how = ("CUDA events per phase per stream" if run["overlap_enabled"]
+               else "CPU: the overlap code runs in order (nothing can overlap)")
+        graphed = sum(s.startswith("graphed") for s in run["graphs"].values())
+        ax.set_title(f"{provider} ({graphed} of 4 parts graphed), {res['case']} on "
+                     f"{res['device']}: {how}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -213,7 +250,8 @@ def make_benchmark(device: torch.device, quick: bool, cpu_shapes: bool) -> Bench
                ("ms_phase1", "phase1 ms", ".2f"), ("ms_opt_theta", "opt_theta ms", ".2f"),
                ("ms_phase2", "phase2 ms", ".2f"), ("ms_phase2_read", "phase2 read ms", ".2f"),
                ("peak_mem_bytes", "+peak B", ".3g"), ("gpu_mem_peak_bytes", "peak alloc B", ".3g"),
-               ("gpu_util_pct", "GPU util %", ".0f"), ("gpu_power_w", "power W", ".0f")]
+               ("gpu_util_pct", "GPU util %", ".0f"), ("gpu_power_w", "power W", ".0f"),
+               ("graphed_parts", "graphed parts", "d")]
     # CPU: ~100 ms steps on a shared machine: ~3 s of repeats per provider, in rounds
     return Benchmark("step", cases, providers, baseline="two_phase_seq", notes=notes,
                      annotate=annotate, columns=columns, cpu_budget_s=3.0,

@@ -8,6 +8,7 @@
   energy-train compare                the stability study: strategies x seeds -> report
   energy-train compare --preset fork  the public energy fork's recipe and its ablations
   energy-train demo                   the ops once on random tensors
+  energy-train plan --case oft-7b     the peak memory of a step per strategy, before renting a GPU
 """
 from __future__ import annotations
 
@@ -123,6 +124,22 @@ def _compare(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .plan import STRATEGIES, plan, report
+
+    overrides = {**_sets(args), **_flags(args)}
+    strategies = tuple(args.plan_strategies) if args.plan_strategies else STRATEGIES
+    p = plan(args.case, overrides, strategies=strategies, device=args.device,
+             target=args.target, checkpointing=not args.no_checkpointing, fsdp_world=args.fsdp)
+    print(report(p), end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(p, indent=1, default=str))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="a registered policy (tiny, the default; oft-standin), "
                    "module:factory or path/to/file.py:factory (your own: factory(cfg, device) -> "
@@ -188,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite the report of the finished study in --out from its runs' "
                    "metrics (no training)")
     c.set_defaults(func=_compare)
+
+    m = sub.add_parser("plan", help="the peak device memory of a training step per strategy "
+                       "and part (fake tensors: no GPU, no memory needed)")
+    m.add_argument("--case", default="tiny", help="tiny (default), oft-standin, oft-7b "
+                   "(OpenVLA-OFT's shapes: Llama-2 7B, LoRA r 32, T ~590, B 8, bf16), oft-1b")
+    m.add_argument("--strategy", dest="plan_strategies", action="append",
+                   help="a strategy to plan (repeatable; "
+                   "default joint, two_phase, shared_forward)")
+    m.add_argument("--device", default=None, help="where the fake tensors live: cpu, cuda "
+                   "(default cuda when CUDA is present: its autocast and dispatch)")
+    m.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
+                   help="the device class whose `auto` picks the fused ops (default cuda)")
+    m.add_argument("--fsdp", type=int, default=8, help="GPUs of the FSDP estimate (default 8)")
+    m.add_argument("--no-checkpointing", dest="no_checkpointing", action="store_true",
+                   help="skip the activation-checkpointing what-if")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="set a config key (repeatable), e.g. --set run.batch_size=4")
+    m.add_argument("--batch-size", dest="batch_size", type=int)
+    m.add_argument("--json", help="also write the plan as JSON here")
+    m.set_defaults(func=_plan)
     return p
 
 

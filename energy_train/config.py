@@ -61,6 +61,9 @@ class RunConfig:
     progress: bool = knob(True, resumable=True)
     threads: int = knob(1, ge=0, resumable=True)          # CPU intra-op threads; 0 = torch's default
     overlap: bool = knob(True, resumable=True)            # CUDA: phase 2(k) beside phase 1(k+1)
+    # CUDA: the step's parts as CUDA graphs (trainer/graphs.py); auto: where capturable, else
+    # eager with a warning naming why, ignored off CUDA; on: an error instead; off: never
+    cuda_graphs: str = knob("auto", choices=("auto", "on", "off"), resumable=True)
     capture: str = knob("hooks", choices=("hooks", "hidden_states"))
     check_data: bool = knob(True)                         # step-indexed data: NaN/inf check at start
     log: str = knob("none", choices=("none", "wandb", "tensorboard"), resumable=True)  # + metrics.jsonl

@@ -198,7 +198,8 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
                          layer_picks: Sequence[int] | None = None, own_prediction: bool = False,
                          sigma: float = 0.3, amplitudes: Sequence[float] = (),
                          sign_flip: bool = True,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None,
+                         draws: tuple | None = None) -> torch.Tensor:
     """Negatives (B, M, H, Da) around the expert chunk (B, H, Da), in this order:
 
     1. the picked layer actions, ``layer_actions[p]`` for p in ``layer_picks`` (from
@@ -220,7 +221,11 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
     compatibility) starts with a LayerNorm over each step's Da values, so its energy is
     invariant to a positive rescaling (and a shift) of every step - an amplitude negative
     TIES with the expert (to ~1e-5) and only adds a floor of log(1 + ties) to the InfoNCE loss.
-    The defaults give candidates that an energy model can tell apart."""
+    The defaults give candidates that an energy model can tell apart.
+
+    ``draws``: the random numbers of groups 3 and 5 made beforehand by :func:`negative_draws`
+    (the same ``generator`` calls in the same order, so the same negatives): what a CUDA graph
+    of the energy phase takes as an input instead of re-seeding a generator inside it."""
     check_tensor("expert", expert, ndim=3, floating=True)
     B, H, Da = expert.shape
     sigma = check_real("sigma", sigma, low=0)
@@ -244,17 +249,15 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
         negs += [layer_actions[p].to(expert.dtype) for p in picks]
         if own_prediction:
             negs.append(layer_actions[-1].to(expert.dtype))
+    noise, u = negative_draws(expert, sigma, sign_flip, generator) if draws is None else draws
     if sigma > 0:
-        noise = torch.randn(expert.shape, generator=generator, device=expert.device,
-                            dtype=torch.float32).to(expert.dtype)
-        negs.append(expert + sigma * noise)
+        negs.append(expert + sigma * noise.to(expert.dtype))
     negs += [expert * a for a in amplitudes]
     if sign_flip:
         # Gumbel-max draw, proportional to each dimension's mean magnitude: no host sync and,
         # unlike torch.multinomial, no value check that would raise on a NaN batch (the
         # trainer reports those at read-back with the step number).
         weight = expert.detach().abs().float().mean(dim=1) + 1e-12  # (B, Da)
-        u = torch.rand(weight.shape, generator=generator, device=expert.device).clamp_min(1e-20)
         dim = (weight.log() - (-u.log()).log()).argmax(dim=1)
         flip = 1 - 2 * F.one_hot(dim, Da).to(expert.dtype)  # (B, Da): -1 at the flipped dim
         negs.append(expert * flip[:, None, :])
@@ -262,6 +265,19 @@ def structured_negatives(expert: torch.Tensor, layer_actions: torch.Tensor | Non
         raise ValueError("structured_negatives: every kind of negative is off (no layer "
                          "actions, sigma = 0, no amplitudes, no sign flip)")
     return torch.stack(negs, dim=1)
+
+
+def negative_draws(expert: torch.Tensor, sigma: float, sign_flip: bool,
+                   generator: torch.Generator | None = None) -> tuple:
+    """(noise (B, H, Da) fp32 or None, u (B, Da) fp32 or None): the random numbers
+    :func:`structured_negatives` reads - N(0, 1) noise when ``sigma`` > 0, then the uniforms of
+    the sign flip's Gumbel-max draw when ``sign_flip`` - in that order from ``generator``."""
+    B, H, Da = expert.shape
+    noise = (torch.randn(expert.shape, generator=generator, device=expert.device,
+                         dtype=torch.float32) if sigma > 0 else None)
+    u = (torch.rand((B, Da), generator=generator, device=expert.device).clamp_min(1e-20)
+         if sign_flip else None)
+    return noise, u
 
 
 def correct_actions(energy_model, context, pad_mask, actions, *, alpha: float = 0.1,

@@ -59,6 +59,11 @@ class Policy(abc.ABC):
     """
     backbone: nn.Module
     action_head: nn.Module
+    #: True when :meth:`forward` (with or without grad, under the trainer's autocast) can be
+    #: captured in a CUDA graph: the same shapes for the same batch shapes, no host
+    #: synchronisation, no allocation outside torch's allocator (``run.cuda_graphs``). The
+    #: default is False: such a policy's forward runs eagerly, the rest of phase 2 is graphed.
+    capturable: bool = False
 
     @property
     def extras(self) -> dict[str, nn.Module]:

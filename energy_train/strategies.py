@@ -62,8 +62,10 @@ class Blocks(Protocol):
 
 class Strategy:
     """One step's schedule. ``options``: the [strategy] section (this strategy reads its own
-    keys)."""
+    keys). ``phases``: its step is built from phase_theta / phase_phi only (whose parts a CUDA
+    graph can replay, run.cuda_graphs)."""
     name = "base"
+    phases = False
 
     @dataclass
     class Options:
@@ -123,6 +125,7 @@ class Joint(Strategy):
 
 class TwoPhase(Strategy):
     name = "two_phase"
+    phases = True
 
     @dataclass
     class Options:
@@ -138,6 +141,7 @@ class TwoPhase(Strategy):
 class SharedForward(Strategy):
     """One forward; the energy phase runs on detached snapshots taken before theta moves."""
     name = "shared_forward"
+    phases = True
 
     def step(self, t, batch, step):
         taken = []  # per micro-batch: (context, negatives) of theta_k, detached
@@ -147,6 +151,7 @@ class SharedForward(Strategy):
 
 class Alternating(Strategy):
     name = "alternating"
+    phases = True
 
     @dataclass
     class Options:

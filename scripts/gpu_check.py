@@ -11,9 +11,13 @@ has left; a step that fails or runs out of time is recorded and the run goes on:
    production shapes), with pytest-xdist when the machine has it;
 4. ``bench:layer_actions:*``, ``bench:energy:*``: the production shapes (SELECT), the eager
    providers in one process, every GPU-only provider (triton) in its own;
-5. ``bench:step:main``: the step benchmark (tiny VLA, ~1B Llama-style backbone), every strategy;
-6. ``tests:overlap``, ``tests:no_host_sync``, ``tests:other``, ``tests:compile``;
-7. ``bench:*:torch_compile``: each compiling provider in its own process under a
+5. ``bench:step:main``: the step benchmark (tiny VLA, ~1B Llama-style backbone), every strategy,
+   eager and with CUDA graphs (``*_graphs``: run.cuda_graphs = "on");
+6. ``tests:graphs`` (graphed == eager bitwise, no host sync in a graphed step) and
+   ``plan:memory`` (bench/plan_check.py: the memory plan of a two_phase step against its
+   measured peak, the tiny VLA and the OFT stand-in at ~1B);
+7. ``tests:overlap``, ``tests:no_host_sync``, ``tests:other``, ``tests:compile``;
+8. ``bench:*:torch_compile``: each compiling provider in its own process under a
    compile-time cap: one that has not compiled in time is killed and reported as such.
 
 After every step it rewrites, under ``--results`` (default bench/results), ``gpu-check-<dev>.
@@ -56,7 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 BUDGET_S = 480.0        # the whole command, set-up included
-DRY_BUDGET_S = 110.0
+DRY_BUDGET_S = 150.0
 RESERVE_S = 12.0        # kept for the last publish
 OUT_FILE_MAX = 15 << 20  # each file copied to --out stays under the device tool's 16 MB
 
@@ -85,6 +89,8 @@ ROLE_TITLES = {"prod": "D=4096 L+1=33 B=8 H=8 Da=7 bf16", "h512": "swap fwd+bwd,
 # GPU test groups: (name, title, rule on the node id); the first matching rule wins.
 TEST_GROUPS = [
     ("compile", "inductor / torch.compile tests", lambda n: "inductor" in n or "compile" in n),
+    ("graphs", "CUDA graphs: graphed == eager bitwise, no host sync when graphed",
+     lambda n: n.startswith("tests/test_graphs.py")),
     ("parity", "kernel parity (bf16, fp16, tf32; production shapes)",
      lambda n: n.startswith("tests/test_kernel_")),
     ("overlap", "overlapped step == sequential, bitwise", lambda n: "equals_sequential" in n),
@@ -94,8 +100,10 @@ TEST_GROUPS = [
 ]
 # caps in seconds (GPU); the dry run uses DRY_CAPS where given
 CAPS = {"device": 60, "collect": 60, "tests:parity": 150, "tests:overlap": 75,
-        "tests:no_host_sync": 60, "tests:other": 60, "tests:compile": 120,
-        "bench:main": 75, "bench:gpu_only": 90, "bench:step:main": 150, "bench:compile": 110}
+        "tests:no_host_sync": 60, "tests:other": 60, "tests:compile": 120, "tests:graphs": 90,
+        "bench:main": 75, "bench:gpu_only": 90, "bench:step:main": 200, "bench:compile": 110,
+        "plan:memory": 150}
+PLAN_TOLERANCE = 0.10   # the memory plan's peak against the measured one
 DRY_CAPS = {"bench:compile": 2}
 STATUS_RE = re.compile(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(tests/\S+::\S+)"
                        r"|(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
@@ -335,17 +343,18 @@ def _row(what, target, value, ok, fmt="{:.2f}x", note=""):
                 met=None if value is None else bool(ok(value)), note=note)
 
 
-def targets(benches: dict, tests: dict, dry: bool = False) -> list[dict]:
+def targets(benches: dict, tests: dict, dry: bool = False, plan: dict | None = None) -> list[dict]:
     """One row per target: what, target, measured (text), value, met (None: not measured;
-    always None in a dry run, whose figures only exercise the report)."""
-    rows = targets_rows(benches, tests)
+    always None in a dry run, whose figures only exercise the report). ``plan``: the
+    plan:memory step's results (bench/plan_check.py)."""
+    rows = targets_rows(benches, tests, plan or {})
     if dry:
         for r in rows:
             r["met"] = None
     return rows
 
 
-def targets_rows(benches: dict, tests: dict) -> list[dict]:
+def targets_rows(benches: dict, tests: dict, plan: dict | None = None) -> list[dict]:
     rows = []
 
     def ratio(slow, fast):
@@ -390,6 +399,19 @@ def targets_rows(benches: dict, tests: dict) -> list[dict]:
         rows.append(_row(f"step, {ROLE_TITLES[role]}: shared_forward / joint", "<= 1.05x",
                          ratio(_find(benches, "step", role, "shared_forward"),
                                _find(benches, "step", role, "joint")), lambda v: v <= 1.05))
+    rows += graph_rows(benches, ratio)
+    for r in (plan or {}).get("results", []):
+        if "error" in r:
+            rows.append(_row(f"memory plan vs measured peak, {r['case']}", "within 10%", None,
+                             bool, note=r["error"][:120]))
+            continue
+        m = r["measured"]
+        note = (f"planned {r['planned_peak'] / 2**20:.0f} MiB, measured {m['peak'] / 2**20:.0f} MiB"
+                if m.get("peak") else f"above the step's start: planned "
+                f"{r['planned_above_start'] / 2**20:.1f} MiB, measured (CPU profiler) "
+                f"{m['above_start'] / 2**20:.1f} MiB")
+        rows.append(_row(f"memory plan vs measured peak, {r['case']}", "within 10%",
+                         r["ratio"], lambda v: abs(v - 1) <= PLAN_TOLERANCE, "{:.3f}x", note))
     ran = [g for g in tests.values() if g.get("passed", 0) + g.get("failed", 0)
            + g.get("error", 0) > 0]
     total = sum(g.get("collected", 0) for g in tests.values())
@@ -402,6 +424,25 @@ def targets_rows(benches: dict, tests: dict) -> list[dict]:
                      + sync.get("error", 0) else None,
                      lambda v: v == sync.get("collected"),
                      "{:d}/" + str(sync.get("collected", 0)) + " tests pass"))
+    return rows
+
+
+def graph_rows(benches: dict, ratio) -> list[dict]:
+    """The issue-25 targets: the tiny VLA's step with CUDA graphs, the ~1B backbone's
+    overlapped step (graphed, the default) against joint and against the sequential one."""
+    rows = []
+    seq = _find(benches, "step", "tiny", "two_phase_seq")
+    tiny = _find(benches, "step", "tiny", "two_phase_overlap_graphs")
+    rows.append(_row("step, tiny VLA: two_phase overlapped with CUDA graphs (ms)", "<= 8 ms",
+                     tiny["median_ms"] if tiny else None, lambda v: v <= 8, "{:.2f} ms"))
+    rows.append(_row("step, tiny VLA: two_phase eager sequential / overlapped with CUDA graphs",
+                     ">= 3x", ratio(seq, tiny), lambda v: v >= 3))
+    over = _find(benches, "step", "1b", "two_phase_overlap_graphs")
+    rows.append(_row("step, ~1B Llama-style: two_phase overlapped (graphs) / joint", "<= 1.05x",
+                     ratio(over, _find(benches, "step", "1b", "joint")), lambda v: v <= 1.05))
+    rows.append(_row("step, ~1B Llama-style: two_phase overlapped / sequential (both graphed)",
+                     "<= 0.85x", ratio(over, _find(benches, "step", "1b", "two_phase_seq_graphs")),
+                     lambda v: v <= 0.85))
     return rows
 
 
@@ -435,6 +476,7 @@ class Check:
     test_ids: dict = field(default_factory=dict)
     benches: dict = field(default_factory=dict)
     gpu_selection: dict = field(default_factory=dict)
+    plan_check: dict = field(default_factory=dict)
     _log: object = None
 
     # ---------------------------------------------------------------- logging / env
@@ -597,6 +639,27 @@ class Check:
             return dict(status=status, detail=detail)
         return run
 
+    def step_plan_memory(self, step, timeout):
+        """bench/plan_check.py: the memory plan of a two_phase step against its measured peak
+        (GPU: the tiny VLA and the OFT stand-in at ~1B; dry run: the tiny VLA on the CPU)."""
+        path = self.work / "plan-check.json"
+        cmd = [self.py, "-m", "bench.plan_check", "--out", path]
+        if self.dry:
+            cmd += ["--device", "cpu"]
+        pr = run_proc(cmd, timeout, self.log, self.env(False), "  plan| ")
+        if not path.exists():
+            return dict(status=_failed(pr, timeout), detail=_tail(pr.output))
+        self.plan_check = json.loads(path.read_text())
+        self.results.mkdir(parents=True, exist_ok=True)
+        (self.results / f"plan-check-{self.tag}.json").write_text(
+            json.dumps(self.plan_check, indent=1))
+        detail = "; ".join(f"{r['case']}: " + (r["error"][:100] if "error" in r else
+                                                f"plan/measured {r['ratio']:.3f}")
+                           for r in self.plan_check["results"])
+        status = "ok" if pr.rc == 0 else (f"timed out after {timeout:.0f} s" if pr.timed_out
+                                          else f"failed (rc {pr.rc})")
+        return dict(status=status, detail=detail)
+
     # ---------------------------------------------------------------- plan
     def plan(self) -> list[Step]:
         steps = [Step("device", self.cap("device"), self.step_device, 5),
@@ -620,7 +683,8 @@ class Check:
         step_bench = [s for (op, _), (kind, s) in benches.items()
                       if op not in ("layer_actions", "energy") and kind != "compile"]
         compiled = [s for (_, _), (kind, s) in benches.items() if kind == "compile"]
-        return (steps + [tests["parity"]] + first + step_bench
+        memory = Step("plan:memory", self.cap("plan:memory"), self.step_plan_memory, min_s)
+        return (steps + [tests["parity"]] + first + step_bench + [tests["graphs"], memory]
                 + [tests["overlap"], tests["no_host_sync"], tests["other"], tests["compile"]]
                 + compiled)
 
@@ -725,7 +789,8 @@ class Check:
             dry=self.dry, tag=self.tag, date=_now(), commit=self.device.get("commit"),
             budget_s=self.budget, elapsed_s=round(time.time() - self.t0, 1),
             device=self.device, ceilings=self.ceilings, steps=self.steps, tests=self.tests,
-            targets=targets(self.benches, self.tests, self.dry),
+            targets=targets(self.benches, self.tests, self.dry, self.plan_check),
+            plan_check=self.plan_check,
             selection={op: b["sel"]["cases"] for op, b in self.benches.items()},
             gpu_selection=self.gpu_selection,
             benches={op: dict(meta=b.get("meta"), records=b["records"])
@@ -863,6 +928,24 @@ def summary_markdown(s: dict) -> str:
         met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
         note = f" ({t['note']})" if t["note"] else ""
         lines.append(f"| {t['what']} | {t['target']} | {t['measured']}{note} | {met} |")
+    plan = s.get("plan_check") or {}
+    if plan.get("results"):
+        lines += ["", "## Memory plan vs measured (bench/plan_check.py)", "",
+                  "two_phase, sequential, eager; plan: `energy-train plan` (fake tensors); "
+                  "measured: " + ("the profiler's peak of live tensors above the step's start "
+                                  "(CPU)" if s["dry"] else "torch.cuda.max_memory_allocated over "
+                                  "steps 1-2") + ".", "",
+                  "| case | planned MiB | measured MiB | plan / measured | within 10% |",
+                  "|---|---|---|---|---|"]
+        for r in plan["results"]:
+            if "error" in r:
+                lines.append(f"| {r['case']} | - | - | {r['error'][:200]} | - |")
+                continue
+            m = r["measured"]
+            pl, me = ((r["planned_peak"], m["peak"]) if m.get("peak") else
+                      (r["planned_above_start"], m["above_start"]))
+            lines.append(f"| {r['case']} | {pl / 2**20:.1f} | {me / 2**20:.1f} | "
+                         f"{r['ratio']:.3f} | {'yes' if r['within'] else '**no**'} |")
     lines += ["", "## Steps (in the order run)", "", "| step | status | s | detail |",
               "|---|---|---|---|"]
     for st in s["steps"]:

@@ -39,8 +39,9 @@ def test_dry_run_end_to_end(dry_run):
     want = ["device", "collect", "tests:parity", "bench:layer_actions:main",
             "bench:layer_actions:triton", "bench:layer_actions:triton_cublas",
             "bench:energy:main", "bench:energy:triton",
-            "bench:step:main", "tests:overlap", "tests:no_host_sync", "tests:other",
-            "tests:compile", "bench:layer_actions:torch_compile", "bench:energy:torch_compile"]
+            "bench:step:main", "tests:graphs", "plan:memory", "tests:overlap",
+            "tests:no_host_sync", "tests:other", "tests:compile",
+            "bench:layer_actions:torch_compile", "bench:energy:torch_compile"]
     assert [st["name"] for st in s["steps"]] == want  # the order: most valuable first
     for name in want[:-2]:
         assert steps[name]["status"] in ("ok", "skipped on the CPU"), (name, steps[name])
@@ -66,8 +67,19 @@ def test_dry_run_end_to_end(dry_run):
     for key in [("layer_actions", "reference_loop"), ("layer_actions", "eager_batched"),
                 ("energy", "reference_replicated"), ("energy", "eager_once"),
                 ("step", "two_phase_seq"), ("step", "two_phase_overlap"), ("step", "joint"),
-                ("step", "shared_forward")]:
+                ("step", "shared_forward"), ("step", "two_phase_seq_graphs"),
+                ("step", "two_phase_overlap_graphs"), ("step", "shared_forward_graphs")]:
         assert by[key]["status"] == "ok" and by[key]["median_ms"] > 0, key
+    # the graphed providers ran every part as a (stand-in) graph; the eager ones none
+    assert by[("step", "two_phase_overlap_graphs")]["graphed_parts"] == 4
+    assert by[("step", "shared_forward_graphs")]["graphed_parts"] == 3
+    assert by[("step", "two_phase_overlap")]["graphed_parts"] == 0
+    # the memory plan against the measured step (the CPU profiler), and its target row
+    plan = s["plan_check"]["results"]
+    assert [r["case"] for r in plan] == ["tiny"] and plan[0]["within"], plan
+    rows = {t["what"]: t for t in s["targets"]}
+    assert rows["memory plan vs measured peak, tiny"]["value"] == pytest.approx(plan[0]["ratio"])
+    assert rows["step, tiny VLA: two_phase overlapped with CUDA graphs (ms)"]["value"] > 0
     assert "skipped" in by[("layer_actions", "triton")]["status"]
     assert by[("layer_actions", "torch_compile")]["status"].startswith("did not compile within")
     assert by[("energy", "eager_once")]["speedup_vs_baseline"] == 1.0
@@ -86,6 +98,9 @@ def test_dry_run_end_to_end(dry_run):
     md = (tmp / "results" / "gpu-check-cpu-dry.md").read_text()
     assert "did not compile within 2 s" in md and "## Targets" in md and "DRY RUN" in md
     assert "== bench:step:main" in (tmp / "results" / "gpu-check-cpu-dry.log").read_text()
+    assert "## Memory plan vs measured" in md and "plan-check-cpu-dry.json" in names
+    timeline = json.loads((tmp / "results" / "step-timeline-cpu-dry.json").read_text())
+    assert set(timeline["runs"]) == {"two_phase_overlap", "two_phase_overlap_graphs"}
 
 
 def test_refuses_a_gpu_run_without_cuda(tmp_path):
@@ -124,13 +139,15 @@ def test_test_outcomes_from_junit_and_from_a_killed_run(tmp_path):
 
 def test_groups_cover_every_gpu_test_once():
     ids = ["tests/test_kernel_energy.py::test_gpu_torch_compile_inductor_traces[swap]",
+           "tests/test_graphs.py::test_graphed_step_has_no_host_sync_on_cuda",
            "tests/test_kernel_mlp.py::test_mlp_resnet_stack_gpu[bf16]",
            "tests/test_overlap.py::test_overlapped_equals_sequential_on_cuda[accum1]",
            "tests/test_trainer.py::test_no_host_sync_inside_a_step_on_cuda",
            "tests/test_trainer_run.py::test_resume_on_cuda"]
     g = gc.group_tests(ids)
-    assert [len(v) for v in g.values()] == [1, 1, 1, 1, 1]
-    assert g["compile"] == ids[:1] and g["parity"] == ids[1:2] and g["other"] == ids[4:]
+    assert [len(v) for v in g.values()] == [1, 1, 1, 1, 1, 1]
+    assert g["compile"] == ids[:1] and g["graphs"] == ids[1:2] and g["parity"] == ids[2:3]
+    assert g["other"] == ids[5:]
 
 
 def test_killed_provider_status():
@@ -211,6 +228,14 @@ def test_targets_met_and_missed_from_merged_parts():
         get("step, tiny VLA: two_phase")["met"]
     assert get("step, tiny VLA: shared_forward")["met"] is True  # 1.02x
     assert get("correctness: every GPU test")["measured"] == "4/5 passed"
+    assert get("step, tiny VLA: two_phase overlapped with CUDA graphs")["met"] is None  # absent
+    plan = {"results": [dict(case="oft-1b", ratio=1.04, within=True, planned_peak=104 << 20,
+                             planned_above_start=0, measured=dict(peak=100 << 20)),
+                        dict(case="tiny", error="RuntimeError: boom")]}
+    rows = {r["what"]: r for r in gc.targets(benches, tests, plan=plan)}
+    assert rows["memory plan vs measured peak, oft-1b"]["met"] is True
+    assert "planned 104 MiB, measured 100 MiB" in rows["memory plan vs measured peak, oft-1b"]["note"]
+    assert rows["memory plan vs measured peak, tiny"]["met"] is None
     assert get("correctness: no host sync")["met"] is False
     assert all(r["met"] is None for r in gc.targets(benches, tests, dry=True))
 

@@ -23,7 +23,7 @@ FLOORS = [
     ("energy_train.strategies", "energy_train.distributed"),
     ("energy_train.config",),
     ("energy_train.trainer",),
-    ("energy_train.study",),
+    ("energy_train.study", "energy_train.plan"),
     ("energy_train.cli", "energy_train.__main__", "energy_train"),  # the facade on top
 ]
 

@@ -129,12 +129,13 @@ def test_resume_on_cuda(tmp_path):
         for k in a:  # same maths; cuBLAS/atomics may differ in the last bits between runs
             err = (a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-12)
             assert err < 1e-4, (k, float(err))
-    # a resumed trainer steps without a host sync: AdamW's "step" counters stay on the CPU
-    # (on the GPU, non-capturable AdamW reads each one back with .item() on every step)
+    # a resumed trainer steps without a host sync: on CUDA the AdamWs are capturable, their
+    # "step" counters and learning rates live on the device (no .item() per step)
     t = make_trainer(tiny_cfg(**kw))
     ck.restore(t, tmp_path / "half")
     for opt in (t.optim.opt_theta, t.optim.opt_phi):
-        assert all(s["step"].device.type == "cpu" for s in opt.state.values())
+        assert all(s["step"].device.type == "cuda" for s in opt.state.values())
+        assert all(g["capturable"] and g["lr"].device.type == "cuda" for g in opt.param_groups)
     t.train_step()  # warm-up (lazy allocations)
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -246,8 +246,9 @@ def save(trainer, run_dir: str | Path) -> None:
 def restore(trainer, run_dir: str | Path) -> Loaded:
     """Load the newest intact checkpoint of ``run_dir`` into the trainer (every rank). The
     state is read on the CPU and each consumer moves what it needs: AdamW moves its moments to
-    the parameters and keeps its ``step`` counters where they are loaded - on the GPU they would
-    be read back with ``.item()`` at every optimizer step (a host sync)."""
+    the parameters; a capturable one (CUDA, trainer/optim.py) its ``step`` counters too, a plain
+    one keeps them on the CPU - on the GPU it would read them back with ``.item()`` at every
+    optimizer step (a host sync)."""
     loaded = load_checkpoint(run_dir, map_location="cpu")
     theta, phi, state = loaded.theta, loaded.phi, loaded.state
     dp = trainer.dp

@@ -21,11 +21,16 @@ The two phases (what two_phase runs, and what every other strategy rearranges):
   only the action rows of each layer and the context rows), negatives from the current head,
   energy loss, backward, step phi. Nothing here can reach theta: its inputs carry no graph.
 
-Every pass over a step's micro-batches is :meth:`Trainer.accumulate`. On CUDA
-(``run.overlap``) phase_phi runs on a side stream beside the next step's phase_theta, ordered by
-events (:mod:`.overlap`); on the CPU, or with overlap off, the same code runs in order. Nothing
-inside a step synchronises with the host: metrics stay on the device until :meth:`Trainer.flush`,
-which (like the diagnostics and checkpoints) drains the side stream first.
+Every pass over a step's micro-batches is :meth:`Trainer.accumulate`. Each phase is built from
+device-only parts (phase 1: "theta" then "opt_theta"; phase 2: "phi_read" - every micro-batch's
+forward and negatives - then "phi" - every micro-batch's energy loss, then phi's step), each
+run through :attr:`Trainer.graphs`: eagerly, or on CUDA (``run.cuda_graphs``) as a CUDA graph
+replayed from static buffers (:mod:`.graphs`). On CUDA (``run.overlap``) phase_phi runs on a
+side stream beside the next step's phase_theta, ordered by events (:mod:`.overlap`) recorded
+between the parts; on the CPU, or with overlap off, the same code runs in order. Nothing inside
+a step synchronises with the host (but the one capture of a part, once per run): metrics stay
+on the device until :meth:`Trainer.flush`, which (like the diagnostics and checkpoints) drains
+the side stream first.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from ..telemetry import GpuTelemetry
 from ..tensors import bf16_autocast, gather_rows, upcast
 from .diagnostics import Diagnostics
 from .feed import Feed, Forward, Micro, prepare
+from .graphs import Graphs, blockers
 from .metrics import Mean, Meter, PhaseTimer, WallClock
 from .objective import EnergyObjective
 from .optim import Optimizers
@@ -64,7 +70,8 @@ class Trainer:
         if cfg.energy.action_residual != getattr(energy, "action_residual", cfg.energy.action_residual):
             raise ValueError(f"energy.action_residual: the config says {cfg.energy.action_residual}, "
                              f"the energy model was built with {energy.action_residual}")
-        if cfg.energy.precision == "bf16_weights":
+        if cfg.energy.precision == "bf16_weights" and any(
+                p.dtype != torch.bfloat16 for p in energy.parameters()):
             energy.to(torch.bfloat16)  # the fork's first recipe: bf16 weights, AdamW on them
         self.feed = data if isinstance(data, Feed) else Feed(data, cfg.run.grad_accum, probe)
         self.theta = [p for _, p in policy.named_trainable()]
@@ -78,6 +85,8 @@ class Trainer:
                         if cfg.run.capture == "hooks" else None)
         self.timer = PhaseTimer(device)
         self.streams = PhaseStreams(device, cfg.run.overlap)
+        self.graphs = Graphs(cfg.run.cuda_graphs, device, blockers(policy, self.strategy, cfg),
+                             on_failure=self._drop_grads, quiet=not self.strategy.phases)
         self.telemetry = GpuTelemetry(device)
         self.meter, self.clock = Meter(), WallClock()
         self.step = 0  # optimizer steps done
@@ -91,6 +100,9 @@ class Trainer:
         the energy loss run in, and the mean over ranks of the metrics at read-back."""
         self.dp = self.objective.dp = dp
         self.meter.reduce = dp.mean
+        if dp.active:
+            self.graphs.refuse("data parallelism (torchrun): DDP's and FSDP's collectives are "
+                               "not captured")
 
     def autocast(self):
         """The policy's forwards (both phases, the head, the negatives): bf16 autocast or none."""
@@ -168,12 +180,15 @@ class Trainer:
 
     # ---- optimizer steps ---------------------------------------------------------------------------
     def step_theta(self) -> torch.Tensor | None:
-        """Optimizer step on theta; returns its grad norm (a device tensor)."""
-        norm = self.dp.clip_grad_norm(self.theta, self.cfg.optim.grad_clip)  # FSDP: sharded grads
+        """Optimizer step on theta, its grads clipped to optim.grad_clip first; returns its grad
+        norm (a device tensor)."""
         with self.timer("opt_theta"):
             self.streams.before_theta_write()  # phase 2 of the previous step has read theta
-            self.optim.step("theta")
-        return norm
+            out, = self.graphs.run("opt_theta", self._theta_update, [p.grad for p in self.theta])
+        for p in self.theta:
+            p.grad = None  # as zero_grad left them (a replay does not run it)
+        self.optim.stepped.add("theta")
+        return out["grad_norm_theta"]
 
     def step_phi(self) -> torch.Tensor | None:
         """Optimizer step on phi, its grad norm clipped to optim.energy_grad_clip; during the
@@ -191,42 +206,88 @@ class Trainer:
         """Phase 1: L1 on theta; phi is untouched. ``take``: a list that receives, per
         micro-batch, the context and negatives of this forward (theta before its step,
         detached): what shared_forward's energy phase reads."""
-        def micro(mb: Micro, m: Mean) -> None:
-            l1, fwd = self.forward_l1(mb, capture=take is not None)
-            if take is not None:
-                take.append((self.objective.context(fwd), self.objective.negatives(fwd)))
-            (l1 / m.n).backward()
-            m.add(l1=l1)
-
         with self.timer("phase1"):
-            m = self.accumulate(batch, ("theta",), micro)
-            m.set(grad_norm_theta=self.step_theta())
-        return m.values
+            m, grads, kept = self.graphs.run("theta", self._theta_grads, batch, take is not None)
+            if take is not None:
+                take.extend(kept)
+            for p, g in zip(self.theta, grads):
+                p.grad = g  # a replay's outputs (host only; eagerly they are these already)
+            m = {**m, "grad_norm_theta": self.step_theta()}
+        return m
 
     def phase_phi(self, batch: list[Micro], taken: list | None = None) -> dict:
         """Phase 2: energy loss on phi; theta is only read. Its inputs: a no_grad forward with
-        the CURRENT theta and negatives from the CURRENT head (on CUDA with overlap: on the side
-        stream), or ``taken``, the (context, negatives) per micro-batch a phase_theta kept (no
-        forward: on the main stream)."""
+        the CURRENT theta and negatives from the CURRENT head for every micro-batch first (on
+        CUDA with overlap: on the side stream; then theta is released), or ``taken``, the
+        (context, negatives) per micro-batch a phase_theta kept (no forward: on the main
+        stream); then the energy loss of every micro-batch and phi's step."""
+        obj, step = self.objective, self.step
+        side = self.streams.phase2(batch) if taken is None else contextlib.nullcontext()
+        skip = step < self.cfg.optim.energy_skip_steps
+        with side, self.timer("phase2"):
+            if taken is None:
+                with self.timer("phase2_read"):  # the part that reads theta
+                    _, taken = self.graphs.run("phi_read", self._phi_read, batch)
+                self.streams.theta_released()  # phase 2's last read of theta is issued
+            draws = [obj.draws(mb, step) for mb in batch]
+            m, = self.graphs.run("phi", self._phi_step, batch, taken, draws,
+                                 eligible=obj.weight(step) == 1.0 and not skip)
+        if not skip:
+            self.optim.stepped.add("phi")
+        return m
+
+    # ---- the parts (device only: what a CUDA graph replays; see graphs.py) ------------------------
+    def _theta_grads(self, batch: list[Micro], keep: bool):
+        """Forward with grad, L1, backward of every micro-batch -> (metrics, theta's grads,
+        per micro-batch (context, negatives) when ``keep``)."""
+        kept = []
+
+        def micro(mb: Micro, m: Mean) -> None:
+            l1, fwd = self.forward_l1(mb, capture=keep)
+            if keep:
+                kept.append((self.objective.context(fwd), self.objective.negatives(fwd)))
+            (l1 / m.n).backward()
+            m.add(l1=l1)
+
+        m = self.accumulate(batch, ("theta",), micro)
+        return m.values, [p.grad for p in self.theta], kept
+
+    def _theta_update(self, grads: list):
+        """theta's grads (its own .grad, or a graphed part's outputs) clipped, its optimizer
+        step -> ({"grad_norm_theta": norm},)."""
+        for p, g in zip(self.theta, grads):
+            p.grad = g
+        norm = self.dp.clip_grad_norm(self.theta, self.cfg.optim.grad_clip)  # FSDP: sharded
+        self.optim.update("theta")
+        return ({"grad_norm_theta": norm},)
+
+    def _phi_read(self, batch: list[Micro]):
+        """The no-grad forward with the current theta and the negatives of every micro-batch
+        -> ({}, [(context, negatives)] per micro-batch)."""
+        reads = []
+        for mb in batch:
+            fwd = self.observe(mb)
+            reads.append((self.objective.context(fwd), self.objective.negatives(fwd)))
+        return {}, reads
+
+    def _phi_step(self, batch: list[Micro], reads: list, draws: list):
+        """The energy loss of every micro-batch on its (context, negatives) and random draws,
+        then :meth:`step_phi` -> (metrics,)."""
         obj = self.objective
 
         def micro(mb: Micro, m: Mean) -> None:
-            if taken is not None:
-                ctx, negs = taken[mb.index]
-            else:
-                with self.timer("phase2_read"):  # the part that reads theta
-                    fwd = self.observe(mb)
-                    negs = obj.negatives(fwd)
-                if mb.last:
-                    self.streams.theta_released()  # the last read of theta in this phase
-                ctx = obj.context(fwd)
-            obj.micro(ctx, mb, negs, m, self.step)
+            ctx, negs = reads[mb.index]
+            obj.micro(ctx, mb, negs, m, self.step, draws[mb.index])
 
-        side = self.streams.phase2(batch) if taken is None else contextlib.nullcontext()
-        with side, self.timer("phase2"):
-            m = self.accumulate(batch, ("phi",), micro)
-            m.set(grad_norm_phi=self.step_phi())
-        return m.values
+        m = self.accumulate(batch, ("phi",), micro)
+        m.set(grad_norm_phi=self.step_phi())
+        return (m.values,)
+
+    def _drop_grads(self) -> None:
+        """After a failed capture: the gradients a half-captured backward left are dropped
+        (the part then runs eagerly from None gradients)."""
+        for p in (*self.theta, *self.phi):
+            p.grad = None
 
     # ---- the step ----------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -236,10 +297,12 @@ class Trainer:
         self.timer.set_step(step)
         batch = self.batch(step)
         self.diagnostics.before(self, batch)
+        self.streams.new_step()
         with self.timer("step"):
             metrics = self.strategy.step(self, batch, step)
         metrics = {k: v for k, v in metrics.items() if v is not None}
-        metrics.update(self.optim.advance())  # the lrs this step used; the stepped sides move on
+        # the lrs this step used; the stepped sides move on, phi's where its step ran
+        metrics.update(self.optim.advance({"phi": self.streams.on_phase2_stream()}))
         self.step += 1
         metrics.update(self.diagnostics.after(self))
         self.meter.add(step, metrics)
@@ -288,3 +351,4 @@ class Trainer:
         self.step = int(state["step"])
         self.clock.offset = float(state.get("wall_seconds", 0.0))
         self.diagnostics.load_state_dict(state, self.device)
+        self.graphs.reset()  # the loaded optimizer states are new tensors

@@ -45,6 +45,19 @@ class Micro:
     def ids(self) -> torch.Tensor | None:
         return self.batch.get("ids")
 
+    def static_fields(self) -> tuple:
+        """What a part of a step (trainer/graphs.py) reads of this micro-batch: its batch dict,
+        layout tensors and expert chunk, and which micro-batch of the step it is."""
+        lay = self.layout
+        return (self.batch, lay.action_index, lay.context_index, lay.pad_mask, self.expert,
+                self.index, self.last)
+
+    def with_fields(self, fields: tuple) -> "Micro":
+        """This micro-batch with :meth:`static_fields` replaced (e.g. by static buffers)."""
+        batch, action_index, context_index, pad_mask, expert, index, last = fields
+        return Micro(batch, BatchLayout(action_index, context_index, pad_mask), expert, index,
+                     last, self.ids_host)
+
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every device tensor this micro-batch holds (for record_stream under overlap)."""
         yield from (v for v in self.batch.values() if isinstance(v, torch.Tensor))

@@ -76,25 +76,40 @@ class EnergyObjective:
             picks.append(i % num_layers)
         return picks
 
-    def structured_negatives(self, mb: Micro, negs: torch.Tensor | None, step: int) -> torch.Tensor:
-        """(B, M, H, Da): the [energy] section's negatives for this micro-batch of ``step``."""
+    def draws(self, mb: Micro, step: int) -> tuple | None:
+        """The random numbers of this micro-batch's structured negatives at ``step`` (noise,
+        sign-flip uniforms; losses.negative_draws) from a generator seeded by seed, step,
+        micro-batch and rank; None for the swap loss, which draws none. Made before the energy
+        loss, so a CUDA graph of it takes them as an input."""
         e = self.cfg.energy
+        if e.loss == "swap":
+            return None
         g = self._gen.manual_seed((self.cfg.run.seed * 1_000_003 + step) * 1024 +
                                   mb.index + 1_000_000_007 * self.dp.rank)
+        return losses.negative_draws(mb.expert, e.noise_sigma, e.sign_flip, g)
+
+    def structured_negatives(self, mb: Micro, negs: torch.Tensor | None, step: int,
+                             draws: tuple | None = None) -> torch.Tensor:
+        """(B, M, H, Da): the [energy] section's negatives for this micro-batch of ``step``
+        (``draws``: :meth:`draws`' numbers, made here when not given)."""
+        e = self.cfg.energy
+        draws = self.draws(mb, step) if draws is None else draws
         negs = negs if self.theta_negatives else None
         picks = self.layer_picks(negs.shape[0]) if negs is not None else None
         return losses.structured_negatives(
             mb.expert, negs, layer_picks=picks,
             own_prediction=e.own_prediction, sigma=e.noise_sigma,
-            amplitudes=parse_floats(e.amplitudes), sign_flip=e.sign_flip, generator=g)
+            amplitudes=parse_floats(e.amplitudes), sign_flip=e.sign_flip, draws=draws)
 
     # ---- the loss --------------------------------------------------------------------------------
-    def loss(self, context: torch.Tensor, mb: Micro, negs, step: int) -> losses.EnergyLoss:
+    def loss(self, context: torch.Tensor, mb: Micro, negs, step: int,
+             draws: tuple | None = None) -> losses.EnergyLoss:
         """The configured energy loss of a micro-batch of ``step``, run inside phi's
-        data-parallel wrapper (what a backward follows)."""
-        return self.dp.call("phi", self.evaluate, context, mb, negs, step)
+        data-parallel wrapper (what a backward follows); ``draws``: see :meth:`draws`."""
+        return self.dp.call("phi", self.evaluate, context, mb, negs, step, draws)
 
-    def evaluate(self, context: torch.Tensor, mb: Micro, negs, step: int) -> losses.EnergyLoss:
+    def evaluate(self, context: torch.Tensor, mb: Micro, negs, step: int,
+                 draws: tuple | None = None) -> losses.EnergyLoss:
         """The same loss outside any wrapper (the diagnostics: no backward). fp32 unless
         energy.precision is bf16 (autocast) or bf16_weights (the model casts the context)."""
         e = self.cfg.energy
@@ -105,7 +120,7 @@ class EnergyObjective:
                 pool, offset = self.dp.gather(expert) if self.cfg.dist.global_negatives else (None, 0)
                 return losses.swap_infonce(self.energy, context, pad, expert, tau=e.tau,
                                            all_expert=pool, offset=offset)
-            cand = self.structured_negatives(mb, negs, step)
+            cand = self.structured_negatives(mb, negs, step, draws)
             if e.loss == "explicit":
                 return losses.explicit_infonce(self.energy, context, pad, expert, cand, tau=e.tau)
             return losses.margin_ranking(self.energy, context, pad, expert, cand)
@@ -133,10 +148,11 @@ class EnergyObjective:
         return 1.0 if w <= 0 else min(1.0, (step + 1) / w)
 
     # ---- backward --------------------------------------------------------------------------------
-    def micro(self, context: torch.Tensor, mb: Micro, negs, m: Mean, step: int) -> None:
+    def micro(self, context: torch.Tensor, mb: Micro, negs, m: Mean, step: int,
+              draws: tuple | None = None) -> None:
         """One micro-batch of an energy-only phase: the loss (warm-up weighted, divided by the
         micro-batch count), its backward (audited on the first micro-batch), its metrics."""
-        out = self.loss(context, mb, negs, step)
+        out = self.loss(context, mb, negs, step, draws)
         d = self.backward(self.weight(step) * out.loss / m.n, audit=mb.index == 0)
         if d is not None:
             m.set(energy_grad_theta=d)

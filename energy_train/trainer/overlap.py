@@ -24,6 +24,23 @@ runs on a SIDE stream while phase 1 of step k+1 runs on the MAIN stream::
 - Tensors made on main and read on side (the micro-batches) are ``record_stream``-ed to the
   side stream, so the caching allocator does not hand their memory to main before phase 2(k)
   is done with it; batch k's objects also stay referenced by phase 2's metrics/trace.
+- Phase 2 issues every micro-batch's read (forward + negatives) before any energy loss, so
+  D(k) follows the last READ: opt_theta(k+1) never waits for an energy step of phase 2(k).
+- Why not a snapshot of theta for phase 2 instead of W: a copy of theta per step (the ~1B
+  backbone's 2 GB: ~1 ms at the H200's 4.3 TB/s, plus 2 GB held; OFT's LoRA + head ~0.5 GB)
+  would remove a wait that does not bind: W is reached after P1(k+1)'s forward and backward,
+  which take longer than P2(k)'s read (a no-grad forward: ~1/3 of a forward + backward); on
+  the H200 (~1B backbone) opt_theta took 11.84 ms overlapped and 11.84 ms sequential. W costs
+  only when the read outlasts a whole forward + backward.
+- What W does not explain (the H200 timeline: main idle ~30 ms per step, phase 1(k+1)
+  starting ~5 ms after phase 2(k)'s read ended) is the HOST: it issues every launch in the
+  sequential order, so phase 1(k+1)'s first kernel is issued only after all of phase 2(k)'s;
+  with the launch queue full (the host runs ahead of a busy GPU), that is when the GPU has
+  drained phase 2(k) to the queue's depth. run.cuda_graphs makes phase 2 two graph launches
+  ("phi_read", "phi"; trainer/graphs.py), so the host reaches phase 1(k+1) at once; with a
+  policy that is not capturable, "phi" (the energy loss and phi's step) is still one launch.
+- phi's learning rate is a device tensor on CUDA (trainer/optim.py); its schedule fills it on
+  the side stream (:meth:`on_phase2_stream`), after phase 2(k)'s optimizer step has read it.
 - Side-stream results (phase 2 metrics, phi) are read on main only after :meth:`drain`
   (main waits for side: a device-side wait, no host sync). The trainer drains before the
   probe, the metric read-back, checkpoints and the end of a run.
@@ -45,6 +62,7 @@ class PhaseStreams:
         self.side = torch.cuda.Stream(device) if self.enabled else None
         self._theta_read: torch.cuda.Event | None = None  # D(k): phase 2 stopped reading theta
         self._in_phase2 = False
+        self._phase2_ran = False  # phase 2 of the current step ran on the side stream
 
     @contextlib.contextmanager
     def phase2(self, batch=()):
@@ -57,12 +75,15 @@ class PhaseStreams:
         for mb in batch:
             for t in mb.tensors():
                 t.record_stream(self.side)
-        self._in_phase2 = True
+        self._in_phase2 = self._phase2_ran = True
         try:
             with torch.cuda.stream(self.side):
                 yield
         finally:
             self._in_phase2 = False
+
+    def new_step(self) -> None:
+        self._phase2_ran = False
 
     def theta_released(self) -> None:
         """Phase 2 has issued its last read of theta (forward + negatives): record D(k)."""
@@ -74,6 +95,13 @@ class PhaseStreams:
         if self.enabled and self._theta_read is not None:
             torch.cuda.current_stream(self.device).wait_event(self._theta_read)
             self._theta_read = None
+
+    def on_phase2_stream(self):
+        """The stream phase 2 ran on in this step (the side stream under overlap): phi's
+        schedule fills its device lr there, after phi's step read it."""
+        if self.enabled and self._phase2_ran:
+            return torch.cuda.stream(self.side)
+        return contextlib.nullcontext()
 
     def drain(self) -> None:
         """Main waits for all side-stream work (no host sync)."""

@@ -47,7 +47,9 @@ class TinyPolicy(Policy):
     """The tiny VLA (or any backbone with its interface: ``layout`` and ``forward(images,
     proprio, tokens, output_hidden_states)``): tokens [patches | proprio | instruction |
     H*Da action slots | stop]; context = patches + proprio + instruction (instruction PADs
-    masked). Decoder layers and final norm: found by :func:`capture.find_decoder`."""
+    masked). Decoder layers and final norm: found by :func:`capture.find_decoder`. Its forward
+    is capturable (static shapes, no host sync)."""
+    capturable = True
 
     def __init__(self, model: TinyVLA, head: L1RegressionActionHead):
         self.backbone, self.action_head, self.extras = model, head, {}

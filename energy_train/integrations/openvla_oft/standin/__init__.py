@@ -51,16 +51,17 @@ def make_standin(seed: int = 0, *, image_size: int = 16, patch_size: int = 4,
                  llm_dim: int = 64, llm_layers: int = 2, llm_heads: int = 4, chunk: int = 8,
                  action_dim: int = 7, proprio: bool = True, lora_rank: int = 0,
                  lora_alpha: int = 0, weights: str = "fp32", context: str = "fork",
-                 save_oft: bool = True) -> OFTPolicy:
+                 save_oft: bool = True, llm_kv_heads: int = 0, llm_ffn: int = 0) -> OFTPolicy:
     """The stand-in VLA, an L1 head (OFT's sizes: hidden = llm_dim) and a proprio projector,
     initialised from ``seed``, optionally with OFT's LoRA (``lora_rank`` > 0) and with the VLA
     and head in bf16 as OFT holds them (``weights="bf16"``; adapters and the projector stay
-    fp32), behind :class:`OFTPolicy`."""
+    fp32), behind :class:`OFTPolicy`. ``llm_kv_heads`` / ``llm_ffn``: the LLM's key/value heads
+    and MLP width (0: half the heads, 2 x llm_dim; Llama-2 7B: 32 and 11008)."""
     torch.manual_seed(seed)
     cfg = StandinConfig(image_size=image_size, patch_size=patch_size, vision_dims=vision_dims,
                         vision_blocks=vision_blocks, num_images_in_input=num_images,
                         llm_dim=llm_dim, llm_layers=llm_layers, llm_heads=llm_heads,
-                        llm_kv_heads=max(1, llm_heads // 2))
+                        llm_kv_heads=llm_kv_heads or max(1, llm_heads // 2), llm_ffn=llm_ffn)
     vla = StandinVLA(cfg, action_dim=action_dim)
     head = L1RegressionActionHead(input_dim=llm_dim, hidden_dim=llm_dim, action_dim=action_dim,
                                   num_actions_chunk=chunk)

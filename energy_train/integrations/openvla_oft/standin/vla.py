@@ -161,19 +161,21 @@ class StandinConfig(transformers.PretrainedConfig):
     def __init__(self, image_size: int = 16, patch_size: int = 4, vision_dims=(32, 24),
                  vision_blocks: int = 3, vision_heads: int = 2, num_images_in_input: int = 2,
                  llm_dim: int = 64, llm_layers: int = 2, llm_heads: int = 4, llm_kv_heads: int = 2,
-                 attn_implementation_llm: str = "sdpa", **kwargs):
+                 attn_implementation_llm: str = "sdpa", llm_ffn: int = 0, **kwargs):
         self.image_size, self.patch_size = image_size, patch_size
         self.vision_dims, self.vision_blocks = list(vision_dims), vision_blocks
         self.vision_heads, self.num_images_in_input = vision_heads, num_images_in_input
         self.llm_dim, self.llm_layers, self.llm_heads = llm_dim, llm_layers, llm_heads
         self.llm_kv_heads, self.attn_implementation_llm = llm_kv_heads, attn_implementation_llm
+        self.llm_ffn = llm_ffn  # the MLP's width; 0 = 2 x llm_dim
         kwargs.setdefault("pad_token_id", PAD_TOKEN_ID)
         super().__init__(**kwargs)
 
     def text_config(self) -> transformers.LlamaConfig:
         c = transformers.LlamaConfig(
             vocab_size=VOCAB_SIZE + PAD_TO_MULTIPLE_OF, hidden_size=self.llm_dim,
-            intermediate_size=2 * self.llm_dim, num_hidden_layers=self.llm_layers,
+            intermediate_size=getattr(self, "llm_ffn", 0) or 2 * self.llm_dim,
+            num_hidden_layers=self.llm_layers,
             num_attention_heads=self.llm_heads, num_key_value_heads=self.llm_kv_heads,
             max_position_embeddings=512, pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS,
             eos_token_id=STOP_INDEX, use_cache=False, tie_word_embeddings=False)
