@@ -25,20 +25,22 @@ BACKENDS = ("auto", "eager", "triton")
 #: What ``backend="auto"`` runs, per (op, device class, dtype), and the measurement that put
 #: it there. Device classes: "cpu", "cuda"; dtype: the head's / energy model's ("*": any).
 #: A Triton path is chosen only where a committed GPU figure (bench/results/) shows it faster
-#: than the eager path on the same inputs in the same run.
+#: than the eager path on the same inputs in the same run. torch.compile is not a backend
+#: here: compiling the caller's eager loss is the user's choice (on the H200 it beat both paths
+#: of the energy op at commit 683d510: 4.96 ms fp32 512/8, 4.87 ms bf16; NOTES.md).
 AUTO = {
     ("layer_actions", "cpu", "*"): ("eager", "the Triton path runs only under the interpreter"),
     ("energy", "cpu", "*"): ("eager", "the Triton path runs only under the interpreter"),
     ("layer_actions", "cuda", "*"): (
-        "triton", "H200, commit 0a20d77 (bench/results/layer_actions-nvidia-h200.md): "
-        "production shape, bf16 head: eager batched 5.26 ms, triton 1.74 ms, with cuBLAS "
-        "GEMMs 1.50 ms (the CUDA default, kernels/layer_actions/op.py)"),
+        "triton", "H200, commit 683d510 (bench/results/layer_actions-h200.md): production "
+        "shape, bf16 head: eager batched 5.44 ms, torch.compile 1.147 ms, triton 1.25 ms, with "
+        "cuBLAS GEMMs 1.140 ms (the CUDA default, kernels/layer_actions/op.py)"),
     ("energy", "cuda", "*"): (
-        "eager", "H200, commit 0a20d77 (bench/results/energy-nvidia-h200.md): swap fwd+bwd, "
-        "fp32 model: 512/8 eager 6.27 ms, triton 11.5 ms; 1024/16 eager 7.99, triton 38.2 ms"),
+        "eager", "H200, commit 683d510 (bench/results/energy-h200.md): swap fwd+bwd, fp32 "
+        "model: 512/8 eager 5.83 ms, triton 10.1 ms; 1024/16 eager 8.03, triton 30.5 ms"),
     ("energy", "cuda", "bfloat16"): (
-        "triton", "H200, commit 0a20d77 (bench/results/energy-nvidia-h200.md): swap fwd+bwd, "
-        "bf16 model, 512/8: eager 7.83 ms, triton 6.04 ms"),
+        "triton", "H200, commit 683d510 (bench/results/energy-h200.md): swap fwd+bwd, bf16 "
+        "model, 512/8: eager 5.83 ms (p20-p80 5.70-6.12), triton 5.61 ms (5.60-5.62)"),
 }
 
 

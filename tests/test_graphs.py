@@ -41,7 +41,10 @@ def _run(cfg, steps: int, **kw):
 
 
 def _strip(records):
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in records]
+    """The computed metrics of ``records``: phase times (``time_*``) and the GPU telemetry the
+    interval's last record carries (``gpu_*``: NVML readings, torch's peak bytes - a graph's
+    private pools change it) are measurements of the run, not of the step."""
+    return [{k: v for k, v in r.items() if not k.startswith(("time_", "gpu_"))} for r in records]
 
 
 def _trainer_with(cfg, **attrs) -> Trainer:

@@ -279,7 +279,7 @@ def test_saved_bytes_are_the_workspace():
 # loss and its backward in ONE graph; the numbers are the eager ones
 # --------------------------------------------------------------------------------------------
 def _compiled_loss_matches_eager(kind, backend, device="cpu", b=B, s=S):
-    m, _ = make_model(12, device=device)
+    m, m64 = make_model(12, device=device)
     ctx, pad, _ = make_inputs(12, b=b, s=s, device=device)
     gen = torch.Generator().manual_seed(12)
     expert = torch.randn(b, H, DA, generator=gen).to(device)
@@ -300,7 +300,19 @@ def _compiled_loss_matches_eager(kind, backend, device="cpu", b=B, s=S):
     loss_c, got = run(torch.compile(f, fullgraph=True, backend=backend))
     loss_e, want = run(f)
     assert_close("compiled loss", loss_e, loss_c, tol=FP32_TOL)
+    # float64 eager on the CPU tells which gradients are zero in exact arithmetic (a bias that
+    # shifts every candidate's energy of a context equally: the prediction head's last bias and
+    # its LayerNorm's bias under InfoNCE); the others are held to FP32_TOL relative to eager
+    e64, n64 = expert.double().cpu().requires_grad_(), negs.double().cpu().requires_grad_()
+    _loss(kind, m64, ctx.double().cpu(), pad.cpu(), e64, n64, "eager").loss.backward()
+    exact = grads(m64, (e64,))
+    scale = max(g.abs().max().item() for g in exact.values())
     for name in want:
+        if exact[name].abs().max().item() < 1e-9 * scale:
+            # rounding noise only, on both paths: within the fp32 tolerance of the gradients'
+            # scale (H200 inductor: 9.2e-9 vs eager 4.1e-8 on layer_norm2.bias; scale ~0.5)
+            assert got[name].abs().max().item() <= FP32_TOL * scale, name
+            continue
         assert_close(f"compiled grad {name}", want[name], got[name], tol=FP32_TOL,
                      floor=1e-6)
 

@@ -43,8 +43,8 @@ def layer_actions_triton(states, action_index, head: ActionHeadWeights, final_no
     H, Da) in the head's dtype. An index outside [0, T) reads a row of zeros (never memory
     outside its own layer row), as ``layer_actions_reference`` does. ``gemm``: "triton" (the
     persistent TMA GEMM) or "cublas" (torch.addmm) for the head's large GEMMs; default
-    "cublas" on CUDA (H200, commit 0a20d77, bench/results/layer_actions-nvidia-h200.md: 1.50
-    against 1.74 ms at the production shape), "triton" under the interpreter."""
+    "cublas" on CUDA (H200, commit 683d510, bench/results/layer_actions-h200.md: 1.140 against
+    1.25 ms at the production shape), "triton" under the interpreter."""
     check_weights("head", head, ActionHeadWeights)
     H, Da, mlp = head.num_actions_chunk, head.action_dim, head.mlp
     wdtype = mlp.fc1.weight.dtype
