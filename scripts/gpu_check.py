@@ -421,10 +421,14 @@ def targets_rows(benches: dict, tests: dict, plan: dict | None = None) -> list[d
                              bool, note=r["error"][:120]))
             continue
         m = r["measured"]
-        note = (f"planned {r['planned_peak'] / 2**20:.0f} MiB, measured {m['peak'] / 2**20:.0f} MiB"
-                if m.get("peak") else f"above the step's start: planned "
-                f"{r['planned_above_start'] / 2**20:.1f} MiB, measured (CPU profiler) "
-                f"{m['above_start'] / 2**20:.1f} MiB")
+        ws = r.get("planned_workspaces") or 0
+        if m.get("peak"):
+            note = (f"planned {r['planned_peak'] / 2**20:.0f} MiB"
+                    + (f" ({ws / 2**20:.0f} MiB of it cuBLAS/cuBLASLt workspaces)" if ws else "")
+                    + f", measured {m['peak'] / 2**20:.0f} MiB")
+        else:
+            note = (f"above the step's start: planned {r['planned_above_start'] / 2**20:.1f} "
+                    f"MiB, measured (CPU profiler) {m['above_start'] / 2**20:.1f} MiB")
         rows.append(_row(f"memory plan vs measured peak, {r['case']}", "within 10%",
                          r["ratio"], lambda v: abs(v - 1) <= PLAN_TOLERANCE, "{:.3f}x", note))
     ran = [g for g in tests.values() if g.get("passed", 0) + g.get("failed", 0)
@@ -960,20 +964,24 @@ def summary_markdown(s: dict) -> str:
     plan = s.get("plan_check") or {}
     if plan.get("results"):
         lines += ["", "## Memory plan vs measured (bench/plan_check.py)", "",
-                  "two_phase, sequential, eager; plan: `energy-train plan` (fake tensors); "
+                  "two_phase, sequential, eager; plan: `energy-train plan` (fake tensors; on "
+                  "CUDA plus its cuBLAS/cuBLASLt workspace lines, energy_train/plan/"
+                  "workspace.py); "
                   "measured: " + ("the profiler's peak of live tensors above the step's start "
                                   "(CPU)" if s["dry"] else "torch.cuda.max_memory_allocated over "
                                   "steps 1-2") + ".", "",
-                  "| case | planned MiB | measured MiB | plan / measured | within 10% |",
-                  "|---|---|---|---|---|"]
+                  "| case | planned MiB | of which workspaces | measured MiB | plan / measured "
+                  "| within 10% |", "|---|---|---|---|---|---|"]
         for r in plan["results"]:
             if "error" in r:
-                lines.append(f"| {r['case']} | - | - | {r['error'][:200]} | - |")
+                lines.append(f"| {r['case']} | - | - | - | {r['error'][:200]} | - |")
                 continue
             m = r["measured"]
             pl, me = ((r["planned_peak"], m["peak"]) if m.get("peak") else
                       (r["planned_above_start"], m["above_start"]))
-            lines.append(f"| {r['case']} | {pl / 2**20:.1f} | {me / 2**20:.1f} | "
+            ws = (r.get("planned_workspaces") or 0) if m.get("peak") else 0
+            lines.append(f"| {r['case']} | {pl / 2**20:.1f} | {ws / 2**20:.1f} | "
+                         f"{me / 2**20:.1f} | "
                          f"{r['ratio']:.3f} | {'yes' if r['within'] else '**no**'} |")
     lines += ["", "## Steps (in the order run)", "", "| step | status | s | detail |",
               "|---|---|---|---|"]
