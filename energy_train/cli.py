@@ -132,8 +132,19 @@ def _plan(args) -> int:
 
     overrides = {**_sets(args), **_flags(args)}
     strategies = tuple(args.plan_strategies) if args.plan_strategies else STRATEGIES
+    capability = None
+    if args.capability:
+        try:
+            capability = tuple(int(v) for v in args.capability.split("."))
+            if len(capability) != 2:
+                raise ValueError
+        except ValueError:
+            print(f"--capability: expected MAJOR.MINOR (e.g. 9.0), got {args.capability!r}",
+                  file=sys.stderr)
+            return 2
     p = plan(args.case, overrides, strategies=strategies, device=args.device,
-             target=args.target, checkpointing=not args.no_checkpointing, fsdp_world=args.fsdp)
+             target=args.target, checkpointing=not args.no_checkpointing, fsdp_world=args.fsdp,
+             capability=capability)
     print(report(p), end="")
     if args.json:
         Path(args.json).write_text(json.dumps(p, indent=1, default=str))
@@ -218,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
                    help="the device class whose `auto` picks the fused ops (default cuda)")
     m.add_argument("--fsdp", type=int, default=8, help="GPUs of the FSDP estimate (default 8)")
+    m.add_argument("--capability", default=None, metavar="MAJOR.MINOR",
+                   help="the GPU's compute capability for the cuBLAS/cuBLASLt workspace lines "
+                   "(e.g. 9.0 for an H100/H200; default: the planned device's when it is CUDA, "
+                   "none on the CPU)")
     m.add_argument("--no-checkpointing", dest="no_checkpointing", action="store_true",
                    help="skip the activation-checkpointing what-if")
     m.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -39,12 +39,13 @@ def test_dry_run_end_to_end(dry_run):
     want = ["device", "collect", "tests:parity", "bench:layer_actions:main",
             "bench:layer_actions:triton", "bench:layer_actions:triton_cublas",
             "bench:energy:main", "bench:energy:triton",
-            "bench:step:main", "tests:graphs", "plan:memory", "tests:overlap",
-            "tests:no_host_sync", "tests:other", "tests:compile",
-            "bench:layer_actions:torch_compile", "bench:energy:torch_compile"]
+            "bench:step:main", "tests:graphs",
+            "bench:layer_actions:torch_compile", "bench:energy:torch_compile",
+            "plan:memory", "tests:overlap", "tests:no_host_sync", "tests:other", "tests:compile"]
     assert [st["name"] for st in s["steps"]] == want  # the order: most valuable first
-    for name in want[:-2]:
-        assert steps[name]["status"] in ("ok", "skipped on the CPU"), (name, steps[name])
+    for name in want:
+        if not name.endswith(":torch_compile"):  # those are killed at the dry run's 2 s cap
+            assert steps[name]["status"] in ("ok", "skipped on the CPU"), (name, steps[name])
     # device and ceilings recorded once, through the GPU branch on stand-ins (do_bench's
     # single-quantile float included: what broke the first GPU run)
     assert s["device"]["torch"] and s["device"]["triton"] and s["device"]["gpu_standin"]
@@ -262,3 +263,89 @@ def test_steps_left_out_for_the_budget_are_reported(tmp_path):
     by = {r["provider"]: r["status"] for r in check.benches["energy"]["records"]}
     assert by == {"eager_once": "ok", "triton": "not run: budget"}
     assert check.tests["overlap"]["status"] == "not run: budget"
+
+
+# seconds each step took in the H200 run at commit 683d510 (h200-683d510/gpu-check-h200.md;
+# the torch.compile benchmarks from its rerun, gpu-check-h200-rerun.log), 28.2 s of set-up
+H200_S = {"device": 7.7, "collect": 25.6, "tests:parity": 54.0, "bench:layer_actions:main": 22.9,
+          "bench:layer_actions:triton": 23.8, "bench:layer_actions:triton_cublas": 20.6,
+          "bench:energy:main": 9.3, "bench:energy:triton": 14.7, "bench:step:main": 57.1,
+          "tests:graphs": 20.8, "plan:memory": 50.1, "tests:overlap": 24.7,
+          "tests:no_host_sync": 14.9, "tests:other": 13.9, "tests:compile": 44.9,
+          "bench:layer_actions:torch_compile": 57.9, "bench:energy:torch_compile": 54.5}
+
+
+@pytest.fixture(scope="module")
+def gpu_plan(tmp_path_factory):
+    """The GPU run's steps (caps, reservations, order), as Check.plan() makes them on a GPU."""
+    tmp = tmp_path_factory.mktemp("plan")
+    check = gc.Check(dry=False, deadline=0, t0=0, results=tmp, out=None, work=tmp,
+                     budget=gc.BUDGET_S)
+    for op in ("layer_actions", "energy", "step"):
+        check.benches[op] = dict(sel=gc.resolve_cases(op, False), parts={}, records=[],
+                                 rerun=set())
+    return check.plan()
+
+
+def _simulate(steps, took, t=28.2, budget=gc.BUDGET_S):
+    """Run the loop's budget arithmetic over ``steps``: each takes ``took[name]`` seconds, or
+    its whole timeout if that is shorter (killed). -> {name: (timeout or None, seconds)}."""
+    out, pending = {}, list(steps)
+    while pending:
+        step = pending.pop(0)
+        timeout = gc.step_timeout(step, pending, budget - t - gc.RESERVE_S)
+        if timeout < step.min_s:
+            out[step.name] = (None, 0.0)
+            continue
+        spent = min(took(step), timeout)
+        out[step.name] = (timeout, spent)
+        t += spent
+    return out
+
+
+def test_torch_compile_benchmarks_run_before_the_lower_value_tests(gpu_plan):
+    names = [s.name for s in gpu_plan]
+    compiled = ["bench:layer_actions:torch_compile", "bench:energy:torch_compile"]
+    assert set(compiled) <= set(names)
+    assert max(names.index(c) for c in compiled) < min(
+        names.index(n) for n in ("plan:memory", "tests:overlap", "tests:no_host_sync",
+                                 "tests:other", "tests:compile"))
+    by = {s.name: s for s in gpu_plan}
+    assert all(by[c].reserve == 70 and by[c].cap >= 70 for c in compiled)
+    assert sum(s.reserve for s in gpu_plan) == 140  # nothing else reserves
+
+
+def test_the_h200_timings_measure_both_torch_compile_benchmarks(gpu_plan):
+    """With the step times of the H200 run at 683d510, both compile benchmarks get the time
+    they needed there and every step before them theirs; the budget left for the low-value
+    test groups is what remains."""
+    r = _simulate(gpu_plan, lambda s: H200_S[s.name])
+    for name, need in H200_S.items():
+        if name in ("tests:overlap", "tests:no_host_sync", "tests:other", "tests:compile"):
+            continue
+        timeout, spent = r[name]
+        assert timeout is not None and spent == need and timeout > need, (name, r[name])
+    # what was left out: the low-value groups that no longer had the time they need (not
+    # started, so not killed: "not run: budget"); a group that starts has its H200 time
+    assert r["tests:overlap"] == (None, 0.0)
+    for name in ("tests:overlap", "tests:no_host_sync", "tests:other", "tests:compile"):
+        timeout, spent = r[name]
+        assert timeout is None or (timeout > H200_S[name] and spent == H200_S[name]), r[name]
+
+
+def test_steps_that_run_long_cannot_eat_the_compile_reservation(gpu_plan):
+    """Every step before them runs to its cap: the two compile benchmarks still get their 70 s
+    reserved each (the earlier steps are cut instead)."""
+    r = _simulate(gpu_plan, lambda s: 1e9 if "torch_compile" not in s.name else H200_S[s.name])
+    for name in ("bench:layer_actions:torch_compile", "bench:energy:torch_compile"):
+        timeout, spent = r[name]
+        assert timeout is not None and timeout >= 70 and spent == H200_S[name], (name, r[name])
+
+
+def test_step_timeout_keeps_the_reservations_of_later_steps():
+    mk = gc.Step
+    later = [mk("a", 110, None, 1, 70), mk("b", 110, None, 1, 70), mk("c", 60, None, 1)]
+    assert gc.step_timeout(mk("x", 200, None), later, 300) == 160
+    assert gc.step_timeout(mk("x", 100, None), later, 300) == 100
+    assert gc.step_timeout(later[0], later[1:], 300) == 110
+    assert gc.step_timeout(later[0], later[1:], 100) == 30

@@ -23,7 +23,17 @@ on the reserved bytes). What-ifs: activation checkpointing of the decoder layers
 the decoder's trainable grads and AdamW state divided by N, two decoder layers gathered), and
 ``strategy.phase2_every`` (no change: a peak is a maximum over steps, not a mean).
 
-Not counted: the CUDA context (~0.5 GB), cuBLAS/cuDNN workspaces, allocator fragmentation
+On CUDA (the planned device, or ``capability=`` for a GPU this machine does not have) the
+plan has separate lines for the library workspaces torch allocates through its caching
+allocator, outside any tensor (:mod:`.workspace`): "cuBLAS workspace" (one per cuBLAS handle
+and stream: 2 handles - the caller's thread, autograd's device thread - per stream; 32 MiB
+each on an H100/H200 by default) and "cuBLASLt workspace" (separate up to torch 2.11: 1 MiB
+per stream), per execution mode (sequential: 1 stream; overlapped: + the side stream; CUDA
+graphs: + the capture stream). They sit on top of every peak above (allocated at the first
+matmul, kept); ``peak + workspaces`` is what ``max_memory_allocated`` reports. The CPU plan
+has none.
+
+Not counted: the CUDA context (~0.5 GB), cuDNN workspaces, allocator fragmentation
 (``memory_reserved`` above ``memory_allocated``), what a kernel allocates outside torch.
 """
 from __future__ import annotations
@@ -40,6 +50,7 @@ from ..trainer import Trainer
 from ..trainer.feed import prepare
 from .cases import CASES, SIZES, batches, build_energy, build_policy, case_config
 from .tracker import LiveBytes, RegionTimer, rounded
+from .workspace import blas_workspaces, for_device, streams_of
 
 STRATEGIES = ("joint", "two_phase", "shared_forward")
 
@@ -114,12 +125,41 @@ def _kernel_caches():
     return [launch._CONSTANTS]
 
 
+def workspaces(dev: torch.device, capability=None) -> dict | None:
+    """The plan's library-workspace lines (:mod:`.workspace`): for ``capability`` (a stand-in
+    GPU, e.g. (9, 0)) when given, else for the planned device when it is CUDA; None on the
+    CPU. {"capability", "source", "cublas", "cublas_rule", "cublaslt", "cublaslt_rule",
+    "modes": {"sequential" | "overlapped" | "graphs": {"streams", <line>: bytes, "total"}}}."""
+    if capability is not None:
+        ws, source = blas_workspaces(tuple(capability)), "stand-in capability"
+    elif dev.type == "cuda":
+        ws, source = for_device(dev), "this device"
+    else:
+        return None
+    modes = {}
+    for mode, n in (("sequential", streams_of()), ("overlapped", streams_of(overlap=True)),
+                    ("graphs", streams_of(cuda_graphs=True))):
+        modes[mode] = dict(streams=n, **ws.lines(n), total=ws.total(n))
+    return dict(capability=list(ws.capability), source=source, cublas=ws.cublas,
+                cublas_rule=ws.cublas_rule, cublaslt=ws.cublaslt, cublaslt_rule=ws.cublaslt_rule,
+                modes=modes)
+
+
+def workspace_bytes(p: dict, mode: str = "sequential") -> int:
+    """The library workspaces of a plan in ``mode`` (0 on the CPU)."""
+    ws = p.get("workspaces")
+    return ws["modes"][mode]["total"] if ws else 0
+
+
 def plan(case: str = "tiny", overrides: dict | None = None, *, strategies=STRATEGIES,
          device: str | None = None, target: str = "cuda", checkpointing: bool = True,
-         fsdp_world: int = 8) -> dict:
+         fsdp_world: int = 8, capability=None) -> dict:
     """The memory plan of ``case`` (cases.CASES) with ``overrides`` ({"section.key": value}):
     {"case", "config", "device", "target", "weights", "strategies": {name: parts},
-    "checkpointing": parts of two_phase with checkpointed decoder layers, "fsdp": ...}."""
+    "checkpointing": parts of two_phase with checkpointed decoder layers, "fsdp": ...,
+    "workspaces": the cuBLAS / cuBLASLt workspace lines (None on the CPU unless
+    ``capability``, a stand-in GPU's (major, minor), is given)}. The strategies' figures are
+    the tensors' (what fake tensors see); the workspaces come on top of each."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     cfg = case_config(case, overrides)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,7 +171,8 @@ def plan(case: str = "tiny", overrides: dict | None = None, *, strategies=STRATE
     tracker = LiveBytes()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     caches = {id(c): dict(c) for c in _kernel_caches()}
-    out = dict(case=case, device=str(dev), target=target, config=cfg.to_dict(), strategies={})
+    out = dict(case=case, device=str(dev), target=target, config=cfg.to_dict(), strategies={},
+               workspaces=workspaces(dev, capability))
     # layouts and expert chunks on the host, real (a policy's check_batch reads values)
     mbs = [[prepare(policy, d, torch.device("cpu"), i, i == len(b) - 1)
             for i, d in enumerate(b)] for b in host]
@@ -240,18 +281,21 @@ def report(p: dict) -> str:
         return "-" if n is None else f"{n / scale:.2f}" if big else f"{n / scale:.1f}"
     w = p["weights"]
     cfg = p["config"]
+    ws = p.get("workspaces")
     lines = [f"# Memory plan: {p['case']} (B {cfg['run']['batch_size']} x grad_accum "
              f"{cfg['run']['grad_accum']}, run.precision {cfg['run']['precision']}, energy "
              f"{cfg['energy']['hidden']}/{cfg['energy']['heads']} {cfg['energy']['precision']}, "
              f"loss {cfg['energy']['loss']})", "",
              f"Fake tensors on `{p['device']}`, fused ops as `auto` picks them on "
-             f"`{p['target']}`; {unit} allocated (torch's max_memory_allocated; no CUDA context, "
-             "workspaces or fragmentation).", "",
+             f"`{p['target']}`; {unit} allocated (torch's max_memory_allocated; no CUDA context "
+             "or fragmentation" + ("; the library workspaces on their own lines below" if ws
+                                    else "; on the CPU: no library workspaces") + ").", "",
              f"Weights: theta (trainable) {gib(w['theta'])}, frozen {gib(w['frozen'])}, phi "
              f"{gib(w['phi'])} {unit}.", "",
-             "| strategy | peak | base (weights, AdamW, batch) | phase 1 (acts + grads) | "
+             "| strategy | peak | " + ("peak + workspaces | " if ws else "")
+             + "base (weights, AdamW, batch) | phase 1 (acts + grads) | "
              "phase 2 read | phase 2 energy | overlapped | CUDA graphs |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|" + ("---|" if ws else "")]
     for name, s in p["strategies"].items():
         if s.get("phase1") is None:  # the joint loop: one region
             cells = [gib(s["peak"]), gib(s["base"]), f"(step {gib(s['step'])})", "-", "-", "-",
@@ -259,7 +303,30 @@ def report(p: dict) -> str:
         else:
             cells = [gib(s["peak"]), gib(s["base"]), gib(s["phase1"]), gib(s["read"]),
                      gib(s["energy"]), gib(s["overlapped"]), gib(s["graphs"])]
+        if ws:
+            cells.insert(1, gib(s["peak"] + workspace_bytes(p)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if ws:
+        m = ws["modes"]
+        cap = "sm_{}{}".format(*ws["capability"])
+        lines += ["", f"Library workspaces ({cap}, {ws['source']}; torch allocates them at the "
+                  "first matmul per cuBLAS handle and stream and keeps them: on top of every "
+                  f"figure above; {unit}):", "",
+                  "| line | sequential | overlapped | CUDA graphs | rule |",
+                  "|---|---|---|---|---|",
+                  f"| streams that run matmuls | {m['sequential']['streams']} | "
+                  f"{m['overlapped']['streams']} | {m['graphs']['streams']} | current; + the "
+                  "overlap's side stream; + the graphs' capture stream |"]
+        for line, each, rule in (
+                ("cuBLAS workspace", ws["cublas"], f"{ws['cublas'] / 2**20:g} MiB each "
+                 f"({ws['cublas_rule']}) x 2 handles (caller, autograd's device thread) x "
+                 "streams"),
+                ("cuBLASLt workspace", ws["cublaslt"], f"{ws['cublaslt_rule']}" + (
+                    f": {ws['cublaslt'] / 2**20:g} MiB x 1 handle x streams"
+                    if ws["cublaslt"] else ""))):
+            lines.append(f"| {line} | " + " | ".join(gib(m[k][line]) for k in
+                                                      ("sequential", "overlapped", "graphs"))
+                         + f" | {rule} |")
     tp = p["strategies"].get("two_phase")
     if tp is not None:
         lines += ["", "What changes the two_phase peak:", "",
@@ -277,11 +344,14 @@ def report(p: dict) -> str:
             lines.append(f"| FSDP over {f['world']} GPUs (dist.fsdp) | {gib(f['peak'])} | "
                          f"-{gib(f['saved'])} sharded, +{gib(f['gathered'])} two layers "
                          "gathered (estimate) |")
+        def plus(mode):
+            return (f"; workspaces {gib(ws['modes'][mode]['total'])} on top "
+                    f"({ws['modes'][mode]['streams']} streams)" if ws else "")
         lines.append(f"| overlap (run.overlap, CUDA) | {gib(tp['overlapped'])} | phase 2(k) "
-                     "beside phase 1(k+1): both transients (bound) |")
+                     f"beside phase 1(k+1): both transients (bound){plus('overlapped')} |")
         lines.append(f"| CUDA graphs (run.cuda_graphs) | {gib(tp['graphs'])} | each part's "
-                     "pool kept (bound, reserved) |")
+                     f"pool kept (bound, reserved){plus('graphs')} |")
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["plan", "report", "CASES", "SIZES", "STRATEGIES", "LiveBytes"]
+__all__ = ["plan", "report", "workspace_bytes", "CASES", "SIZES", "STRATEGIES", "LiveBytes"]
