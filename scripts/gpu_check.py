@@ -1,7 +1,7 @@
 """``make gpu-check``: prove and measure the package on one GPU in one time-boxed command.
 
 Steps, most valuable first; each runs in its own subprocess under its own time cap, cut to
-what the global budget (default 480 s from ``--t0``, the Makefile's start, set-up included)
+what the global budget (default 570 s from ``--t0``, the Makefile's start, set-up included)
 has left minus what is reserved for the steps after it (RESERVE: each torch.compile
 benchmark keeps 70 s from every step before it, so the "triton vs torch.compile" targets are
 measured whatever ran long); a step that fails or runs out of time is recorded and the run
@@ -24,7 +24,8 @@ goes on:
 8. ``plan:memory`` (bench/plan_check.py: the memory plan of a two_phase step against its
    measured peak, the tiny VLA and the OFT stand-in at ~1B);
 9. ``tests:overlap``, ``tests:no_host_sync``, ``tests:other``, ``tests:compile``: what the
-   budget has left (on the H200 at 683d510 the steps before them took ~400 s of the 480).
+   budget has left (on the H200 at 683d510 every step needed ~560 s together:
+   570 s fits them; the device tool allows 600 s a call).
 
 After every step it rewrites, under ``--results`` (default bench/results), ``gpu-check-<dev>.
 {json,md,log}`` (device, ceilings, steps, tests, the targets table, every benchmark table)
@@ -65,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BUDGET_S = 480.0        # the whole command, set-up included
+BUDGET_S = 570.0        # the whole command, set-up included (a device call may run 600 s)
 DRY_BUDGET_S = 150.0
 RESERVE_S = 12.0        # kept for the last publish
 OUT_FILE_MAX = 15 << 20  # each file copied to --out stays under the device tool's 16 MB
