@@ -226,19 +226,20 @@ def run_standalone(device: torch.device, quick: bool, out_dir: Path | None, tag:
     gpu = device.type == "cuda"
     cases = (GPU_CASES[:1] if quick else GPU_CASES) if gpu else CPU_CASES
     torch.manual_seed(0)
-    records = [profile_case(device, n, p, log=log) for n, p in cases]
     meta = dict(op="energy-profile", device=device_name(device), device_type=device.type,
                 commit=git_commit(), torch=torch.__version__, triton=_triton_version(),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 timing=("torch.profiler, CUDA activity: kernel durations" if gpu else
                         "the profiler's dry-run stand-in (interpreted launches timed with "
                         "perf_counter): a dry run, not a timing"))
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dev = tag or ("cpu" if not gpu else _slug(meta["device"]))
-        stem = out_dir / f"energy-profile-{dev}"
-        stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, records=records),
-                                                        indent=1))
-        stem.with_suffix(".md").write_text(markdown(meta, records))
+    records = []
+    for n, p in cases:  # written after every case: a run cut short keeps what it measured
+        records.append(profile_case(device, n, p, reps=None if gpu else min(REPS, 2), log=log))
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            stem = out / f"energy-profile-{tag or ('cpu' if not gpu else _slug(meta['device']))}"
+            stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, records=records),
+                                                            indent=1))
+            stem.with_suffix(".md").write_text(markdown(meta, records))
     return records

@@ -11,6 +11,8 @@ has left; a step that fails or runs out of time is recorded and the run goes on:
    production shapes), with pytest-xdist when the machine has it;
 4. ``bench:layer_actions:*``, ``bench:energy:*``: the production shapes (SELECT), the eager
    providers in one process, every GPU-only provider (triton) in its own;
+   ``bench:energy:profile`` right after ``bench:energy:triton``: per-kernel CUDA times of its
+   fwd+bwd (bench/bench_energy_profile.py -> ``energy-profile-<dev>.{json,md}``);
 5. ``bench:step:main``: the step benchmark (tiny VLA, ~1B Llama-style backbone), every strategy,
    eager and with CUDA graphs (``*_graphs``: run.cuda_graphs = "on");
 6. ``tests:graphs`` (graphed == eager bitwise, no host sync in a graphed step) and
@@ -105,6 +107,7 @@ CAPS = {"device": 60, "collect": 60, "tests:parity": 150, "tests:overlap": 75,
         "plan:memory": 150}
 PLAN_TOLERANCE = 0.10   # the memory plan's peak against the measured one
 DRY_CAPS = {"bench:compile": 2}
+PROFILE_CAP_S = (20.0, 90.0)  # bench:energy:profile on the GPU (kernels cached), in a dry run
 STATUS_RE = re.compile(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(tests/\S+::\S+)"
                        r"|(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
 
@@ -639,6 +642,15 @@ class Check:
             return dict(status=status, detail=detail)
         return run
 
+    def step_profile(self, step, timeout):
+        """bench/bench_energy_profile.py: per-kernel device times of the energy fwd+bwd."""
+        cmd = [self.py, "-m", "bench.run", "energy_profile", "--out", self.results, "--tag",
+               self.tag] + (["--device", "cpu"] if self.dry else [])
+        pr = run_proc(cmd, timeout, self.log, self.env(False), "  profile| ")
+        lines = [ln for ln in pr.output.splitlines() if "device time" in ln]
+        return dict(status="ok" if pr.rc == 0 else _failed(pr, timeout),
+                    detail=" | ".join(lines)[-600:] or _tail(pr.output, 2))
+
     def step_plan_memory(self, step, timeout):
         """bench/plan_check.py: the memory plan of a two_phase step against its measured peak
         (GPU: the tiny VLA and the OFT stand-in at ~1B; dry run: the tiny VLA on the CPU)."""
@@ -683,6 +695,9 @@ class Check:
         step_bench = [s for (op, _), (kind, s) in benches.items()
                       if op not in ("layer_actions", "energy") and kind != "compile"]
         compiled = [s for (_, _), (kind, s) in benches.items() if kind == "compile"]
+        if ("energy", "triton") in benches:
+            first.insert(first.index(benches[("energy", "triton")][1]) + 1, Step(
+                "bench:energy:profile", PROFILE_CAP_S[self.dry], self.step_profile, min_s))
         memory = Step("plan:memory", self.cap("plan:memory"), self.step_plan_memory, min_s)
         return (steps + [tests["parity"]] + first + step_bench + [tests["graphs"], memory]
                 + [tests["overlap"], tests["no_host_sync"], tests["other"], tests["compile"]]

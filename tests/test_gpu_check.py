@@ -38,7 +38,7 @@ def test_dry_run_end_to_end(dry_run):
     steps = {st["name"]: st for st in s["steps"]}
     want = ["device", "collect", "tests:parity", "bench:layer_actions:main",
             "bench:layer_actions:triton", "bench:layer_actions:triton_cublas",
-            "bench:energy:main", "bench:energy:triton",
+            "bench:energy:main", "bench:energy:triton", "bench:energy:profile",
             "bench:step:main", "tests:graphs", "plan:memory", "tests:overlap",
             "tests:no_host_sync", "tests:other", "tests:compile",
             "bench:layer_actions:torch_compile", "bench:energy:torch_compile"]
@@ -91,6 +91,8 @@ def test_dry_run_end_to_end(dry_run):
     for stem in ("gpu-check", "layer_actions", "energy", "step"):
         assert {f"{stem}-cpu-dry.json", f"{stem}-cpu-dry.md"} <= names, names
     assert "step-timeline-cpu-dry.png" in names
+    prof = json.loads((tmp / "results" / "energy-profile-cpu-dry.json").read_text())
+    assert [len(r["sequence"]) for r in prof["records"]] == [18]  # every launch, labelled
     out = sorted((tmp / "out").iterdir())
     assert 0 < len(out) <= 8 and all(f.stat().st_size < 16 << 20 for f in out)
     assert {f.name for f in out} == {"gpu-check-cpu-dry.md", "gpu-check-cpu-dry.json",
