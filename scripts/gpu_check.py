@@ -1,7 +1,7 @@
 """``make gpu-check``: prove and measure the package on one GPU in one time-boxed command.
 
 Steps, most valuable first; each runs in its own subprocess under its own time cap, cut to
-what the global budget (default 570 s from ``--t0``, the Makefile's start, set-up included)
+what the global budget (default 585 s from ``--t0``, the Makefile's start, set-up included)
 has left minus what is reserved for the steps after it (RESERVE: each torch.compile
 benchmark keeps 70 s from every step before it, so the "triton vs torch.compile" targets are
 measured whatever ran long); a step that fails or runs out of time is recorded and the run
@@ -14,6 +14,8 @@ goes on:
    production shapes), with pytest-xdist when the machine has it;
 4. ``bench:layer_actions:*``, ``bench:energy:*``: the production shapes (SELECT), the eager
    providers in one process, every GPU-only provider (triton) in its own;
+   ``bench:energy:profile`` right after ``bench:energy:triton``: per-kernel CUDA times of its
+   fwd+bwd (bench/bench_energy_profile.py -> ``energy-profile-<dev>.{json,md}``);
 5. ``bench:step:main``: the step benchmark (tiny VLA, ~1B Llama-style backbone), every strategy,
    eager and with CUDA graphs (``*_graphs``: run.cuda_graphs = "on");
 6. ``tests:graphs``: graphed == eager bitwise, no host sync in a graphed step;
@@ -24,8 +26,8 @@ goes on:
 8. ``plan:memory`` (bench/plan_check.py: the memory plan of a two_phase step against its
    measured peak, the tiny VLA and the OFT stand-in at ~1B);
 9. ``tests:overlap``, ``tests:no_host_sync``, ``tests:other``, ``tests:compile``: what the
-   budget has left (on the H200 at 683d510 every step needed ~560 s together:
-   570 s fits them; the device tool allows 600 s a call).
+   budget has left (on the H200 at 683d510 the steps needed ~560 s together, ~580 with the
+   profile step: 585 s fits them; the device tool allows 600 s a call).
 
 After every step it rewrites, under ``--results`` (default bench/results), ``gpu-check-<dev>.
 {json,md,log}`` (device, ceilings, steps, tests, the targets table, every benchmark table)
@@ -66,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BUDGET_S = 570.0        # the whole command, set-up included (a device call may run 600 s)
+BUDGET_S = 585.0        # the whole command, set-up included (a device call may run 600 s; the tool needs a few of them)
 DRY_BUDGET_S = 150.0
 RESERVE_S = 12.0        # kept for the last publish
 OUT_FILE_MAX = 15 << 20  # each file copied to --out stays under the device tool's 16 MB
@@ -120,7 +122,8 @@ RESERVE = {"bench:compile": 70}
 # the budget leaves, and one started without the time it took on the H200 (683d510: overlap
 # 25 s, no_host_sync 15, other 14, compile 45, pytest's start-up included) would only be
 # killed, a failure that says nothing about the package; left out, it reads "not run: budget"
-MIN_S = {"tests:overlap": 30, "tests:no_host_sync": 20, "tests:other": 20, "tests:compile": 55}
+MIN_S = {"tests:overlap": 30, "tests:no_host_sync": 20, "tests:other": 20, "tests:compile": 50}
+PROFILE_CAP_S = (20.0, 90.0)  # bench:energy:profile on the GPU (kernels cached), in a dry run
 STATUS_RE = re.compile(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(tests/\S+::\S+)"
                        r"|(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
 
@@ -669,6 +672,15 @@ class Check:
             return dict(status=status, detail=detail)
         return run
 
+    def step_profile(self, step, timeout):
+        """bench/bench_energy_profile.py: per-kernel device times of the energy fwd+bwd."""
+        cmd = [self.py, "-m", "bench.run", "energy_profile", "--out", self.results, "--tag",
+               self.tag] + (["--device", "cpu"] if self.dry else [])
+        pr = run_proc(cmd, timeout, self.log, self.env(False), "  profile| ")
+        lines = [ln for ln in pr.output.splitlines() if "device time" in ln]
+        return dict(status="ok" if pr.rc == 0 else _failed(pr, timeout),
+                    detail=" | ".join(lines)[-600:] or _tail(pr.output, 2))
+
     def step_plan_memory(self, step, timeout):
         """bench/plan_check.py: the memory plan of a two_phase step against its measured peak
         (GPU: the tiny VLA and the OFT stand-in at ~1B; dry run: the tiny VLA on the CPU)."""
@@ -715,6 +727,9 @@ class Check:
         step_bench = [s for (op, _), (kind, s) in benches.items()
                       if op not in ("layer_actions", "energy") and kind != "compile"]
         compiled = [s for (_, _), (kind, s) in benches.items() if kind == "compile"]
+        if ("energy", "triton") in benches:
+            first.insert(first.index(benches[("energy", "triton")][1]) + 1, Step(
+                "bench:energy:profile", PROFILE_CAP_S[self.dry], self.step_profile, min_s))
         memory = Step("plan:memory", self.cap("plan:memory"), self.step_plan_memory, min_s)
         return (steps + [tests["parity"]] + first + step_bench + [tests["graphs"]] + compiled
                 + [memory]
