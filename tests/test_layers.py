@@ -128,3 +128,15 @@ def test_the_trainer_names_no_model_class():
              for b in deps if b.startswith(("energy_train.models", "energy_train.policies.tiny",
                                             "energy_train.integrations"))]
     assert not named, named
+
+
+def test_the_house_stays_small():
+    """The Trainer class under 250 lines and every module of energy_train under 400: what one
+    reader holds at once (issue 24's bounds); a part that grows moves to a module of its own."""
+    core = PKG / "trainer" / "core.py"
+    cls = next(n for n in ast.parse(core.read_text()).body
+               if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    assert cls.end_lineno - cls.lineno + 1 < 250, f"Trainer: {cls.end_lineno - cls.lineno + 1} lines"
+    big = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > 400}
+    assert not big, big

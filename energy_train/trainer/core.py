@@ -51,18 +51,20 @@ from ..strategies import make_strategy
 from ..telemetry import GpuTelemetry
 from ..tensors import bf16_autocast, gather_rows, upcast
 from .diagnostics import Diagnostics
-from .feed import Feed, Forward, Micro, prepare
+from .feed import Feed, Forward, Micro, check_shapes, prepare
 from .graphs import Graphs, blockers
 from .metrics import Mean, Meter, PhaseTimer, WallClock
 from .objective import EnergyObjective
 from .optim import Optimizers
 from .overlap import PhaseStreams
-from .validate import PolicyError, decoder_of
+from .state import TrainerState
+from .validate import decoder_of
 
 
-class Trainer:
-    """theta, phi and the blocks a step is built from (see the module docstring). ``data``: a
-    Feed, a step-indexed source or an iterable of batch dicts; ``probe``: a held-out batch."""
+class Trainer(TrainerState):
+    """theta, phi and the blocks a step is built from (see the module docstring); the read-back
+    and the resume state come from :class:`~.state.TrainerState`. ``data``: a Feed, a
+    step-indexed source or an iterable of batch dicts; ``probe``: a held-out batch."""
 
     def __init__(self, cfg: TrainConfig, policy: Policy, energy: nn.Module, data, device: torch.device,
                  *, probe: dict | None = None):
@@ -109,10 +111,8 @@ class Trainer:
         return bf16_autocast(self.device, self.cfg.run.precision == "bf16")
 
     def restore_modes(self) -> None:
-        """Every module of theta and phi back in the mode it came in (train() calls it at the end).
-        Module modes are the trainer's while it runs (:mod:`energy_train.modes`): every policy
-        forward sets train mode with grad and eval mode without, the negatives and the
-        diagnostics run in eval mode, phi trains in train mode."""
+        """Every module back in the mode it came in (train() calls it at the end); while it runs
+        the trainer owns the modes (:mod:`energy_train.modes`)."""
         restore_modes(self._modes)
 
     # ---- micro-batches -----------------------------------------------------------------------------
@@ -122,12 +122,7 @@ class Trainer:
         n = len(dicts)
         mbs = [prepare(self.policy, d, self.device, i, i == n - 1) for i, d in enumerate(dicts)]
         if self.feed.step_indexed:  # shapes only: no device read
-            rank, world = self.dp.shard
-            rows, want = [mb.expert.shape[0] for mb in mbs], self.cfg.run.batch_size // world
-            if len(rows) != self.cfg.run.grad_accum or any(r != want for r in rows):
-                raise PolicyError(f"data.batch({step}, {rank}, {world}): expected run.grad_accum = "
-                                  f"{self.cfg.run.grad_accum} micro-batches of run.batch_size / world = "
-                                  f"{want} samples, got {rows}")
+            check_shapes(mbs, step, self.dp.shard, self.cfg.run)
         return mbs
 
     def accumulate(self, batch: list[Micro], sides: tuple[str, ...],
@@ -308,47 +303,3 @@ class Trainer:
         self.meter.add(step, metrics)
         return metrics
 
-    def flush(self) -> list[dict]:
-        """Read back the metrics of the interval (the one host sync) and merge phase times;
-        GPU telemetry (when NVML is there) goes into the interval's last record."""
-        self.drain()
-        records = self.meter.flush()
-        times = self.timer.flush()
-        for r in records:
-            r.update(times.get(r["step"], {}))
-        if records:
-            records[-1].update(self.telemetry.sample())
-        return records
-
-    def discard_metrics(self) -> None:
-        """Drop the kept metrics and phase events without reading them back (no sync)."""
-        self.meter.discard()
-        self.timer.discard()
-
-    def drain(self) -> None:
-        """Join the side stream into the main one (overlap); a no-op otherwise."""
-        self.streams.drain()
-
-    # ---- state -------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything but the weights: optimizers, schedulers, RNG, strategy, drift reference."""
-        self.drain()
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"step": self.step, **self.optim.state_dict(), "rng": rng,
-                "strategy": self.strategy.state_dict(), "config": self.cfg.to_dict(),
-                "wall_seconds": self.clock.seconds(), **self.diagnostics.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved (opt_theta is loaded with the weights, by
-        energy_train/trainer/checkpoint.py, which knows how theta is sharded)."""
-        self.optim.load_state_dict(state)
-        torch.set_rng_state(state["rng"]["torch"].cpu())  # CPU ByteTensors, wherever loaded
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
-        self.strategy.load_state_dict(state["strategy"], self.device)
-        self.step = int(state["step"])
-        self.clock.offset = float(state.get("wall_seconds", 0.0))
-        self.diagnostics.load_state_dict(state, self.device)
-        self.graphs.reset()  # the loaded optimizer states are new tensors

@@ -108,6 +108,17 @@ def prepare(policy: Policy, batch: dict, device: torch.device, index: int, last:
                  ids_host)
 
 
+def check_shapes(mbs: list[Micro], step: int, shard: tuple[int, int], run) -> None:
+    """A step-indexed source's micro-batches of ``step`` on rank/world ``shard``: run.grad_accum
+    of run.batch_size / world samples each (shapes only: no device read), else a PolicyError."""
+    (rank, world), rows = shard, [mb.expert.shape[0] for mb in mbs]
+    want = run.batch_size // world
+    if len(rows) != run.grad_accum or any(r != want for r in rows):
+        raise PolicyError(f"data.batch({step}, {rank}, {world}): expected run.grad_accum = "
+                          f"{run.grad_accum} micro-batches of run.batch_size / world = "
+                          f"{want} samples, got {rows}")
+
+
 def _read(method, batch: dict):
     """Policy.layout / Policy.expert of ``batch``; a missing key is an error naming the method
     and the keys the batch has."""
