@@ -16,6 +16,8 @@ Launches, forward (7 Triton + 1 copy of the pool into ws): the context's four la
 tensor-core launch each (B*S rows: thousands, where the chain launch's 32-row programs are too
 few and latency-bound - H200, commit 0a20d77: 11.5 ms with the context as one chain launch),
 the pool chain, the attention, the head chain (a few hundred rows: one chain launch each).
+With ``chains="tiled"`` (v5, an option: ``CHAINS``) the pool's 4 and the head's 5 layers are
+one tiled launch each too (small row tiles, many programs): 14 forward, 23 backward launches.
 Backward (11): the head chain (-> dz), attention dQ and dK|V, the pool chain, the context
 (per layer a tiled dx GEMM, and for the LayerNorm layers a row pass: K|V's and fc2's and the
 block's; fc1's dx only when the context needs a gradient), every weight gradient (one

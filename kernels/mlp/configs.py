@@ -50,8 +50,10 @@ def stack_config(kind: str, dtype: torch.dtype, interpret: bool | None = None) -
         # walking every layer's N x K tiles in order (H200, 683d510: ~65% of the time)
         "tiled_head": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32 if fp32 else 64, GROUP_M=8,
                            num_warps=4, num_stages=3),
-        "tiled_pool": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if fp32 else 64, GROUP_M=8,
-                           num_warps=4, num_stages=3),
+        # (BLOCK_K 32 for bf16 too: at 64 the pool's fc1 (K = Da = 7) keeps an 8-byte stack
+        # frame on sm_90, bench/results/energy-launches-tiled-sm90.md)
+        "tiled_pool": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,
+                           num_stages=3),
         # _linear_dx_kernel: BLOCK_K output columns, BLOCK_N the reduction step
         "dx_head": dict(BLOCK_M=32, BLOCK_N=32 if fp32 else 64, BLOCK_K=64, GROUP_M=8,
                         num_warps=4, num_stages=3),
@@ -115,12 +117,14 @@ def stack_resources(prefix: str, D: int) -> list:
         for kind, name, M, N, ln, act, res, pe, ext in (
                 ("tiled_head", "head.block", 512, 512, True, "silu", True, False, False),
                 ("tiled_head", "head.out", 512, 1, True, "none", False, False, True),
+                ("tiled_pool", "pool.fc1", 64, 512, True, "silu", False, False, False),
                 ("tiled_pool", "pool.fc2", 64, 512, True, "none", False, True, False),
                 ("tiled_pool", "pool.q", 64, 512, False, "none", False, False, False)):
             t, launch = tiles(kind)
             out.append(dict(
                 name=f"{prefix}.linear_tiled.{name}.{dt}", kernel=_linear_tiled_kernel,
-                args=dict(X="*fp32", PAD=None, P=p, WS="*fp32", M=M, N=N, K=512, sx=0,
+                args=dict(X="*fp32", PAD=None, P=p, WS="*fp32", M=M, N=N,
+                          K=7 if name == "pool.fc1" else 512, sx=0,
                           in_off=4096, w_off=3 * D, b_off=77, g_off=5, beta_off=D + 5,
                           out_off=1024, pre_off=D * 1024, mu_off=3, rstd_off=7, eps=1e-5,
                           OUT=p if ext else None, PE=p if pe else None, pe_rows=8),
