@@ -8,6 +8,9 @@ Providers (what is timed is what tests/test_kernel_energy.py proves equal):
                         on a 2-core box costs minutes per shape)
   triton                losses.*(backend="triton") (GPU only: interpreter timings mean nothing):
                         energy_fwd / energy_bwd, 18 Triton launches (kernels/energy)
+  triton_tiled          the same with chains="tiled" (v5, GPU only): the pool's and the head's
+                        layers one tiled launch each instead of one chain launch per pass
+                        (37 Triton launches), timed beside ``triton`` in the same run
 Cases: swap InfoNCE and explicit-negative InfoNCE (M = 6), forward and forward+backward (the
 energy model's parameters; context detached, as the trainer does), hidden 512/8 and 1024/16,
 B=8, S=600, D=4096, H=8, Da=7, an fp32 energy model (the default) and a bf16 one (the public
@@ -32,6 +35,7 @@ from bench.baselines import replicated_explicit_infonce, replicated_swap_infonce
 from bench.harness import Benchmark, Case, Provider
 from bench.memory import peak_bytes, saved_bytes
 from energy_train import losses
+from energy_train.kernels.energy import energy_chains
 from energy_train.models import EnergyModel
 
 H, DA, M_NEG = 8, 7, 6
@@ -80,6 +84,7 @@ def make_benchmark(device: torch.device, quick: bool = False, cpu_shapes: bool =
         Provider("eager_once", lambda i: _runner(i, "eager")),
         Provider("torch_compile", lambda i: _runner(i, "compile"), cpu_ok=False),
         Provider("triton", lambda i: _runner(i, "triton"), gpu_only=True),
+        Provider("triton_tiled", lambda i: _runner(i, "triton_tiled"), gpu_only=True),
     ]
     return Benchmark("energy", cases, providers, baseline="eager_once",
                      notes=["context bf16 on the GPU (fp32 on the CPU), energy model fp32 (bf16 in "
@@ -96,9 +101,9 @@ def _memory(case, provider, i):
     peak of live tensors above what was alive before the call (the GPU figure's stand-in)."""
     if case.params["mode"] != "fwdbwd" or i["ctx"].device.type == "cuda":
         return {}
-    how = {"reference_replicated": "replicated", "eager_once": "eager", "triton": "triton"}.get(
-        provider)
-    if how is None or (how == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+    how = {"reference_replicated": "replicated", "eager_once": "eager", "triton": "triton",
+           "triton_tiled": "triton_tiled"}.get(provider)
+    if how is None or (how.startswith("triton") and os.environ.get("TRITON_INTERPRET") != "1"):
         return {}
     fn = _runner(i, how)
     if fn is None:
@@ -133,12 +138,15 @@ def _runner(i, how):
             def loss_fn():
                 return replicated_explicit_infonce(model, ctx, pad, expert, negs)[0]
     else:
-        backend = "triton" if how == "triton" else "eager"
+        backend = "triton" if how in ("triton", "triton_tiled") else "eager"
+        chains = "tiled" if how == "triton_tiled" else "chain"
 
         def loss_fn():
-            if p["loss"] == "swap":
-                return losses.swap_infonce(model, ctx, pad, expert, backend=backend).loss
-            return losses.explicit_infonce(model, ctx, pad, expert, negs, backend=backend).loss
+            with energy_chains(chains):
+                if p["loss"] == "swap":
+                    return losses.swap_infonce(model, ctx, pad, expert, backend=backend).loss
+                return losses.explicit_infonce(model, ctx, pad, expert, negs,
+                                               backend=backend).loss
 
         if how == "compile":
             loss_fn = torch.compile(loss_fn)

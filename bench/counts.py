@@ -110,11 +110,13 @@ def host_ms(fns: dict, rounds: int = 7, reps: int = 5) -> dict:
 
 # the production call structure at reduced sizes (every kernel path the production shape takes)
 def energy_swap_step(backend: str = "triton", dtype=torch.float32, B: int = 8, S: int = 60,
-                     D: int = 64):
+                     D: int = 64, chains: str = "chain"):
     """One swap-InfoNCE forward + backward of the energy model (grads of every parameter, the
     context detached) at B 8, S 60, D 64, hidden 64/4, H 8, Da 7 (hidden wider than the
-    interpreter's tiles, as 512 is than the GPU's)."""
+    interpreter's tiles, as 512 is than the GPU's); chains: the triton path's pool and head
+    ("chain" or "tiled", kernels/energy/launch.py CHAINS)."""
     from energy_train import losses
+    from energy_train.kernels.energy import energy_chains
     from energy_train.models import EnergyModel
     torch.manual_seed(0)
     model = EnergyModel(D, 7, hidden=64, heads=4).to(dtype)
@@ -125,7 +127,8 @@ def energy_swap_step(backend: str = "triton", dtype=torch.float32, B: int = 8, S
     def step():
         for p in model.parameters():
             p.grad = None
-        losses.swap_infonce(model, ctx, pad, expert, backend=backend).loss.backward()
+        with energy_chains(chains):
+            losses.swap_infonce(model, ctx, pad, expert, backend=backend).loss.backward()
     return step
 
 

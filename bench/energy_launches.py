@@ -1,5 +1,6 @@
 """The energy op's Triton launches, one production fwd+bwd, seen from the CPU: ``python -m
-bench.energy_launches [--json PATH] [--md PATH]`` (TRITON_INTERPRET unset; no GPU needed).
+bench.energy_launches [--chains chain|tiled] [--json PATH] [--md PATH]`` (TRITON_INTERPRET
+unset; no GPU needed; ``--chains tiled``: v5's variant, written to energy-launches-tiled-sm90.*).
 
 For each case (the swap InfoNCE fwd+bwd at B 8, S 600, D 4096, C = H = 8; fp32 model 512/8 and
 1024/16 at "tf32x3", bf16 model 512/8) the launchers of kernels/energy run with every Triton
@@ -51,6 +52,18 @@ LABELS = ("ctx.fc1 fwd (tiled)", "ctx.block fwd (tiled)", "ctx.fc2 fwd (tiled)",
           "ctx.kv dx", "ctx.fc2 dx", "ctx.fc2 LN rows", "ctx.block dx", "ctx.block LN rows",
           "grouped dW", "dgamma sums")
 
+#: the same fwd+bwd with chains="tiled" (v5: the pool's and the head's layers one tiled launch
+#: each; the production model: action MLPResNet fc1, 1 block, fc2; head fc1, 2 blocks, fc2)
+TILED_LABELS = (
+    "ctx.fc1 fwd (tiled)", "ctx.block fwd (tiled)", "ctx.fc2 fwd (tiled)", "ctx.kv fwd (tiled)",
+    "pool.fc1 fwd", "pool.block fwd", "pool.fc2 fwd (+pe)", "pool.q fwd", "attention fwd",
+    "head.out fwd", "head.fc1 fwd", "head.block1 fwd", "head.block2 fwd", "head.fc2 fwd (N=1)",
+    "head.fc2 dx", "head.fc2 LN rows", "head.block2 dx", "head.block2 LN rows", "head.block1 dx",
+    "head.block1 LN rows", "head.fc1 dx", "head.fc1 LN rows", "head.out dx", "attention dQ",
+    "attention dK|dV", "pool.q dx", "pool.fc2 dx", "pool.fc2 LN rows", "pool.block dx",
+    "pool.block LN rows", "ctx.kv dx", "ctx.fc2 dx", "ctx.fc2 LN rows", "ctx.block dx",
+    "ctx.block LN rows", "grouped dW", "dgamma sums")
+
 CASES = (("fp32-E512h8", 512, 8, "float32"), ("fp32-E1024h16", 1024, 16, "float32"),
          ("bf16-E512h8", 512, 8, "bfloat16"))
 
@@ -58,10 +71,12 @@ CASES = (("fp32-E512h8", 512, 8, "float32"), ("fp32-E1024h16", 1024, 16, "float3
 # --------------------------------------------------------------------------------------------
 # 1. the launches of one production fwd+bwd, recorded
 # --------------------------------------------------------------------------------------------
-def record_launches(E: int, heads: int, dtype, B=8, S=600, D=4096, H=8, Da=7) -> dict:
+def record_launches(E: int, heads: int, dtype, B=8, S=600, D=4096, H=8, Da=7,
+                    chains: str = "chain") -> dict:
     """{"prec", "launches": [(kernel name, grid, {arg: value}, {constexpr / option: value})],
     "plan": the EnergyPlan}: the launches energy_forward + energy_backward make at this shape
-    (swap InfoNCE: one shared pool of C = B candidates, context detached), none executed."""
+    (swap InfoNCE: one shared pool of C = B candidates, context detached), none executed;
+    chains: kernels/energy/launch.py CHAINS ("tiled": v5)."""
     import torch
     from triton.runtime.jit import JITFunction
     from energy_train.kernels._utils import resolve_precision
@@ -89,8 +104,9 @@ def record_launches(E: int, heads: int, dtype, B=8, S=600, D=4096, H=8, Da=7) ->
         raw = torch.empty(B * C * H, dtype=dtype)
         ws = torch.empty(ep.plan.ws, dtype=torch.float32)
         L.energy_forward(ep, s, P, ctx, pad, torch.zeros(C * H, Da, dtype=dtype),
-                         torch.zeros(H, E, dtype=dtype), raw, ws, prec)
-        L.energy_backward(ep, s, P, ctx, pad, raw, ws, torch.empty_like(P), None, None, prec)
+                         torch.zeros(H, E, dtype=dtype), raw, ws, prec, chains)
+        L.energy_backward(ep, s, P, ctx, pad, raw, ws, torch.empty_like(P), None, None, prec,
+                          chains)
     finally:
         JITFunction.run = orig
     return dict(prec=prec, launches=rec, plan=ep, shape=s)
@@ -365,11 +381,12 @@ def estimate(entry: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-def analyse_case(E, heads, dtype_name, log=print) -> dict:
+def analyse_case(E, heads, dtype_name, log=print, chains: str = "chain") -> dict:
     import torch
     from bench.resources import compile_config, resource_usage
     dtype = getattr(torch, dtype_name)
-    r = record_launches(E, heads, dtype)
+    r = record_launches(E, heads, dtype, chains=chains)
+    labels = TILED_LABELS if chains == "tiled" else LABELS
     out = []
     cache = {}
     for i, (name, grid, args, kw) in enumerate(r["launches"]):
@@ -386,7 +403,7 @@ def analyse_case(E, heads, dtype_name, log=print) -> dict:
                               wgmma="wgmma.mma_async" in k.asm["ptx"],
                               sass_total=len(ins), sass_loops=loops_of(ins))
         c = cache[key]
-        e = dict(index=i + 1, label=LABELS[i] if len(r["launches"]) == len(LABELS) else name,
+        e = dict(index=i + 1, label=labels[i] if len(r["launches"]) == len(labels) else name,
                  kernel=name, grid=list(grid), num_warps=kw["num_warps"],
                  num_stages=kw["num_stages"],
                  tiles={k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kw}, **c)
@@ -398,11 +415,15 @@ def analyse_case(E, heads, dtype_name, log=print) -> dict:
         log(f"  {e['index']:2d} {e['label']:<22} grid {math.prod(grid):5d} regs {c['registers']:3d}"
             f" res/SM {e['resident_per_sm']} w {e['estimate']['warps_per_scheduler']} loops "
             f"{e['trips']['loops']} -> {lo:.3f}-{hi:.3f} ms (fit {e['estimate']['ms_fit']:.3f})")
-    return dict(prec=r["prec"], launches=out)
+    return dict(prec=r["prec"], chains=chains, launches=out)
 
 
 def markdown(results: dict) -> str:
-    lines = ["# energy swap fwd+bwd: the 18 Triton launches on sm_90, from the CPU",
+    first = next(iter(results.values()), {})
+    n, chains = len(first.get("launches", ())), first.get("chains", "chain")
+    lines = [f"# energy swap fwd+bwd: the {n} Triton launches on sm_90, from the CPU"
+             + (f" (chains=\"{chains}\": v5, the pool and the head one tiled launch per layer)"
+                if chains != "chain" else ""),
              "",
              "`python -m bench.energy_launches`: launches recorded from the production call "
              "(B 8, S 600, D 4096, C = H = 8, context detached), compiled for sm_90, SASS read "
@@ -444,17 +465,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.energy_launches",
                                  description=__doc__.split("\n")[0])
     res_dir = Path(__file__).resolve().parent / "results"
-    ap.add_argument("--json", type=Path, default=res_dir / "energy-launches-sm90.json")
-    ap.add_argument("--md", type=Path, default=res_dir / "energy-launches-sm90.md")
+    ap.add_argument("--chains", default="chain", choices=("chain", "tiled"),
+                    help="how the pool and the head run (kernels/energy/launch.py CHAINS)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="default bench/results/energy-launches[-tiled]-sm90.json")
+    ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--case", action="append", default=None,
                     help=f"only these cases ({', '.join(c[0] for c in CASES)})")
     args = ap.parse_args(argv)
+    stem = "energy-launches" + ("" if args.chains == "chain" else f"-{args.chains}") + "-sm90"
+    args.json = args.json or res_dir / f"{stem}.json"
+    args.md = args.md or res_dir / f"{stem}.md"
     results = {}
     for name, E, heads, dt in CASES:
         if args.case and name not in args.case:
             continue
         print(name)
-        results[name] = analyse_case(E, heads, dt)
+        results[name] = analyse_case(E, heads, dt, chains=args.chains)
     args.json.write_text(json.dumps(results, indent=1, default=str))
     args.md.write_text(markdown(results))
     print(f"wrote {args.json} and {args.md}")

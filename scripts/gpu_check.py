@@ -16,6 +16,10 @@ goes on:
    providers in one process, every GPU-only provider (triton) in its own;
    ``bench:energy:profile`` right after ``bench:energy:triton``: per-kernel CUDA times of its
    fwd+bwd (bench/bench_energy_profile.py -> ``energy-profile-<dev>.{json,md}``);
+   ``bench:energy:triton_tiled`` after it: v5's variant (chains="tiled") timed in the same
+   run, so triton_tiled / triton is one device's one run (with the H200 timings of 683d510
+   and this step's estimate, ~30 s, the last step, tests:compile, no longer fits the budget:
+   tests/test_gpu_check.py H200_LEFT_OUT);
 5. ``bench:step:main``: the step benchmark (tiny VLA, ~1B Llama-style backbone), every strategy,
    eager and with CUDA graphs (``*_graphs``: run.cuda_graphs = "on");
 6. ``tests:graphs``: graphed == eager bitwise, no host sync in a graphed step;
@@ -398,6 +402,13 @@ def targets_rows(benches: dict, tests: dict, plan: dict | None = None) -> list[d
         rows.append(_row(f"{title}: triton vs eager encode-once", "(report)",
                          ratio(_find(benches, "energy", role, "eager_once"), tr),
                          lambda v: True))
+        # v5's variant (bench provider triton_tiled: chains="tiled"), beside v4's in the run
+        tt = _find(benches, "energy", role, "triton_tiled")
+        rows.append(_row(f"{title}: triton_tiled vs torch.compile", f">= {vs_compile:g}x",
+                         ratio(_find(benches, "energy", role, "torch_compile"), tt),
+                         lambda v, b=vs_compile: v >= b))
+        rows.append(_row(f"{title}: triton_tiled vs triton (v5 / v4 speed-up)", "(report)",
+                         ratio(tr, tt), lambda v: True))
         if role == "h512bf16":
             continue
         rows.append(_row(f"{title}: triton vs the replicated public formulation", ">= 10x",

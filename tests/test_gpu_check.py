@@ -39,7 +39,7 @@ def test_dry_run_end_to_end(dry_run):
     want = ["device", "collect", "tests:parity", "bench:layer_actions:main",
             "bench:layer_actions:triton", "bench:layer_actions:triton_cublas",
             "bench:energy:main", "bench:energy:triton", "bench:energy:profile",
-            "bench:step:main", "tests:graphs",
+            "bench:energy:triton_tiled", "bench:step:main", "tests:graphs",
             "bench:layer_actions:torch_compile", "bench:energy:torch_compile",
             "plan:memory", "tests:overlap", "tests:no_host_sync", "tests:other", "tests:compile"]
     assert [st["name"] for st in s["steps"]] == want  # the order: most valuable first
@@ -204,10 +204,12 @@ def test_targets_met_and_missed_from_merged_parts():
     recs = gc.merge_records(la, parts)
     assert [r["provider"] for r in recs] == la["providers"]
     assert recs[3]["speedup_vs_baseline"] == 6.0 and "speedup_vs_baseline" not in recs[2]
-    en = sel({"h512": "E"}, ["reference_replicated", "eager_once", "triton"], "eager_once")
+    en = sel({"h512": "E"}, ["reference_replicated", "eager_once", "triton", "triton_tiled"],
+             "eager_once")
     ctx = dict(ctx_bytes=100)
     en_recs = [_rec("E", "reference_replicated", 9.0), _rec("E", "eager_once", 1.2),
-               _rec("E", "triton", 1.0, params=ctx, peak_mem_bytes=310)]
+               _rec("E", "triton", 1.0, params=ctx, peak_mem_bytes=310),
+               _rec("E", "triton_tiled", 0.4, params=ctx)]
     st = sel({"tiny": "tiny"}, ["joint", "two_phase_seq", "two_phase_overlap", "shared_forward"],
              "two_phase_seq")
     st_recs = [_rec("tiny", "joint", 10.0), _rec("tiny", "two_phase_seq", 12.0),
@@ -227,6 +229,9 @@ def test_targets_met_and_missed_from_merged_parts():
     assert get("swap fwd+bwd, hidden 512/8: triton vs torch.compile")["met"] is None
     assert get("swap fwd+bwd, hidden 512/8: triton peak")["value"] == pytest.approx(3.1)
     assert get("swap fwd+bwd, hidden 1024/16: triton vs eager")["value"] is None  # not measured
+    # v5's variant beside v4's: its own rows, v4's rows untouched by it
+    assert get("swap fwd+bwd, hidden 512/8: triton_tiled vs triton")["value"] == pytest.approx(2.5)
+    assert get("swap fwd+bwd, hidden 512/8: triton_tiled vs torch.compile")["met"] is None
     assert get("step, tiny VLA: two_phase")["value"] == pytest.approx(0.7) and \
         get("step, tiny VLA: two_phase")["met"]
     assert get("step, tiny VLA: shared_forward")["met"] is True  # 1.02x
@@ -275,7 +280,15 @@ H200_S = {"device": 7.7, "collect": 25.6, "tests:parity": 54.0, "bench:layer_act
           "tests:graphs": 20.8, "plan:memory": 50.1, "tests:overlap": 24.7,
           "tests:no_host_sync": 14.9, "tests:other": 13.9, "tests:compile": 44.9,
           "bench:layer_actions:torch_compile": 57.9, "bench:energy:torch_compile": 54.5,
-          "bench:energy:profile": 20.0}  # not yet run on a GPU: its cap, an upper bound
+          "bench:energy:profile": 20.0,  # not yet run on a GPU: its cap, an upper bound
+          # v5's provider (chains="tiled"), not yet run on a GPU: an ESTIMATE - triton's 14.7 s
+          # plus ~15 s of cold compiles (its ~12 new kernel specialisations per model dtype are
+          # in no earlier step's Triton cache)
+          "bench:energy:triton_tiled": 30.0}
+#: what the H200 timings above no longer fit into the default budget since v5's provider was
+#: added (565.6 s of the 573 s before it): the last, lowest-value step, left out by the
+#: budget ("not run: budget"), never cut while running
+H200_LEFT_OUT = {"tests:compile"}
 
 
 @pytest.fixture(scope="module")
@@ -320,11 +333,14 @@ def test_torch_compile_benchmarks_run_before_the_lower_value_tests(gpu_plan):
 
 def test_the_h200_timings_fit_every_step(gpu_plan):
     """With the step times of the H200 run at 683d510 (both compile benchmarks at the time they
-    needed in the rerun), every step gets its time within the default budget: nothing is cut
-    or left out."""
+    needed in the rerun; v5's triton_tiled estimated), every step gets its time within the
+    default budget: nothing is cut; only H200_LEFT_OUT (the last step) is left out whole."""
     r = _simulate(gpu_plan, lambda s: H200_S[s.name])
     for name, need in H200_S.items():
         timeout, spent = r[name]
+        if name in H200_LEFT_OUT:
+            assert timeout is None, (name, r[name])
+            continue
         assert timeout is not None and spent == need and timeout >= need, (name, r[name])
 
 

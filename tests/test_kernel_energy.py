@@ -18,6 +18,7 @@ import torch
 from bench.baselines import (replicated_energy_scores, replicated_explicit_infonce,
                              replicated_swap_infonce)
 from energy_train import losses, ops
+from energy_train.kernels.energy import energy_chains
 from energy_train.models import EnergyModel, energy_weights
 from energy_train.testing import assert_close, assert_close_to_eager
 
@@ -136,8 +137,12 @@ def test_mlp_resnet_stack_values_and_grads(seed):
 # energies and their gradients: every parameter, the candidates, the context
 # --------------------------------------------------------------------------------------------
 @needs_triton
+@pytest.mark.parametrize("chains", ["chain", "tiled"])
 @pytest.mark.parametrize("output,seed", [("unbounded", 0), ("sigmoid", 1), ("softplus", 2)])
-def test_energy_scores_values_and_grads(output, seed):
+def test_energy_scores_values_and_grads(output, seed, chains):
+    """Energies, every parameter's, the context's and the candidates' gradients against
+    float64, both ways of running the pool and the head (launch.CHAINS: "tiled" is v5's one
+    tiled launch per layer; 45 head / pool rows, hidden 48: no tile is full)."""
     m, m64 = make_model(seed, output)
     ctx, pad, cand = make_inputs(seed)
     g = torch.randn(B, C, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -149,7 +154,8 @@ def test_energy_scores_values_and_grads(output, seed):
 
     ctx32 = ctx.clone().requires_grad_()
     cand32 = cand.clone().requires_grad_()
-    out = ops.energy_scores(m, ctx32, pad, cand32, backend="triton")
+    with energy_chains(chains):
+        out = ops.energy_scores(m, ctx32, pad, cand32, backend="triton")
     assert out.shape == (B, C)
     (out * g.float()).sum().backward()
 
@@ -158,6 +164,37 @@ def test_energy_scores_values_and_grads(output, seed):
     assert set(want) == set(got)
     for name in want:
         assert_close(f"grad {name}", want[name], got[name], tol=FP32_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("b,s,c,seed", [(2, 21, 7, 21), (1, 9, 11, 22), (4, 13, 3, 23)])
+def test_tiled_chains_match_float64_at_odd_shapes(b, s, c, seed):
+    """v5's chains="tiled" alone at more odd shapes (head / pool rows 42, 33, 36: never a
+    multiple of the tiles; one sample; no context gradient): energies, every parameter's and
+    the candidates' gradients against float64, and the same values as the chain launches up
+    to fp32 rounding."""
+    m, m64 = make_model(seed, "softplus")
+    ctx, pad, cand = make_inputs(seed, b=b, s=s, c=c)
+    g = torch.randn(b, c, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    cand64 = cand.double().requires_grad_()
+    ref = ops.energy_scores(m64, ctx.double(), pad, cand64, backend="eager")
+    (ref * g).sum().backward()
+    got = {}
+    for chains in ("tiled", "chain"):
+        m.zero_grad(set_to_none=True)
+        cand32 = cand.clone().requires_grad_()
+        with energy_chains(chains):
+            out = ops.energy_scores(m, ctx, pad, cand32, backend="triton")
+        (out * g.float()).sum().backward()
+        got[chains] = (out.detach(), grads(m, (cand32,)))
+    want = grads(m64, (cand64,))
+    for chains, (out, gr) in got.items():
+        assert_close(f"energies ({chains})", ref, out, tol=FP32_TOL)
+        for name in want:
+            assert_close(f"grad {name} ({chains})", want[name], gr[name], tol=FP32_TOL)
+    for name in want:
+        assert_close(f"grad {name}: tiled vs chain", got["chain"][1][name].double(),
+                     got["tiled"][1][name], tol=FP32_TOL)
 
 
 @needs_triton
@@ -205,9 +242,10 @@ def _loss(kind, model, ctx, pad, expert, negs, backend):
 
 
 @needs_triton
+@pytest.mark.parametrize("chains", ["chain", "tiled"])
 @pytest.mark.parametrize("kind,output,seed", [("swap", "unbounded", 7), ("explicit", "softplus", 8),
                                               ("margin", "sigmoid", 9)])
-def test_losses_values_and_grads(kind, output, seed):
+def test_losses_values_and_grads(kind, output, seed, chains):
     m, m64 = make_model(seed, output)
     ctx, pad, _ = make_inputs(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -218,8 +256,9 @@ def test_losses_values_and_grads(kind, output, seed):
     ref = _loss(kind, m64, ctx.double(), pad, e64, n64, "eager")
     ref.loss.backward()
     e32, n32 = expert.clone().requires_grad_(), negs.clone().requires_grad_()
-    out = _loss(kind, m, ctx, pad, e32, n32, "triton")
-    out.loss.backward()
+    with energy_chains(chains):
+        out = _loss(kind, m, ctx, pad, e32, n32, "triton")
+        out.loss.backward()
     assert_close("loss", ref.loss, out.loss, tol=FP32_TOL)
     assert_close("energies", ref.energies, out.energies, tol=FP32_TOL)
     want, got = grads(m64, (e64, n64)), grads(m, (e32, n32))
@@ -358,7 +397,8 @@ def test_traced_graphs_hold_no_bitcast_view(kind):
 
 
 @needs_triton
-def test_registered_ops_pass_opcheck():
+@pytest.mark.parametrize("chains", ["chain", "tiled"])
+def test_registered_ops_pass_opcheck(chains):
     """torch.library.opcheck: schema, fake vs real outputs, autograd registration of the custom
     ops (the energy path's two, the MLPResNet stack's two), tiny shapes."""
     from energy_train.kernels.energy import energy_bwd, energy_fwd
@@ -393,10 +433,10 @@ def test_registered_ops_pass_opcheck():
     pe = ew.pe[:H].float().contiguous()
     fargs = (dims, feps, "silu", "ieee")
     torch.library.opcheck(energy_fwd, (ctx, pad, pool.requires_grad_(), flat.requires_grad_(), pe)
-                          + fargs, test_utils=quick)
-    raw, ws = energy_fwd(ctx, pad, pool.detach(), flat.detach(), pe, *fargs)
+                          + fargs + (chains,), test_utils=quick)
+    raw, ws = energy_fwd(ctx, pad, pool.detach(), flat.detach(), pe, *fargs, chains)
     torch.library.opcheck(energy_bwd, (torch.randn_like(raw), ctx, pad, pool.detach(),
-                                       flat.detach(), ws) + fargs + (True, True),
+                                       flat.detach(), ws) + fargs + (True, True, chains),
                           test_utils=quick)
 
 

@@ -41,3 +41,21 @@ def test_layer_actions_launch_counts():
     # fallback gathers the rows inside the op (one gather per layer and a stack)
     c = count(layer_actions_call(captured=False, layers=3))
     assert c["triton_launches"] == 7 and c["aten_kernels"] == 0, c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_energy_swap_fwd_bwd_launch_counts_tiled_chains(dtype):
+    """v5 (chains="tiled"): the pool's 4 and the head's 5 layers one tiled launch each per pass
+    instead of one chain launch: 37 Triton launches (forward 14: 13 layers + the attention;
+    backward 23: 11 dx GEMMs, 8 LayerNorm row passes, 2 attention, dW, dgamma), the same aten
+    kernels outside the custom ops (inside, like the pool's copy into ws, one more copy: the
+    head's external dy into wb)."""
+    c = count(energy_swap_step("triton", dtype, B=4, S=20, D=48, chains="tiled"))
+    assert c["triton_launches"] == 37, c["triton"]
+    assert c["triton"] == {"_linear_tiled_kernel": 13, "_energy_attention_fwd_kernel": 1,
+                           "_linear_dx_kernel": 11, "_ln_bwd_rows_kernel": 8,
+                           "_energy_attention_bwd_dq_kernel": 1,
+                           "_energy_attention_bwd_dkdv_kernel": 1, "_stack_dw_kernel": 1,
+                           "_stack_dgamma_kernel": 1}, c["triton"]
+    assert c["aten_kernels"] <= 20, c["aten"]
+    assert c["custom_ops"] == {"energy_train::energy_fwd": 1, "energy_train::energy_bwd": 1}

@@ -16,6 +16,8 @@ Launches, forward (7 Triton + 1 copy of the pool into ws): the context's four la
 tensor-core launch each (B*S rows: thousands, where the chain launch's 32-row programs are too
 few and latency-bound - H200, commit 0a20d77: 11.5 ms with the context as one chain launch),
 the pool chain, the attention, the head chain (a few hundred rows: one chain launch each).
+With ``chains="tiled"`` (v5, an option: ``CHAINS``) the pool's 4 and the head's 5 layers are
+one tiled launch each too (small row tiles, many programs): 14 forward, 23 backward launches.
 Backward (11): the head chain (-> dz), attention dQ and dK|V, the pool chain, the context
 (per layer a tiled dx GEMM, and for the LayerNorm layers a row pass: K|V's and fc2's and the
 block's; fc1's dx only when the context needs a gradient), every weight gradient (one
@@ -33,6 +35,7 @@ import torch
 import triton
 
 from .._utils import TL_DTYPES, dot_precision, empty, upcast_dot
+from ..mlp.fused import STACK_COLS
 from ..mlp.launch import (EXTERNAL, NONE, X_IN, StackLayer, StackPlan, constants, mlp_layers,
                           mlp_tensors, new_plan, stack_backward, stack_backward_tiled,
                           stack_forward, stack_forward_tiled, stack_weight_grads)
@@ -42,6 +45,7 @@ from .fused import (_energy_attention_bwd_dkdv_kernel, _energy_attention_bwd_dq_
                     _energy_attention_fwd_kernel)
 
 LOG2E = 1.4426950408889634
+PE_COL = STACK_COLS["PE"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,10 +217,26 @@ def _views(ep: EnergyPlan, s: EnergyShape, ws, wb=None):
     return v
 
 
+#: how the pool's and the head's layer stacks run: "chain" (one chain launch per pass, each
+#: program its rows through every layer: v4, the default) or "tiled" (v5: every layer its own
+#: tiled launch, small row tiles - ``stack_forward_tiled`` / ``stack_backward_tiled`` with the
+#: "tiled_head" / "tiled_pool" / "dx_head" / "dx_pool" configs). Both read and write the same
+#: plan (ws, wb): only the launches differ.
+CHAINS = ("chain", "tiled")
+
+
+def check_chains(chains: str) -> str:
+    if chains not in CHAINS:
+        raise ValueError(f"chains must be one of {CHAINS}, got {chains!r}")
+    return chains
+
+
 def energy_forward(ep: EnergyPlan, s: EnergyShape, P, context, pad, pool, pe, raw, ws,
-                   precision: str) -> None:
+                   precision: str, chains: str = "chain") -> None:
     """Fill ws and raw (B*C*H,) (the head's output per (sample, candidate, step)).
-    context (B*S, D) rows, unit feature stride; pad (B*S,) bool or None; pool (Bq*C*H, Da)."""
+    context (B*S, D) rows, unit feature stride; pad (B*S,) bool or None; pool (Bq*C*H, Da);
+    chains: ``CHAINS``."""
+    check_chains(chains)
     plan, dt = ep.plan, P.dtype
     R, Mq, Mh = s.B * s.S, s.Bq * s.C * s.H, s.B * s.C * s.H
     v = _views(ep, s, ws)
@@ -225,25 +245,46 @@ def energy_forward(ep: EnergyPlan, s: EnergyShape, P, context, pad, pool, pe, ra
     for layer in range(c0 + 1, c1 + 1):
         stack_forward_tiled(plan, P, ws, layer, R, precision=precision)
     ws[ep.pool_in: ep.pool_in + Mq * s.Da].view(Mq, s.Da).copy_(pool)
-    stack_forward(plan, P, ws, *ep.pool, Mq, pe=pe, precision=precision)
+    if chains == "tiled":
+        p0, p1 = ep.pool
+        for layer in range(p0, p1 + 1):
+            stack_forward_tiled(plan, P, ws, layer, Mq, pe=pe if plan.rows[layer][PE_COL] else None,
+                                precision=precision, kind="tiled_pool")
+    else:
+        stack_forward(plan, P, ws, *ep.pool, Mq, pe=pe, precision=precision)
     attention_fwd(v["q"], v["kv"], None if pad is None else pad.view(s.B, s.S), v["z"], v["lse"],
                   s.heads, dt, precision)
-    stack_forward(plan, P, ws, *ep.head, Mh, out=raw, precision=precision)
+    if chains == "tiled":
+        h0, h1 = ep.head
+        for layer in range(h0, h1 + 1):
+            stack_forward_tiled(plan, P, ws, layer, Mh, out=raw if layer == h1 else None,
+                                precision=precision, kind="tiled_head")
+    else:
+        stack_forward(plan, P, ws, *ep.head, Mh, out=raw, precision=precision)
 
 
 def energy_backward(ep: EnergyPlan, s: EnergyShape, P, context, pad, draw, ws, grad,
-                    dcontext, dpool, precision: str) -> None:
+                    dcontext, dpool, precision: str, chains: str = "chain") -> None:
     """Fill grad (P's layout; the constants' entries unwritten) and, when given, dcontext
-    (B*S, D) and dpool (Bq*C*H, Da), from draw (B*C*H,)."""
+    (B*S, D) and dpool (Bq*C*H, Da), from draw (B*C*H,); chains: ``CHAINS``."""
+    check_chains(chains)
     plan, dt = ep.plan, P.dtype
     R, Mq, Mh = s.B * s.S, s.Bq * s.C * s.H, s.B * s.C * s.H
     wb = empty((max(plan.wb, 1),), torch.float32, P.device)
     v = _views(ep, s, ws, wb)
     pad2 = None if pad is None else pad.view(s.B, s.S)
-    stack_backward(plan, P, ws, wb, *ep.head, Mh, dy=draw, precision=precision)
+    if chains == "tiled":
+        stack_backward_tiled(plan, P, ws, wb, *ep.head, Mh, dy=draw, precision=precision,
+                             kind="dx_head")
+    else:
+        stack_backward(plan, P, ws, wb, *ep.head, Mh, dy=draw, precision=precision)
     attention_bwd(v["dz"], v["q"], v["kv"], pad2, v["z"], v["lse"], v["dq"], v["dkv"], s.heads,
                   dt, precision)
-    stack_backward(plan, P, ws, wb, *ep.pool, Mq, dx=dpool, precision=precision)
+    if chains == "tiled":
+        stack_backward_tiled(plan, P, ws, wb, *ep.pool, Mq, dx=dpool, precision=precision,
+                             kind="dx_pool")
+    else:
+        stack_backward(plan, P, ws, wb, *ep.pool, Mq, dx=dpool, precision=precision)
     stack_backward_tiled(plan, P, ws, wb, *ep.ctx, R,
                          X=context if dcontext is not None else None, pad=pad, dx=dcontext,
                          precision=precision)

@@ -19,7 +19,9 @@ _TAGS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 def stack_config(kind: str, dtype: torch.dtype, interpret: bool | None = None) -> dict:
     """Tiles of the layer-stack launches. ``kind``: "fwd" / "bwd" / "bwd_x" (a chain of layers,
     each program its BLOCK_M rows), "tiled" / "dx" / "rows" (one layer over thousands of rows:
-    ``_linear_tiled_kernel``, ``_linear_dx_kernel``, ``_ln_bwd_rows_kernel``), "dw" (the
+    ``_linear_tiled_kernel``, ``_linear_dx_kernel``, ``_ln_bwd_rows_kernel``), "tiled_head" /
+    "dx_head", "tiled_pool" / "dx_pool" (the same kernels on the energy head's and pool's few
+    hundred / few dozen rows: the v5 variant, ``chains="tiled"``), "dw" (the
     grouped weight-gradient GEMMs), "dgamma". Fixed per dtype (no
     autotuning: every rank and every CUDA-graph capture runs the same kernels); chosen on the
     sm_90 compile (``make resources``) as the largest tiles without a spill. Under the
@@ -41,7 +43,22 @@ def stack_config(kind: str, dtype: torch.dtype, interpret: bool | None = None) -
         "tiled": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
                   if fp32 else
                   dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)),
+        # v5 (energy chains="tiled"): the head's (B*C*H, a few hundred rows) and the pool's
+        # (Bq*C*H, a few dozen) layers as tiled launches: small row tiles so that each layer
+        # gives many programs (512 rows x N 512: 128 programs of 32 x 64; 64 rows: 32 of
+        # 16 x 64), each a short K loop (mma.sync: BLOCK_M < 64), instead of a chain program
+        # walking every layer's N x K tiles in order (H200, 683d510: ~65% of the time)
+        "tiled_head": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32 if fp32 else 64, GROUP_M=8,
+                           num_warps=4, num_stages=3),
+        # (BLOCK_K 32 for bf16 too: at 64 the pool's fc1 (K = Da = 7) keeps an 8-byte stack
+        # frame on sm_90, bench/results/energy-launches-tiled-sm90.md)
+        "tiled_pool": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4,
+                           num_stages=3),
         # _linear_dx_kernel: BLOCK_K output columns, BLOCK_N the reduction step
+        "dx_head": dict(BLOCK_M=32, BLOCK_N=32 if fp32 else 64, BLOCK_K=64, GROUP_M=8,
+                        num_warps=4, num_stages=3),
+        "dx_pool": dict(BLOCK_M=16, BLOCK_N=32 if fp32 else 64, BLOCK_K=64, GROUP_M=8,
+                        num_warps=4, num_stages=3),
         "dx": (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
                if fp32 else
                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)),
@@ -90,10 +107,37 @@ def stack_resources(prefix: str, D: int) -> list:
                 args=dict(X="*bf16", PAD="*u8" if in_x else None, P=p, WS="*fp32", M=4800, N=N,
                           K=K, sx=D if in_x else 0, in_off=4096, w_off=3 * D, b_off=77,
                           g_off=5, beta_off=D + 5, out_off=1024, pre_off=D * 1024, mu_off=3,
-                          rstd_off=7, eps=1e-5),
+                          rstd_off=7, eps=1e-5, OUT=None, PE=None, pe_rows=1),
                 constexprs=dict(IN_X=in_x, HAS_LN=ln, ACT=ACTIVATIONS[act], HAS_RES=res,
                                 GROUP_M=8, **dot, **t),
                 expect_wgmma=True, **launch))
+        # v5 (energy chains="tiled"): the head's and the pool's layers, small row tiles
+        # (mma.sync: BLOCK_M < 64), the head's last layer (N = 1) to the external output, the
+        # pool's fc2 adding pe
+        for kind, name, M, N, ln, act, res, pe, ext in (
+                ("tiled_head", "head.block", 512, 512, True, "silu", True, False, False),
+                ("tiled_head", "head.out", 512, 1, True, "none", False, False, True),
+                ("tiled_pool", "pool.fc1", 64, 512, True, "silu", False, False, False),
+                ("tiled_pool", "pool.fc2", 64, 512, True, "none", False, True, False),
+                ("tiled_pool", "pool.q", 64, 512, False, "none", False, False, False)):
+            t, launch = tiles(kind)
+            out.append(dict(
+                name=f"{prefix}.linear_tiled.{name}.{dt}", kernel=_linear_tiled_kernel,
+                args=dict(X="*fp32", PAD=None, P=p, WS="*fp32", M=M, N=N,
+                          K=7 if name == "pool.fc1" else 512, sx=0,
+                          in_off=4096, w_off=3 * D, b_off=77, g_off=5, beta_off=D + 5,
+                          out_off=1024, pre_off=D * 1024, mu_off=3, rstd_off=7, eps=1e-5,
+                          OUT=p if ext else None, PE=p if pe else None, pe_rows=8),
+                constexprs=dict(IN_X=False, HAS_LN=ln, ACT=ACTIVATIONS[act], HAS_RES=res,
+                                GROUP_M=8, **dot, **t),
+                expect_wgmma=False, **launch))
+        for kind, M in (("dx_head", 512), ("dx_pool", 64)):
+            t, launch = tiles(kind)
+            out.append(dict(name=f"{prefix}.linear_{kind}.{dt}", kernel=_linear_dx_kernel,
+                            args=dict(P=p, WB="*fp32", M=M, N=512, K=512, dpre_off=4096,
+                                      w_off=3 * D, g_off=5, out_off=1024),
+                            constexprs=dict(GROUP_M=8, **dot, **t), expect_wgmma=False,
+                            **launch))
         t, launch = tiles("dx")
         out.append(dict(name=f"{prefix}.linear_dx.{dt}", kernel=_linear_dx_kernel,
                         args=dict(P=p, WB="*fp32", M=4800, N=1024, K=512, dpre_off=4096,

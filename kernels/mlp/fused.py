@@ -409,20 +409,22 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_n
 
 
-@flags_from_pointers(HAS_PAD="PAD")
+@flags_from_pointers(HAS_PAD="PAD", HAS_PE="PE", OUT_EXT="OUT")
 @triton.jit
 def _linear_tiled_kernel(X, PAD, P, WS, M, N, K, sx, in_off, w_off, b_off, g_off, beta_off,
-                         out_off, pre_off, mu_off, rstd_off, eps,
+                         out_off, pre_off, mu_off, rstd_off, eps, OUT, PE, pe_rows,
                          IN_X: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr,
-                         ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_PE: tl.constexpr,
+                         OUT_EXT: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One layer of a plan over many rows, compiled for it (every option a constexpr): a tiled
     grid over (rows, N), grouped ordering. Input: X (IN_X; a padded row reads as zeros) or WS
     rows at in_off (row stride K). With HAS_LN the row statistics over K are computed first by
     every program (pid_n == 0 stores them) and the A tile is normalised in fp32 in the K loop.
-    Epilogue: bias, the pre-activation saved (ACT), act, + the input (HAS_RES, K == N); out to
-    WS at out_off (row stride N)."""
+    Epilogue: bias, the pre-activation saved (ACT), act, + the input (HAS_RES, K == N), + PE
+    (HAS_PE: pe (pe_rows, N) at row % pe_rows); out to WS at out_off (row stride N), or to the
+    external OUT in its dtype (OUT_EXT: a chain's last layer, e.g. the head's N = 1)."""
     rows, cols, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row_ok = rows < M
     col_ok = cols < N
@@ -458,7 +460,13 @@ def _linear_tiled_kernel(X, PAD, P, WS, M, N, K, sx, in_off, w_off, b_off, g_off
             acc = acc * tl.sigmoid(acc)
     if HAS_RES:
         acc += _in_tile(WS, X, PAD, src, rows, row_ok, cols, col_ok, K, sx, IN_X, HAS_PAD)
-    tl.store(WS + out_off + rows[:, None] * N + cols[None, :], acc, mask=mask)
+    if HAS_PE:
+        acc += tl.load(PE + (rows % pe_rows)[:, None] * N + cols[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+    if OUT_EXT:
+        tl.store(OUT + rows[:, None] * N + cols[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        tl.store(WS + out_off + rows[:, None] * N + cols[None, :], acc, mask=mask)
 
 
 @triton.jit

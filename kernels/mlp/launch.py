@@ -176,38 +176,54 @@ def stack_forward(plan: StackPlan, P, ws, first: int, last: int, M: int, *, X=No
 
 
 def stack_forward_tiled(plan: StackPlan, P, ws, layer: int, M: int, *, X=None, pad=None,
-                        precision: str = "ieee") -> None:
+                        pe=None, out=None, precision: str = "ieee", kind: str = "tiled") -> None:
     """One layer of ``plan`` over many rows with its own compiled kernel
     (``_linear_tiled_kernel``): a tiled grid over (rows, N), tensor-core tiles - what the chain
     launch cannot give thousands of rows. Its input is X (the row's IN is X_IN) or ws; its
-    output goes to ws (no pe, no external output)."""
+    output goes to ws, or to ``out`` when the plan says EXTERNAL; pe (H, N): added at row % H
+    by a layer with ``pe``. ``kind``: the tile config (``stack_config``): "tiled" (thousands
+    of rows), "tiled_head" / "tiled_pool" (a few hundred / a few dozen rows: small tiles, many
+    programs)."""
     r = plan.rows[layer]
-    if r[C["OUT"]] < 0 or r[C["PE"]] or (r[C["IN"]] < 0) != (X is not None):
-        raise ValueError("stack_forward_tiled: the layer must write ws, add no pe, and read X "
-                         "exactly when X is given")
-    cfg = stack_config("tiled", P.dtype)
+    if ((r[C["OUT"]] < 0) != (out is not None) or bool(r[C["PE"]]) != (pe is not None)
+            or (r[C["IN"]] < 0) != (X is not None)):
+        raise ValueError("stack_forward_tiled: out, pe and X must be given exactly when the "
+                         "layer writes an external output, adds pe, reads X")
+    cfg = stack_config(kind, P.dtype)
     N, K = r[C["N"]], r[C["K"]]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _linear_tiled_kernel[grid](
         X if X is not None else ws, _pad_bytes(pad), P, ws, M, N, K,
         X.stride(0) if X is not None else 0, max(r[C["IN"]], 0), r[C["W"]], r[C["B"]],
-        r[C["G"]], r[C["BETA"]], r[C["OUT"]], max(r[C["PRE"]], 0), r[C["MU"]], r[C["RSTD"]],
-        plan.eps[layer], IN_X=X is not None, HAS_LN=bool(r[C["LN"]]), ACT=r[C["ACT"]],
+        r[C["G"]], r[C["BETA"]], max(r[C["OUT"]], 0), max(r[C["PRE"]], 0), r[C["MU"]],
+        r[C["RSTD"]], plan.eps[layer], out, pe, pe.shape[0] if pe is not None else 1,
+        IN_X=X is not None, HAS_LN=bool(r[C["LN"]]), ACT=r[C["ACT"]],
         HAS_RES=bool(r[C["RES"]]), GROUP_M=cfg["GROUP_M"], **_dot_kw(P.dtype, precision),
         **_launch_kw(cfg))
 
 
 def stack_backward_tiled(plan: StackPlan, P, ws, wb, first: int, last: int, M: int, *,
-                         X=None, pad=None, dx=None, precision: str = "ieee") -> None:
+                         X=None, pad=None, dy=None, dx=None, precision: str = "ieee",
+                         kind: str = "dx") -> None:
     """The backward of layers last..first over many rows with tiled launches: per layer
     ``_linear_dx_kernel`` ((dpre @ W) * gamma) then, unless that already is the previous
     layer's dpre (no LayerNorm, and the previous layer has no activation), the row pass
     ``_ln_bwd_rows_kernel`` (the LayerNorm backward, + dy of a residual block) which also
     writes the previous layer's dpre. The last layer must have no activation (its dpre is its
-    dy). X: when the first layer's dx is wanted (dx: the external tensor)."""
-    if plan.rows[last][C["ACT"]] != 0:
+    dy); when its dy is EXTERNAL (``dy``, e.g. the head's N = 1 output), dy is copied into its
+    dpre region of wb first (one aten copy). X: when the first layer's dx is wanted and reads
+    X (dx: the external tensor). ``kind``: the dx GEMM's tile config ("dx", "dx_head",
+    "dx_pool")."""
+    rl = plan.rows[last]
+    if rl[C["ACT"]] != 0:
         raise ValueError("stack_backward_tiled: the last layer must have no activation")
-    cfg = stack_config("dx", P.dtype)
+    if (rl[C["DY"]] == EXTERNAL) != (dy is not None):
+        raise ValueError("stack_backward_tiled: dy must be given exactly when the last layer's "
+                         "dy is external")
+    if dy is not None:
+        n = M * rl[C["N"]]
+        wb[rl[C["DPRE"]]: rl[C["DPRE"]] + n].copy_(dy.reshape(-1))
+    cfg = stack_config(kind, P.dtype)
     rows_cfg = stack_config("rows", P.dtype)
     for i in range(last, first - 1, -1):
         r = plan.rows[i]
