@@ -260,6 +260,39 @@ def _stack_bwd_kernel(T, P, WS, WB, X, PAD, DY, DX, layer_last, n_layers, sx,
 
 
 @triton.jit
+def _dxhat_tile(P, WB, dpre_off, w_off, g_off, rows, row_ok, ks, k_ok, N, K,
+                DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(dpre @ W)[rows, ks] * gamma[ks], fp32 (BLOCK_M, BLOCK_K): dpre (M, N) in WB at
+    dpre_off, W (N, K) and gamma (K,) in P; the chain's and the tiled dx share it."""
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dp = tl.load(WB + dpre_off + rows[:, None] * N + cols[None, :],
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(P + w_off + cols[:, None] * K + ks[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = mm(dp, w, acc, DOT_DTYPE, UPCAST, PREC)
+    return acc * tl.load(P + g_off + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _ln_dx_tile(WB, scr_off, WS, X, PAD, in_off, rows, row_ok, ks, k_ok, K, sx, mean, rstd,
+                c1, c2, ln, HAS_X: tl.constexpr, HAS_PAD: tl.constexpr):
+    """The LayerNorm backward of one (rows, ks) tile: dxhat from the scratch at scr_off, and
+    with ``ln`` rstd * (dxhat - c1 - xhat * c2) (c1, c2: the row means of dxhat and
+    dxhat * xhat); the chain's and the row pass's second sweep."""
+    mask = row_ok[:, None] & k_ok[None, :]
+    dx = tl.load(WB + scr_off + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+    if ln:
+        x = _in_tile(WS, X, PAD, in_off, rows, row_ok, ks, k_ok, K, sx, HAS_X, HAS_PAD)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        dx = rstd[:, None] * (dx - c1[:, None] - xhat * c2[:, None])
+    return dx
+
+
+@triton.jit
 def _stack_dx(T, li, P, WS, WB, X, PAD, DY, DX, rows, row_ok, K, N, sx, dy_off, dpre_off,
               dx_off, HAS_X: tl.constexpr, HAS_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
               UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -280,16 +313,8 @@ def _stack_dx(T, li, P, WS, WB, X, PAD, DY, DX, rows, row_ok, K, N, sx, dy_off, 
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         kmask = row_ok[:, None] & k_ok[None, :]
-        da = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            dp = tl.load(WB + dpre_off + rows[:, None] * N + cols[None, :],
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            w = tl.load(P + w_off + cols[:, None] * K + ks[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            da = mm(dp, w, da, DOT_DTYPE, UPCAST, PREC)
-        dxh = da * tl.load(P + g_off + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        dxh = _dxhat_tile(P, WB, dpre_off, w_off, g_off, rows, row_ok, ks, k_ok, N, K,
+                          DOT_DTYPE, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         if ln:
             x = _in_tile(WS, X, PAD, in_off, rows, row_ok, ks, k_ok, K, sx, HAS_X, HAS_PAD)
             xhat = tl.where(kmask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -306,11 +331,8 @@ def _stack_dx(T, li, P, WS, WB, X, PAD, DY, DX, rows, row_ok, K, N, sx, dy_off, 
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         kmask = row_ok[:, None] & k_ok[None, :]
-        dx = tl.load(WB + scr_off + rows[:, None] * K + ks[None, :], mask=kmask, other=0.0)
-        if ln:
-            x = _in_tile(WS, X, PAD, in_off, rows, row_ok, ks, k_ok, K, sx, HAS_X, HAS_PAD)
-            xhat = (x - mean[:, None]) * rstd[:, None]
-            dx = rstd[:, None] * (dx - c1[:, None] - xhat * c2[:, None])
+        dx = _ln_dx_tile(WB, scr_off, WS, X, PAD, in_off, rows, row_ok, ks, k_ok, K, sx, mean,
+                         rstd, c1, c2, ln, HAS_X, HAS_PAD)
         if res != 0:
             dx += _dy_tile(WB, DY, dy_off, rows, ks, kmask, N)
         dx = tl.where(keep[:, None], dx, 0.0)
@@ -481,16 +503,8 @@ def _linear_dx_kernel(P, WB, M, N, K, dpre_off, w_off, g_off, out_off,
     rows, ks, _ = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     row_ok = rows < M
     k_ok = ks < K
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        dp = tl.load(WB + dpre_off + rows[:, None] * N + cols[None, :],
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        w = tl.load(P + w_off + cols[:, None] * K + ks[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = mm(dp, w, acc, DOT_DTYPE, UPCAST, PREC)
-    acc = acc * tl.load(P + g_off + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _dxhat_tile(P, WB, dpre_off, w_off, g_off, rows, row_ok, ks, k_ok, N, K,
+                      DOT_DTYPE, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(WB + out_off + rows[:, None] * K + ks[None, :], acc,
              mask=row_ok[:, None] & k_ok[None, :])
 
@@ -536,11 +550,8 @@ def _ln_bwd_rows_kernel(X, PAD, WS, WB, DX, M, K, sx, in_off, mu_off, rstd_off, 
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         mask = row_ok[:, None] & k_ok[None, :]
-        dx = tl.load(WB + scr_off + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
-        if HAS_LN:
-            x = _in_tile(WS, X, PAD, src, rows, row_ok, ks, k_ok, K, sx, IN_X, HAS_PAD)
-            xhat = (x - mean[:, None]) * rstd[:, None]
-            dx = rstd[:, None] * (dx - c1[:, None] - xhat * c2[:, None])
+        dx = _ln_dx_tile(WB, scr_off, WS, X, PAD, src, rows, row_ok, ks, k_ok, K, sx, mean,
+                         rstd, c1, c2, HAS_LN, IN_X, HAS_PAD)
         if HAS_RES:
             dx += tl.load(WB + dy_off + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
         dx = tl.where(keep[:, None], dx, 0.0)
